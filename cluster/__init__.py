@@ -1,0 +1,1 @@
+"""Where processes run: local ranks through the elastic agent, or SLURM."""

@@ -1,0 +1,168 @@
+"""The strategy interface: how a model is placed, stepped, saved and gathered on each rank.
+
+The training loop talks to a model only through this class and never asks which strategy it has.
+strategies/ imports nothing from training/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
+"""Builds the optimizer from parameters (or param groups) *after* the strategy has wrapped the model."""
+
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: its ranks, its device and the collective backend."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str = "gloo"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class StrategyOptions:
+    """What a strategy needs from the job, already resolved by the plan."""
+
+    compute_dtype: torch.dtype = torch.float32  # bf16 on GPU (mixed precision), fp32 on CPU
+    micro_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    reshard_after_forward: bool = True  # FSDP2: free gathered params after forward (ZeRO-3 like)
+    gradient_checkpointing: bool = False
+    # Classes of the model's repeated blocks (decoder layers): FSDP2 shards each of these on its own.
+    layer_classes: tuple[type, ...] = ()
+
+
+class Strategy(ABC):
+    """One way of placing a model across ranks. Create, `setup`, then train through these methods.
+
+    Loss scaling contract: every strategy *averages* gradients over its data-parallel ranks (as DDP,
+    FSDP2 and ZeRO all do), so the loop passes `backward` a loss already multiplied by world size and
+    divided by the global count of label tokens of the whole step. No strategy rescales the loss for
+    gradient accumulation: the loop's normalisation already covers it.
+    """
+
+    name: str = "base"
+
+    def __init__(self, options: StrategyOptions, env: DistEnv):
+        self.options = options
+        self.env = env
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+
+    # -- placing ---------------------------------------------------------------------------------
+    @abstractmethod
+    def setup(
+        self, model: nn.Module, make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory
+    ) -> None:
+        """Wrap or shard `model`, then build its optimizer and LR scheduler over the trainable params."""
+
+    def unwrap(self) -> nn.Module:
+        """The user's module (a transformers or PEFT model) under whatever wrapper this strategy added."""
+        assert self.model is not None
+        return getattr(self.model, "module", self.model)
+
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        """Context for the forward pass (autocast where the strategy does mixed precision that way)."""
+        return contextlib.nullcontext()
+
+    # -- stepping --------------------------------------------------------------------------------
+    def accumulate(self, is_last_micro_step: bool) -> contextlib.AbstractContextManager:
+        """Context around forward+backward of one micro-step: skips gradient sync unless it is the last."""
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of an already-normalised loss (see the class docstring)."""
+
+    @abstractmethod
+    def step(self) -> torch.Tensor:
+        """Clip to `max_grad_norm`, step optimizer and scheduler, zero grads. Returns the pre-clip grad norm
+        as a 0-d tensor (not synced to host, so reading it is the caller's choice)."""
+
+    def current_lr(self) -> float:
+        assert self.optimizer is not None
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    @abstractmethod
+    def save_checkpoint(self, directory: Path) -> None:
+        """Write model (trainable part only when some params are frozen), optimizer and scheduler state
+        into `directory`. Called on every rank; each rank writes its shard."""
+
+    @abstractmethod
+    def load_checkpoint(self, directory: Path) -> None:
+        """Load what `save_checkpoint` wrote (possibly by another world size where the format allows)."""
+
+    @abstractmethod
+    def full_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
+        """Gather full (unsharded) fp32 CPU tensors keyed like `unwrap().state_dict()`.
+        A collective: every rank must call it; rank 0 gets the dict, the others None."""
+
+    # -- measuring -------------------------------------------------------------------------------
+    @abstractmethod
+    def local_state_bytes(self) -> dict[str, int]:
+        """Bytes of parameters, gradients and optimizer state this rank holds on its own
+        (local shards only), as {"params", "grads", "optimizer"}."""
+
+    # -- collectives -----------------------------------------------------------------------------
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.env.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.env.world_size > 1:
+            dist.barrier()
+
+    def teardown(self) -> None:
+        """Free what setup took (engines, process groups it made)."""
+
+
+def trainable_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    return (p for p in model.parameters() if p.requires_grad)
+
+
+def has_frozen_parameters(model: nn.Module) -> bool:
+    return any(not p.requires_grad for p in model.parameters())
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of local storage of `tensors` (a DTensor counts its local shard only), each storage once."""
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        if t is None:
+            continue
+        local = t.to_local() if hasattr(t, "to_local") else t
+        if local.numel() == 0:
+            continue
+        key = local.untyped_storage().data_ptr()
+        if key in seen and key != 0:
+            continue
+        seen.add(key)
+        total += local.numel() * local.element_size()
+    return total
