@@ -1,0 +1,71 @@
+"""Rank, local rank, world size and head address of this process, from torchrun's or SLURM's variables."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ProcessEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    source: str  # "torchrun", "slurm" or "single"
+
+
+def _int(name: str, default: int | None = None) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+def slurm_head_node() -> str:
+    """The first host of the allocation (SLURM_JOB_NODELIST expanded by scontrol)."""
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
+    if not nodelist:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.split()
+        return out[0] if out else nodelist
+    except (OSError, subprocess.SubprocessError):
+        return nodelist.split(",")[0]
+
+
+def from_environment() -> ProcessEnv:
+    """torchrun/elastic-agent variables win (they are set for workers the agent starts); then SLURM's
+    one-task-per-rank variables; else a single process."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return ProcessEnv(
+            rank=_int("RANK", 0),
+            local_rank=_int("LOCAL_RANK", 0),
+            world_size=_int("WORLD_SIZE", 1),
+            local_world_size=_int("LOCAL_WORLD_SIZE", 1),
+            master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=_int("MASTER_PORT", 29500),
+            source="torchrun",
+        )
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        return ProcessEnv(
+            rank=_int("SLURM_PROCID", 0),
+            local_rank=_int("SLURM_LOCALID", 0),
+            world_size=_int("SLURM_NTASKS", 1),
+            local_world_size=_int("SLURM_NTASKS_PER_NODE", None) or _int("SLURM_TASKS_PER_NODE", 1) or 1,
+            master_addr=os.environ.get("MASTER_ADDR") or slurm_head_node(),
+            master_port=_int("MASTER_PORT", 29500),
+            source="slurm",
+        )
+    return ProcessEnv(0, 0, 1, 1, "127.0.0.1", free_port(), "single")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free right now on `host` (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -1,0 +1,161 @@
+"""The `sharpen` command line. Exit codes: 0 done, 1 the run failed, 2 bad job file or arguments."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from launcher import __version__
+from launcher.errors import UserError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that exits 2 with one line (its default), but never prints a traceback."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="sharpen", description="Fine-tune language models from one job file.")
+    parser.add_argument("--version", action="version", version=f"sharpen {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+
+    def job_command(name: str, help_text: str):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("job", help="the job file (YAML)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a job key")
+        return p
+
+    p = job_command("plan", "show the resolved plan and memory per rank; nothing runs")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--output-dir", help="the run directory the plan is for")
+
+    p = job_command("run", "train on this machine (N local ranks)")
+    p.add_argument("--output-dir", help="run directory (default: output_dir from the job, else runs/NAME-TIME)")
+
+    p = sub.add_parser("resume", help="continue a run from its newest complete checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
+
+    sub.add_parser("schema", help="print the job file's JSON schema (for editors)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "plan":
+            return cmd_plan(args)
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "resume":
+            return cmd_resume(args)
+        if args.command == "schema":
+            from launcher.spec import json_schema
+
+            print(json.dumps(json_schema(), indent=2))
+            return EXIT_OK
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return EXIT_USAGE
+
+
+def cmd_plan(args) -> int:
+    from launcher.jobfile import load_job
+    from launcher.plan import build_plan, default_run_dir
+    from launcher.report import print_plan
+
+    spec = load_job(args.job, args.set)
+    run_dir = Path(args.output_dir) if args.output_dir else default_run_dir(spec)
+    plan, notices = build_plan(spec, run_dir)
+    if args.json:
+        print(plan.model_dump_json(indent=2))
+    else:
+        for n in notices:
+            print(f"note: {n}", file=sys.stderr)
+        print_plan(plan)
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    from launcher.jobfile import load_job
+    from launcher.plan import default_run_dir
+
+    spec = load_job(args.job, args.set)
+    run_dir = Path(args.output_dir) if args.output_dir else default_run_dir(spec)
+    return start_local(spec, run_dir)
+
+
+def cmd_resume(args) -> int:
+    from launcher.jobfile import apply_overrides, validate_job
+    from launcher.plan import Plan
+    from training.checkpoint import latest_checkpoint
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    previous = Plan.read(run_dir)
+    if latest_checkpoint(run_dir) is None:
+        raise UserError(
+            f"{run_dir}: no complete checkpoint to resume from",
+            f"start it again with `sharpen run JOB.yaml --output-dir {run_dir}`",
+        )
+    spec = validate_job(apply_overrides(previous.job, args.set), source=str(run_dir / "plan.json"))
+    return start_local(spec, run_dir)
+
+
+def start_local(spec, run_dir: Path) -> int:
+    """Plan, prepare data, write plan.json, start the ranks, report."""
+    from cluster.local import launch
+    from launcher.plan import Plan, build_plan
+    from training.checkpoint import latest_checkpoint
+    from training.data import prepare_dataset
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    previous = Plan.read(run_dir) if (run_dir / "plan.json").is_file() else None
+    plan, notices = build_plan(spec, run_dir)
+    for n in notices:
+        print(f"note: {n}", file=sys.stderr)
+    latest = latest_checkpoint(run_dir)
+    if latest is not None:
+        if previous is not None and previous.job_hash != plan.job_hash:
+            raise UserError(
+                f"{run_dir} holds checkpoints of another job (model, fine-tune type or method differ)",
+                "use a new --output-dir",
+            )
+        print(f"{run_dir} has a complete checkpoint at step {latest[0]}: resuming from it", file=sys.stderr)
+    # Tokenize here, once, before any rank exists: bad data is a clear error, and no rank waits on a
+    # collective while another tokenizes.
+    spec_model = spec.model
+    method = spec.method
+    cache = prepare_dataset(
+        spec.data,
+        method.kind,
+        spec_model.tokenizer or spec_model.path,
+        trust_remote_code=spec_model.trust_remote_code,
+        train_on=getattr(method, "train_on", "all"),
+    )
+    plan = plan.model_copy(update={"data_cache": str(cache)})
+    plan.write(run_dir)
+    print(
+        f"sharpen: {plan.world_size} rank(s) on {plan.device}, strategy {plan.strategy}, "
+        f"{plan.micro_batch_size}×{plan.grad_accum}×{plan.world_size} = {plan.global_batch_size} samples/step; "
+        f"run dir {run_dir}",
+        file=sys.stderr,
+    )
+    rc = launch(run_dir, nproc_per_node=plan.nproc_per_node, device=plan.device)
+    return EXIT_OK if rc == 0 else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Writing a trained model in Hugging Face format: a PEFT adapter dir, or full safetensors weights."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from strategies.base import Strategy
+
+
+def write_final(strategy: Strategy, tokenizer, out_dir: Path, peft: bool) -> None:
+    """Gather the weights (a collective: every rank calls it) and write them on rank 0, atomically.
+
+    For LoRA/QLoRA only the adapter is gathered and saved (loadable by PeftModel.from_pretrained); for
+    full fine-tuning the full weights (gathered from ZeRO-3 / FSDP shards) with config and tokenizer."""
+    state = strategy.full_state_dict(trainable_only=peft)
+    if not strategy.env.is_main:
+        return
+    assert state is not None
+    model = strategy.unwrap()
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # A PeftModel keeps only the adapter's entries of `state`; a transformers model writes them all.
+    model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)

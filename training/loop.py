@@ -1,0 +1,121 @@
+"""The training loop: micro-steps, one normalised loss per step, logging and checkpoint cadence."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import torch
+
+from strategies.base import Strategy
+from training import checkpoint
+from training.metrics import MetricsLog, Progress, Throughput, WandbRun
+
+log = logging.getLogger("sharpen")
+
+
+@dataclass
+class LoopConfig:
+    max_steps: int
+    log_every: int
+    save_every: int
+    keep_last: int
+    world_size: int
+    show_progress: bool = True
+
+
+def lr_lambda(kind: str, warmup: int, total: int, min_ratio: float):
+    """LR multiplier per step: linear warmup, then cosine/linear decay to `min_ratio`, or constant."""
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1 - progress
+        return min_ratio + (1 - min_ratio) * decay
+
+    return factor
+
+
+def run_steps(
+    cfg: LoopConfig,
+    strategy: Strategy,
+    method,
+    batches: Iterator,
+    start_step: int,
+    run_dir: Path,
+    console: IO[str] | None,
+    wandb_run: WandbRun,
+    extra_state: dict,
+) -> dict:
+    """Train from `start_step` to `cfg.max_steps`. Returns the last logged row (rank 0) or {}."""
+    env = strategy.env
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step) if env.is_main else None
+    progress = Progress(cfg.max_steps, start_step, console, cfg.show_progress and env.is_main)
+    throughput = Throughput()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+    tokens_seen = extra_state.get("tokens_seen", 0)
+    loss_denominator = 0
+    last_row: dict = {}
+    try:
+        for step in range(start_step + 1, cfg.max_steps + 1):
+            step_batch = next(batches)
+            denominator = getattr(step_batch, method.normaliser)
+            micro_batches = step_batch.micro_batches
+            for i, micro in enumerate(micro_batches):
+                micro = micro.to(env.device)
+                with strategy.accumulate(i == len(micro_batches) - 1):
+                    with strategy.forward_context():
+                        out = method(strategy.model, micro)
+                    # Gradients are averaged over ranks by every strategy, hence × world size; dividing by
+                    # the whole step's count (not the micro-batch's) keeps accumulation exact.
+                    strategy.backward(out.loss_sum * (cfg.world_size / denominator))
+                loss_sum += out.loss_sum.detach().double()
+            grad_norm = strategy.step()
+            tokens_seen += step_batch.global_tokens
+            throughput.add(step_batch.global_tokens, step_batch.global_samples)
+
+            loss_denominator += denominator
+
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                # The only host sync of a step, and only on logging steps. The logged loss is the
+                # token-weighted mean over the steps since the last log (exactly the step's loss when every=1).
+                total = strategy.all_reduce_sum(loss_sum.clone())
+                tokens_per_s, samples_per_s = throughput.rates()
+                row = {
+                    "step": step,
+                    "loss": float(total) / loss_denominator,
+                    "lr": strategy.current_lr(),
+                    "grad_norm": float(grad_norm),
+                    "tokens": tokens_seen,
+                    "tokens_per_s": tokens_per_s,
+                    "samples_per_s": samples_per_s,
+                    "elapsed_s": throughput.elapsed(),
+                    "epoch": step_batch.epoch,
+                }
+                loss_sum.zero_()
+                loss_denominator = 0
+                if env.is_main:
+                    metrics.write(row)
+                    wandb_run.log(row)
+                last_row = row
+                progress.update(step, row)
+            else:
+                progress.update(step, None)
+
+            if cfg.save_every and step % cfg.save_every == 0 and step != cfg.max_steps:
+                state = {"tokens_seen": tokens_seen, "wandb_id": wandb_run.id}
+                path = checkpoint.save(run_dir, step, strategy, state, cfg.keep_last)
+                log.info("checkpoint written: %s", path)
+        return last_row
+    finally:
+        progress.close()
+        if metrics is not None:
+            metrics.close()
+

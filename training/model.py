@@ -1,0 +1,120 @@
+"""Loading the model a job trains: dtype, attention, 4-bit quantisation, PEFT adapters, checkpointing."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from launcher.spec import JobSpec
+
+log = logging.getLogger("sharpen")
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_tokenizer(spec: JobSpec):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        spec.model.tokenizer or spec.model.path,
+        trust_remote_code=spec.model.trust_remote_code,
+        revision=spec.model.revision,
+    )
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def quantization_config(spec: JobSpec, compute_dtype: torch.dtype):
+    """bitsandbytes 4-bit config. Storage dtype = compute dtype by default so FSDP can shard the weights
+    (FSDP2 needs one floating dtype per parameter group; uint8 storage cannot be flattened with bf16)."""
+    from transformers import BitsAndBytesConfig
+
+    storage = spec.finetune.quant_storage
+    storage_dtype = compute_dtype if storage == "auto" else {"uint8": torch.uint8, **TORCH_DTYPES}[storage]
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=spec.finetune.quant_type,
+        bnb_4bit_use_double_quant=spec.finetune.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=storage_dtype,
+    )
+
+
+def load_model(spec: JobSpec, compute_dtype: str, device: torch.device) -> nn.Module:
+    """The model as it will be trained, on `device` (CPU for strategies that place it themselves)."""
+    from transformers import AutoModelForCausalLM
+
+    ft = spec.finetune
+    compute = TORCH_DTYPES[compute_dtype]
+    kwargs: dict = {
+        "attn_implementation": spec.model.attention,
+        "trust_remote_code": spec.model.trust_remote_code,
+        "revision": spec.model.revision,
+    }
+    if ft.type == "full":
+        # fp32 master weights; the strategy runs the forward in bf16 (autocast, FSDP2 policy or DeepSpeed).
+        kwargs["dtype"] = torch.float32
+    elif ft.type == "lora":
+        # Frozen base in the compute dtype (half the memory on GPU); adapters are upcast to fp32 below.
+        kwargs["dtype"] = compute
+    else:
+        kwargs["dtype"] = compute
+        kwargs["quantization_config"] = quantization_config(spec, compute)
+        if device.type == "cuda":
+            kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(spec.model.path, **kwargs)
+    model.config.use_cache = False
+
+    if ft.type == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=spec.model.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif spec.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    if ft.type in ("lora", "qlora"):
+        model = apply_lora(model, spec)
+        if spec.model.gradient_checkpointing:
+            # With a frozen embedding nothing upstream of the adapters needs a gradient, so checkpointed
+            # blocks would see no grad-requiring input and the adapters would get none.
+            model.enable_input_require_grads()
+    return model
+
+
+def apply_lora(model: nn.Module, spec: JobSpec) -> nn.Module:
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    ft = spec.finetune
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=ft.r,
+        lora_alpha=ft.alpha,
+        lora_dropout=ft.dropout,
+        target_modules=ft.target_modules,
+        modules_to_save=ft.modules_to_save or None,
+        use_dora=ft.use_dora,
+        use_rslora=ft.use_rslora,
+    )
+    torch.manual_seed(spec.train.seed)  # identical adapter init on every rank (FSDP2 does not broadcast)
+    peft_model = get_peft_model(model, config)
+    for param in peft_model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()  # adapters and their optimizer state in full precision
+    return peft_model
+
+
+def decoder_layer_classes(model: nn.Module) -> tuple[type, ...]:
+    """Classes of the repeated blocks, from transformers' `_no_split_modules` (what FSDP shards one by one)."""
+    names: set[str] = set()
+    for module in model.modules():
+        for name in getattr(module, "_no_split_modules", None) or []:
+            names.add(name)
+    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
+    return tuple(sorted(classes, key=lambda c: c.__name__))

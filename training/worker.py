@@ -1,0 +1,183 @@
+"""The entry point of every rank: read RUN/plan.json, build strategy, model and data, train, write final/.
+
+Started by the elastic agent as `python -m training.worker RUN_DIR` (or by srun, one task per rank).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import IO
+
+import torch
+import torch.distributed as dist
+
+from cluster.environment import from_environment
+from launcher.plan import Plan
+from strategies import DistEnv, StrategyOptions, create_strategy
+from training import checkpoint
+from training.loop import LoopConfig, lr_lambda, run_steps
+from training.metrics import WandbRun
+from training.methods import create_method
+from training.model import TORCH_DTYPES, decoder_layer_classes, load_model, load_tokenizer
+
+log = logging.getLogger("sharpen")
+
+
+def redirect_output(run_dir: Path, rank: int) -> IO[str] | None:
+    """Send this rank's stdout/stderr (Python and C level) to RUN/logs/rank-N.log. Rank 0 keeps a handle
+    on the original terminal for the progress bar and short notices."""
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    console = None
+    if rank == 0:
+        console = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1)
+    log_fd = os.open(logs / f"rank-{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    return console
+
+
+def notice(console: IO[str] | None, message: str) -> None:
+    log.info(message)
+    if console is not None:
+        console.write(message + "\n")
+        console.flush()
+
+
+def setup_distributed(plan: Plan) -> DistEnv:
+    penv = from_environment()
+    if plan.device == "cuda":
+        torch.cuda.set_device(penv.local_rank)
+        device = torch.device("cuda", penv.local_rank)
+    else:
+        device = torch.device("cpu")
+    if penv.world_size > 1 and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", penv.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(penv.master_port))
+        dist.init_process_group(
+            backend=plan.backend,
+            rank=penv.rank,
+            world_size=penv.world_size,
+            timeout=datetime.timedelta(seconds=plan.collective_timeout_s),
+            device_id=device if plan.device == "cuda" else None,
+        )
+    return DistEnv(
+        rank=penv.rank,
+        local_rank=penv.local_rank,
+        world_size=penv.world_size,
+        local_world_size=penv.local_world_size,
+        device=device,
+        backend=plan.backend,
+    )
+
+
+def build_strategy(plan: Plan, env: DistEnv, model):
+    spec = plan.spec
+    t = spec.train
+    options = StrategyOptions(
+        compute_dtype=TORCH_DTYPES[plan.compute_dtype],
+        micro_batch_size=plan.micro_batch_size,
+        gradient_accumulation_steps=plan.grad_accum,
+        max_grad_norm=t.max_grad_norm,
+        offload_optimizer=spec.strategy.offload in ("optimizer", "params"),
+        offload_params=spec.strategy.offload == "params",
+        reshard_after_forward=spec.strategy.reshard_after_forward,
+        gradient_checkpointing=spec.model.gradient_checkpointing,
+        layer_classes=decoder_layer_classes(model),
+    )
+    strategy = create_strategy(plan.strategy, options, env)
+
+    def make_optimizer(params):
+        return torch.optim.AdamW(params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
+
+    def make_scheduler(optimizer):
+        factor = lr_lambda(t.lr_scheduler, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    strategy.setup(model, make_optimizer, make_scheduler)
+    return strategy
+
+
+def main(run_dir: str) -> int:
+    run_dir = Path(run_dir)
+    plan = Plan.read(run_dir)
+    spec = plan.spec
+    penv = from_environment()
+    console = redirect_output(run_dir, penv.rank)
+    env = setup_distributed(plan)
+    torch.manual_seed(spec.train.seed)
+
+    from training.data import load_prepared, step_batches
+
+    tokenizer = load_tokenizer(spec)
+    model = load_model(spec, plan.compute_dtype, env.device)
+    strategy = build_strategy(plan, env, model)
+
+    start_step, state = 0, {}
+    latest = checkpoint.latest_checkpoint(run_dir)
+    if latest is not None:
+        start_step, path = latest
+        state = checkpoint.load(path, strategy)
+        notice(console, f"resumed from {path} (step {start_step})")
+
+    dataset = load_prepared(Path(plan.data_cache))
+    batches = step_batches(
+        dataset,
+        global_batch_size=plan.global_batch_size,
+        micro_batch_size=plan.micro_batch_size,
+        grad_accum=plan.grad_accum,
+        rank=env.rank,
+        world_size=env.world_size,
+        seed=spec.train.seed,
+        shuffle=spec.data.shuffle,
+        padding_free=spec.data.padding_free,
+        attention=spec.model.attention,
+        start_step=start_step,
+        pad_token_id=tokenizer.pad_token_id or 0,
+    )
+    wandb_settings = spec.logging.wandb.model_dump() if spec.logging.wandb else None
+    wandb_run = WandbRun(run_dir, wandb_settings, plan.model_dump()) if env.is_main else WandbRun(run_dir, None, {})
+    cfg = LoopConfig(
+        max_steps=spec.train.max_steps,
+        log_every=spec.logging.every,
+        save_every=spec.train.save_every,
+        keep_last=spec.train.keep_last,
+        world_size=env.world_size,
+        show_progress=spec.logging.progress,
+    )
+    last = {}
+    if start_step < spec.train.max_steps:
+        last = run_steps(cfg, strategy, create_method(spec.method.kind), batches, start_step, run_dir, console, wandb_run, state)
+        final_state = {"tokens_seen": last.get("tokens", 0), "wandb_id": wandb_run.id}
+        checkpoint.save(run_dir, spec.train.max_steps, strategy, final_state, spec.train.keep_last)
+
+    from training.export import write_final
+
+    write_final(strategy, tokenizer, run_dir / "final", peft=spec.finetune.type != "full")
+    strategy.barrier()
+    wandb_run.finish()
+    if last and env.is_main:
+        notice(console, f"done: step {last['step']}, loss {last['loss']:.4f}; output in {run_dir / 'final'}")
+    strategy.teardown()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    sys.exit(record(main)(sys.argv[1]))
