@@ -28,3 +28,18 @@ def write_final(strategy: Strategy, tokenizer, out_dir: Path, peft: bool) -> Non
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
+
+
+def save_probe_logits(strategy: Strategy, path: str, vocab_size: int) -> None:
+    """The trained model's logits on a fixed input, saved by rank 0 (a collective under FSDP/ZeRO-3).
+
+    Tests set SHARPEN_PROBE_LOGITS=FILE to check that final/ reproduces the model as it was trained."""
+    import torch
+
+    input_ids = (torch.arange(1, 17) % vocab_size).unsqueeze(0)
+    model = strategy.model
+    model.eval()
+    with torch.no_grad(), strategy.forward_context():
+        logits = model(input_ids=input_ids.to(strategy.env.device)).logits.float().cpu()
+    if strategy.env.is_main:
+        torch.save({"input_ids": input_ids, "logits": logits}, path)

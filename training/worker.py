@@ -164,9 +164,11 @@ def main(run_dir: str) -> int:
         final_state = {"tokens_seen": last.get("tokens", 0), "wandb_id": wandb_run.id}
         checkpoint.save(run_dir, spec.train.max_steps, strategy, final_state, spec.train.keep_last)
 
-    from training.export import write_final
+    from training.export import save_probe_logits, write_final
 
     write_final(strategy, tokenizer, run_dir / "final", peft=spec.finetune.type != "full")
+    if os.environ.get("SHARPEN_PROBE_LOGITS"):
+        save_probe_logits(strategy, os.environ["SHARPEN_PROBE_LOGITS"], len(tokenizer))
     strategy.barrier()
     wandb_run.finish()
     if last and env.is_main:

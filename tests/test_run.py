@@ -1,0 +1,167 @@
+"""End to end: `sharpen run` on real ranks (gloo), every strategy, the numbers compared."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from e2e import EXAMPLES, assert_ok, base_job, losses, metrics, sharpen, write_job
+
+pytestmark = pytest.mark.slow
+
+ALPACA = EXAMPLES / "data" / "alpaca_tiny.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from training.tiny import build_tiny_llama, corpus_from_jsonl
+
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    build_tiny_llama(out, corpus_from_jsonl(ALPACA), vocab_size=512)
+    return out
+
+
+def run_job(tmp_path: Path, name: str, job: dict, env: dict | None = None) -> Path:
+    run_dir = tmp_path / name
+    job_file = write_job(tmp_path / f"{name}.yaml", job)
+    assert_ok(sharpen("run", str(job_file), "--output-dir", str(run_dir), env=env))
+    return run_dir
+
+
+def two_ranks(strategy: str) -> dict:
+    return {"strategy": {"name": strategy}, "resources": {"gpus_per_node": 2}}
+
+
+@pytest.fixture(scope="module")
+def reference_losses(tiny_model, tmp_path_factory) -> dict[str, list[float]]:
+    """One rank, micro batch 2 × accumulation 4: the losses every strategy must reproduce."""
+    tmp = tmp_path_factory.mktemp("reference")
+    out = {}
+    for finetune in ("full", "lora"):
+        job = base_job(tiny_model, ALPACA, finetune={"type": finetune, "r": 8, "alpha": 16})
+        out[finetune] = losses(run_job(tmp, f"single-{finetune}", job))
+    return out
+
+
+@pytest.mark.parametrize(
+    "finetune,strategy",
+    [("full", s) for s in ("ddp", "fsdp", "zero1", "zero2", "zero3")] + [("lora", s) for s in ("ddp", "fsdp", "zero3")],
+)
+def test_two_ranks_reproduce_single_rank_losses(tiny_model, reference_losses, tmp_path, finetune, strategy):
+    job = base_job(tiny_model, ALPACA, finetune={"type": finetune, "r": 8, "alpha": 16}, **two_ranks(strategy))
+    got = losses(run_job(tmp_path, strategy, job))
+    want = reference_losses[finetune]
+    assert len(got) == len(want) == 4
+    assert want[-1] < want[0], "the reference run did not learn"
+    for step, (g, w) in enumerate(zip(got, want), start=1):
+        assert math.isclose(g, w, rel_tol=1e-4), f"step {step}: {strategy} {g} vs single {w}"
+
+
+def test_accumulation_and_micro_batch_do_not_change_the_losses(tiny_model, tmp_path):
+    """Same global batch, split 1×8 or 8×1: identical losses at every step. Normalising per micro-batch
+    (the 2024 transformers accumulation bug) would make step 2 onwards differ."""
+    runs = {}
+    for micro in (1, 8):
+        job = base_job(tiny_model, ALPACA, train={"micro_batch_size": micro, "max_steps": 3})
+        runs[micro] = losses(run_job(tmp_path, f"micro{micro}", job))
+    for a, b in zip(runs[1], runs[8]):
+        assert math.isclose(a, b, rel_tol=1e-5), runs
+
+
+def test_final_full_weights_reproduce_trained_logits(tiny_model, tmp_path):
+    """fsdp on 2 ranks: final/ (gathered shards) loads with transformers and gives the training model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    probe = tmp_path / "probe.pt"
+    job = base_job(tiny_model, ALPACA, **two_ranks("fsdp"))
+    run_dir = run_job(tmp_path, "fsdp-final", job, env={"SHARPEN_PROBE_LOGITS": str(probe)})
+    trained = torch.load(probe)
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final").eval()
+    with torch.no_grad():
+        logits = model(input_ids=trained["input_ids"]).logits
+    torch.testing.assert_close(logits, trained["logits"], atol=1e-5, rtol=1e-5)
+    assert (run_dir / "final" / "model.safetensors").is_file()
+    assert (run_dir / "final" / "tokenizer.json").is_file()
+
+
+def test_final_lora_adapter_reproduces_trained_logits(tiny_model, tmp_path):
+    """zero3 on 2 ranks: final/ is a PEFT adapter (not empty, not one rank's shard)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    probe = tmp_path / "probe.pt"
+    job = base_job(tiny_model, ALPACA, finetune={"type": "lora", "r": 8, "alpha": 16}, **two_ranks("zero3"))
+    run_dir = run_job(tmp_path, "zero3-lora", job, env={"SHARPEN_PROBE_LOGITS": str(probe)})
+    trained = torch.load(probe)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        base_logits = base(input_ids=trained["input_ids"]).logits
+    model = PeftModel.from_pretrained(base, run_dir / "final").eval()
+    with torch.no_grad():
+        logits = model(input_ids=trained["input_ids"]).logits
+    torch.testing.assert_close(logits, trained["logits"], atol=1e-5, rtol=1e-5)
+    assert (logits - base_logits).abs().max() > 1e-4, "the adapter changed nothing: it was saved empty"
+
+
+def test_qlora_trains_on_one_and_two_ranks(tiny_model, tmp_path):
+    for ranks, strategy in ((1, "single"), (2, "ddp")):
+        job = base_job(
+            tiny_model,
+            ALPACA,
+            finetune={"type": "qlora", "r": 8, "alpha": 16},
+            train={"max_steps": 8, "lr": 3.0e-3},
+            strategy={"name": strategy},
+            resources={"gpus_per_node": ranks},
+        )
+        got = losses(run_job(tmp_path, f"qlora{ranks}", job))
+        assert len(got) == 8 and all(math.isfinite(x) for x in got)
+        assert sum(got[-3:]) / 3 < sum(got[:3]) / 3, got
+
+
+def test_metrics_checkpoints_logs_and_wandb_offline(tiny_model, tmp_path):
+    job = base_job(
+        tiny_model,
+        ALPACA,
+        train={"max_steps": 4, "save_every": 2},
+        logging={"every": 2, "progress": False, "wandb": {"project": "sharpen-tests", "mode": "offline"}},
+        **two_ranks("ddp"),
+    )
+    run_dir = run_job(tmp_path, "wandb", job, env={"WANDB_API_KEY": "secret-key-never-written"})
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [2, 4]
+    for key in ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"):
+        assert all(key in r for r in rows), key
+    assert rows[1]["tokens"] > rows[0]["tokens"] > 0
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert sorted(p.name for p in (run_dir / "logs").glob("rank-*.log")) == ["rank-0.log", "rank-1.log"]
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and (run_dir / "wandb_id").read_text().strip() in offline[0].name
+    for path in [run_dir / "plan.json", *(run_dir / "logs").glob("*.log")]:
+        assert "secret-key-never-written" not in path.read_text()
+
+
+def test_plan_shows_the_batch_arithmetic_and_state_bytes(tiny_model, tmp_path):
+    job_file = write_job(tmp_path / "job.yaml", base_job(tiny_model, ALPACA, **two_ranks("zero3")))
+    result = sharpen("plan", str(job_file), "--json")
+    assert_ok(result)
+    plan = json.loads(result.stdout)
+    assert plan["world_size"] == 2 and plan["strategy"] == "zero3"
+    assert (plan["micro_batch_size"], plan["grad_accum"], plan["global_batch_size"]) == (2, 2, 8)
+    total = plan["params"]["total"]
+    assert plan["state_bytes_per_rank"]["params"] == total * 4 // 2  # fp32, halved by ZeRO-3 on 2 ranks
+    table = sharpen("plan", str(job_file))
+    assert_ok(table)
+    assert "micro 2 × accumulation 2 × ranks 2 = global 8" in table.stdout
+
+
+def test_cuda_requested_without_gpu_is_refused(tiny_model, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    job_file = write_job(tmp_path / "job.yaml", {**base_job(tiny_model, ALPACA), "device": "cuda"})
+    result = sharpen("run", str(job_file), "--output-dir", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert "device: cuda" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
