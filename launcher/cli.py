@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from launcher import __version__
+from launcher import __version__, cluster_commands
 from launcher.errors import UserError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -38,18 +38,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = job_command("run", "train on this machine (N local ranks)")
     p.add_argument("--output-dir", help="run directory (default: output_dir from the job, else runs/NAME-TIME)")
+    p.add_argument("--nnodes", type=int, default=1, help="machines in a multi-node run without SLURM (run on each)")
+    p.add_argument("--node-rank", type=int, default=0, help="this machine's index; node 0 hosts the rendezvous")
+    p.add_argument("--master", metavar="HOST:PORT", help="node 0's address and a free port (multi-node)")
 
     p = sub.add_parser("resume", help="continue a run from its newest complete checkpoint")
     p.add_argument("run_dir")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
 
     sub.add_parser("schema", help="print the job file's JSON schema (for editors)")
+    cluster_commands.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        handled = cluster_commands.dispatch(args)
+        if handled is not None:
+            return handled
         if args.command == "plan":
             return cmd_plan(args)
         if args.command == "run":
@@ -93,12 +100,15 @@ def cmd_run(args) -> int:
 
     spec = load_job(args.job, args.set)
     run_dir = Path(args.output_dir) if args.output_dir else default_run_dir(spec)
-    return start_local(spec, run_dir)
+    return start_local(spec, run_dir, **cluster_commands.multinode_launch(args, spec))
 
 
 def cmd_resume(args) -> int:
-    from launcher.jobfile import apply_overrides, validate_job
+    import pydantic
+
+    from launcher.jobfile import apply_overrides, format_errors
     from launcher.plan import Plan
+    from launcher.spec import JobSpec
     from training.checkpoint import latest_checkpoint
 
     run_dir = Path(args.run_dir)
@@ -110,11 +120,14 @@ def cmd_resume(args) -> int:
             f"{run_dir}: no complete checkpoint to resume from",
             f"start it again with `sharpen run JOB.yaml --output-dir {run_dir}`",
         )
-    spec = validate_job(apply_overrides(previous.job, args.set), source=str(run_dir / "plan.json"))
+    try:
+        spec = JobSpec.model_validate(apply_overrides(previous.job, args.set))
+    except pydantic.ValidationError as exc:
+        raise UserError(format_errors(exc, f"{run_dir} with its --set overrides")) from None
     return start_local(spec, run_dir)
 
 
-def start_local(spec, run_dir: Path) -> int:
+def start_local(spec, run_dir: Path, **multinode) -> int:
     """Plan, prepare data, write plan.json, start the ranks, report."""
     from cluster.local import launch
     from launcher.plan import Plan, build_plan
@@ -123,7 +136,7 @@ def start_local(spec, run_dir: Path) -> int:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     previous = Plan.read(run_dir) if (run_dir / "plan.json").is_file() else None
-    plan, notices = build_plan(spec, run_dir)
+    plan, notices = build_plan(spec, run_dir, nnodes=multinode.get("nnodes"))
     for n in notices:
         print(f"note: {n}", file=sys.stderr)
     latest = latest_checkpoint(run_dir)
@@ -153,7 +166,7 @@ def start_local(spec, run_dir: Path) -> int:
         f"run dir {run_dir}",
         file=sys.stderr,
     )
-    rc = launch(run_dir, nproc_per_node=plan.nproc_per_node, device=plan.device)
+    rc = launch(run_dir, nproc_per_node=plan.nproc_per_node, device=plan.device, **multinode)
     return EXIT_OK if rc == 0 else EXIT_FAILED
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class Section(BaseModel):
@@ -15,96 +16,173 @@ class Section(BaseModel):
 
 
 class ModelSpec(Section):
+    """The base model: where it comes from and how it is loaded."""
+
     path: str = Field(description="Hub id (org/name) or a local directory with config.json")
     tokenizer: str | None = Field(None, description="Tokenizer path or hub id; defaults to model.path")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Compute dtype: auto = bf16 on GPU, fp32 on CPU"
     )
-    attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    gradient_checkpointing: bool = False
-    trust_remote_code: bool = False
-    revision: str | None = None
+    attention: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa",
+        description="Attention kernel: sdpa (PyTorch), eager, or flash_attention_2 (CUDA only, needs flash-attn)",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute activations in the backward pass: much less memory, about a third more compute",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with the checkpoint (transformers' trust_remote_code)"
+    )
+    revision: str | None = Field(None, description="Hub branch, tag or commit of model.path (default: main)")
 
 
 class FinetuneSpec(Section):
-    type: Literal["full", "lora", "qlora"] = "full"
-    r: int = Field(16, ge=1)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: Literal["all-linear"] | list[str] = "all-linear"
-    modules_to_save: list[str] = Field(default_factory=list)
-    use_dora: bool = False
-    use_rslora: bool = False
+    """What is trained: every weight, or LoRA adapters over a (4-bit, for qlora) frozen base."""
+
+    type: Literal["full", "lora", "qlora"] = Field(
+        "full",
+        description="full: train every weight; lora: low-rank adapters; qlora: LoRA over a 4-bit base model",
+    )
+    r: int = Field(16, ge=1, description="LoRA rank (lora, qlora)")
+    alpha: float = Field(
+        32,
+        gt=0,
+        description="LoRA scale numerator: updates are scaled by alpha/r (alpha/sqrt(r) with use_rslora)",
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the input of each LoRA adapter")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear",
+        description="Modules that get adapters: all-linear (every linear layer but the output head) or names, e.g. [q_proj, v_proj]",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full and saved with the adapter, e.g. [embed_tokens, lm_head]",
+    )
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA)")
+    use_rslora: bool = Field(
+        False, description="Rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r"
+    )
     # QLoRA quantisation (bitsandbytes)
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the qlora base weights")
+    double_quant: bool = Field(
+        True, description="Quantise the quantisation constants too (about 0.4 bits per weight less)"
+    )
     quant_storage: Literal["auto", "bf16", "fp16", "fp32", "uint8"] = Field(
-        "auto", description="Storage dtype of the 4-bit weights; auto = the compute dtype, so FSDP can shard them"
+        "auto",
+        description="Storage dtype of the 4-bit weights; auto = the compute dtype, so FSDP can shard them",
     )
 
 
 class SFTMethod(Section):
-    kind: Literal["sft"] = "sft"
+    """Supervised fine-tuning: next-token loss on prompt/completion or chat data."""
+
+    kind: Literal["sft"] = Field("sft", description="Supervised fine-tuning (formats alpaca, chat, text)")
     train_on: Literal["completion", "all"] = Field(
         "completion", description="Which tokens carry loss: only the completion (default) or the whole text"
     )
 
 
 class PretrainMethod(Section):
-    kind: Literal["pretrain"]
+    """Continued pretraining: next-token loss on every token of raw text."""
+
+    kind: Literal["pretrain"] = Field(description="Next-token prediction on raw text (format text)")
 
 
 class DPOMethod(Section):
-    kind: Literal["dpo"]
-    beta: float = Field(0.1, gt=0)
-    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
-    reference: Literal["auto", "precompute"] = "auto"
+    """Direct preference optimisation on chosen/rejected pairs against a frozen reference model."""
+
+    kind: Literal["dpo"] = Field(description="Direct preference optimisation (format preference)")
+    beta: float = Field(
+        0.1, gt=0, description="Strength of the pull toward the reference model; higher stays closer"
+    )
+    loss: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid", description="sigmoid (the DPO paper), ipo, or hinge (SLiC)"
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="Assumed share of flipped preference labels (conservative DPO; sigmoid loss only)",
+    )
+    reference: Literal["auto", "precompute"] = Field(
+        "auto",
+        description="Reference log-probabilities: auto (computed during training) or precompute (one pass before training)",
+    )
 
 
 class RewardMethod(Section):
-    kind: Literal["reward"]
+    """Reward modelling: a scalar head trained so chosen answers score above rejected ones."""
+
+    kind: Literal["reward"] = Field(description="Reward model training (format preference)")
 
 
 Method = Annotated[SFTMethod | PretrainMethod | DPOMethod | RewardMethod, Field(discriminator="kind")]
 
 
 class DataFile(Section):
+    """One data file or dataset, an item of data.train or data.eval."""
+
     path: str = Field(description="A .jsonl/.json/.parquet/.csv file, a directory, or a hub dataset name")
-    format: Literal["alpaca", "chat", "text", "preference"] = "alpaca"
-    split: str = "train"
+    format: Literal["alpaca", "chat", "text", "preference"] = Field(
+        "alpaca",
+        description="alpaca (instruction, input, output), chat (messages), text (raw text), preference (prompt, chosen, rejected)",
+    )
+    split: str = Field("train", description="Split to read from a hub dataset or a dataset directory")
     field: str | None = Field(None, description="The column holding the text (text) or messages (chat)")
     weight: float = Field(1.0, gt=0, description="Reserved: sampling weight when mixing files")
 
 
 class DataSpec(Section):
-    train: list[DataFile] = Field(min_length=1)
-    eval: list[DataFile] = Field(default_factory=list)
-    eval_split: float = Field(0.0, ge=0, lt=1)
-    max_length: int = Field(2048, ge=8)
+    """Training and evaluation data, and how samples become token rows."""
+
+    train: list[DataFile] = Field(min_length=1, description="Training files, at least one")
+    eval: list[DataFile] = Field(default_factory=list, description="Evaluation files")
+    eval_split: float = Field(
+        0.0, ge=0, lt=1, description="Share of the training data held out for evaluation (0: none)"
+    )
+    max_length: int = Field(2048, ge=8, description="Tokens per sample (or per packed row); see truncation")
     packing: bool = Field(False, description="Fill rows up to max_length across samples (pretraining-style)")
     padding_free: bool = Field(True, description="Lay a micro-batch's samples end to end (no pad tokens)")
-    shuffle: bool = True
-    truncation: Literal["right", "drop"] = "right"
-    cache_dir: str | None = Field(None, description="Where tokenized data is cached (default ~/.cache/sharpen)")
+    shuffle: bool = Field(True, description="Shuffle the training samples (seeded by train.seed)")
+    truncation: Literal["right", "drop"] = Field(
+        "right", description="Samples longer than max_length: right cuts their end, drop skips them"
+    )
+    cache_dir: str | None = Field(
+        None, description="Where tokenized data is cached (default ~/.cache/sharpen)"
+    )
 
 
 class TrainSpec(Section):
-    micro_batch_size: int | Literal["auto"] = 1
-    global_batch_size: int = Field(8, ge=1)
-    max_steps: int = Field(100, ge=1)
-    lr: float = Field(2e-5, gt=0)
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
+    """Batch sizes, the optimizer (AdamW) and its schedule, and checkpoint cadence."""
+
+    micro_batch_size: int | Literal["auto"] = Field(
+        1, description="Samples per rank per forward/backward pass; auto: the largest the memory plan allows"
+    )
+    global_batch_size: int = Field(
+        8,
+        ge=1,
+        description="Samples per optimizer step over all ranks; accumulation = global / (micro x ranks)",
+    )
+    max_steps: int = Field(100, ge=1, description="Optimizer steps to train for")
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate")
+    min_lr_ratio: float = Field(
+        0.0, ge=0, le=1, description="Final learning rate as a share of lr (cosine, linear)"
+    )
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning rate decay after warmup"
+    )
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear warmup from 0 to lr")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW beta1, beta2")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     max_grad_norm: float | None = Field(1.0, description="Clip the global grad norm; null disables")
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end)")
-    keep_last: int = Field(2, ge=1)
-    eval_every: int = Field(0, ge=0)
-    seed: int = 0
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk; older ones are deleted")
+    eval_every: int = Field(
+        0, ge=0, description="Evaluate every N steps (0: never); needs data.eval or data.eval_split"
+    )
+    seed: int = Field(0, description="Seed of initialisation, data order and dropout")
 
     @field_validator("micro_batch_size")
     @classmethod
@@ -115,102 +193,200 @@ class TrainSpec(Section):
 
 
 class StrategySpec(Section):
-    name: Literal["auto", "single", "ddp", "fsdp", "zero1", "zero2", "zero3"] = "auto"
+    """How the model, gradients and optimizer state are placed across ranks."""
+
+    name: Literal["auto", "single", "ddp", "fsdp", "zero1", "zero2", "zero3"] = Field(
+        "auto",
+        description="auto (chosen by the plan), single (one rank), ddp, fsdp (FSDP2), zero1/zero2/zero3 (DeepSpeed ZeRO)",
+    )
     offload: Literal["none", "optimizer", "params"] = Field(
         "none", description="Offload to CPU: the optimizer state, or (fsdp/zero3) parameters and optimizer"
     )
-    reshard_after_forward: bool = True
+    reshard_after_forward: bool = Field(
+        True,
+        description="fsdp: free gathered parameters after forward (less memory, one more all-gather in backward)",
+    )
 
 
 class ResourcesSpec(Section):
-    nodes: int = Field(1, ge=1)
+    """How many machines and ranks; ranks = nodes x gpus_per_node."""
+
+    nodes: int = Field(1, ge=1, description="Machines (SLURM nodes)")
     gpus_per_node: int = Field(1, ge=1, description="Ranks per node (processes on CPU)")
-    gpu_memory_gb: float | None = Field(None, gt=0, description="Plan for GPUs of this size (default: detected)")
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, description="Plan for GPUs of this size (default: detected)"
+    )
 
 
 class SlurmSpec(Section):
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    time: str = "24:00:00"
-    constraint: str | None = None
-    cpus_per_task: int | None = Field(None, ge=1)
-    mem: str | None = None
-    exclusive: bool = False
-    gpu_flag: Literal["gres", "gpus", "none"] = "gres"
-    extra_sbatch: list[str] = Field(default_factory=list)
-    setup: list[str] = Field(default_factory=list)
-    signal_lead_s: int = Field(120, ge=0)
-    requeue: bool = True
-    max_requeues: int = Field(3, ge=0)
-    launch: Literal["agent", "task_per_rank"] = "agent"
+    """sbatch options for cluster.kind slurm (`sharpen submit`)."""
+
+    partition: str | None = Field(None, description="Partition (--partition); default: the cluster's")
+    account: str | None = Field(None, description="Account to charge (--account)")
+    qos: str | None = Field(None, description="Quality of service (--qos)")
+    time: str = Field("24:00:00", description="Wall-clock limit (--time), e.g. 24:00:00 or 2-00:00:00")
+    constraint: str | None = Field(None, description="Node features (--constraint), e.g. a GPU type")
+    cpus_per_task: int | None = Field(
+        None, ge=1, description="CPUs per task (--cpus-per-task); default: SLURM's"
+    )
+    mem: str | None = Field(None, description="Memory per node (--mem), e.g. 256G")
+    exclusive: bool = Field(False, description="Whole nodes only (--exclusive)")
+    gpu_flag: Literal["gres", "gpus", "none"] = Field(
+        "gres", description="How GPUs are asked for: --gres=gpu:N, --gpus-per-node=N, or not at all"
+    )
+    extra_sbatch: list[str] = Field(
+        default_factory=list, description="More #SBATCH options, e.g. [--mail-type=END]"
+    )
+    setup: list[str] = Field(
+        default_factory=list,
+        description="Shell lines run before the ranks start (module load ..., source ...)",
+    )
+    signal_lead_s: int = Field(
+        120, ge=0, description="Seconds before the time limit at which the job is signalled to checkpoint"
+    )
+    requeue: bool = Field(
+        True, description="Requeue after preemption or the time limit, resuming from a checkpoint"
+    )
+    max_requeues: int = Field(3, ge=0, description="Most times a job requeues itself")
+    launch: Literal["agent", "task_per_rank"] = Field(
+        "agent",
+        description="agent: one task per node starts the ranks; task_per_rank: srun starts every rank",
+    )
 
 
 class ClusterSpec(Section):
-    kind: Literal["local", "slurm"] = "local"
-    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
+    """Where the ranks run."""
+
+    kind: Literal["local", "slurm"] = Field(
+        "local", description="local: this machine (`sharpen run`); slurm: a SLURM job (`sharpen submit`)"
+    )
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec, description="SLURM options, used when kind is slurm")
 
 
 class WandbSpec(Section):
-    project: str
-    entity: str | None = None
-    name: str | None = None
-    tags: list[str] = Field(default_factory=list)
-    mode: Literal["online", "offline", "disabled"] = "online"
+    """Weights & Biases tracking."""
+
+    project: str = Field(description="W&B project")
+    entity: str | None = Field(None, description="W&B team or user (default: yours)")
+    name: str | None = Field(None, description="Run name (default: the job name)")
+    tags: list[str] = Field(default_factory=list, description="Run tags")
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "online", description="online, offline (upload later with `wandb sync`), or disabled"
+    )
 
 
 class LoggingSpec(Section):
-    every: int = Field(10, ge=1)
-    progress: bool = True
-    wandb: WandbSpec | None = None
+    """Metrics: the run directory's metrics.jsonl always, W&B when configured."""
+
+    every: int = Field(10, ge=1, description="Log metrics every N optimizer steps")
+    progress: bool = Field(True, description="Show a progress bar on rank 0")
+    wandb: WandbSpec | None = Field(None, description="Weights & Biases tracking; omit to log locally only")
 
 
 class JobSpec(Section):
     """A whole job file."""
 
-    name: str = Field("sharpen-job", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    model: ModelSpec
-    finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
-    method: Method = Field(default_factory=SFTMethod)
-    data: DataSpec
-    train: TrainSpec = Field(default_factory=TrainSpec)
-    strategy: StrategySpec = Field(default_factory=StrategySpec)
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
-    logging: LoggingSpec = Field(default_factory=LoggingSpec)
-    device: Literal["auto", "cuda", "cpu"] = "auto"
+    name: str = Field(
+        "sharpen-job",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Job name: letters, digits, '.', '_', '-'; names the run directory and the SLURM job",
+    )
+    model: ModelSpec = Field(description="The base model")
+    finetune: FinetuneSpec = Field(
+        default_factory=FinetuneSpec, description="Full fine-tuning, LoRA or QLoRA"
+    )
+    method: Method = Field(
+        default_factory=SFTMethod, description="The training objective, chosen by method.kind"
+    )
+    data: DataSpec = Field(description="Training and evaluation data")
+    train: TrainSpec = Field(
+        default_factory=TrainSpec, description="Batch sizes, optimizer, schedule, checkpoints"
+    )
+    strategy: StrategySpec = Field(default_factory=StrategySpec, description="Data parallelism and sharding")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Nodes and ranks per node")
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec, description="Local run or SLURM job")
+    logging: LoggingSpec = Field(default_factory=LoggingSpec, description="Metrics and experiment tracking")
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="auto: cuda when a GPU is visible, else cpu (gloo); cuda; or cpu"
+    )
     output_dir: str | None = Field(None, description="Run directory (default runs/<name>-<timestamp>)")
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> JobSpec:
-        world = self.resources.nodes * self.resources.gpus_per_node
-        mbs = self.train.micro_batch_size
-        if isinstance(mbs, int) and self.train.global_batch_size % (mbs * world):
-            raise ValueError(
-                f"train.global_batch_size ({self.train.global_batch_size}) must be divisible by "
-                f"train.micro_batch_size ({mbs}) x ranks ({world}); "
-                f"try global_batch_size {max(1, round(self.train.global_batch_size / (mbs * world))) * mbs * world}"
-            )
-        if self.finetune.type == "qlora" and self.model.dtype == "fp16" and self.strategy.name in ("fsdp",):
-            pass  # allowed: fp16 storage shards fine
-        if self.method.kind in ("dpo", "reward"):
-            bad = [f.path for f in self.data.train if f.format != "preference"]
-            if bad:
-                raise ValueError(
-                    f"method.kind {self.method.kind!r} needs data.train files with format: preference, "
-                    f"got another format for {', '.join(bad)}"
-                )
-        elif any(f.format == "preference" for f in self.data.train):
-            raise ValueError(
-                f"format: preference data needs method.kind dpo or reward, not {self.method.kind!r}"
-            )
-        if self.method.kind == "pretrain" and any(f.format != "text" for f in self.data.train):
-            raise ValueError("method.kind pretrain reads format: text data only")
-        if self.train.warmup_steps >= self.train.max_steps and self.train.warmup_steps > 0:
-            raise ValueError(
-                f"train.warmup_steps ({self.train.warmup_steps}) must be below train.max_steps ({self.train.max_steps})"
-            )
+        """Rules that span sections; all broken ones are reported at once, each under its primary field."""
+        problems = self._rule_violations()
+        if problems:
+            summary = "; ".join(f"{field}: {message}" for field, message in problems)
+            raise PydanticCustomError("cross_field", "{summary}", {"summary": summary, "problems": problems})
         return self
+
+    def _rule_violations(self) -> list[tuple[str, str]]:
+        problems: list[tuple[str, str]] = []
+        add = problems.append
+        train, strategy, ft, world = self.train, self.strategy, self.finetune, self.world_size
+        mbs, gbs = train.micro_batch_size, train.global_batch_size
+        if isinstance(mbs, int) and gbs % (mbs * world):
+            step = mbs * world
+            options = " or ".join(str(n) for n in (gbs // step * step, (gbs // step + 1) * step) if n > 0)
+            why = f"train.micro_batch_size x ranks ({mbs} x {world} = {step})"
+            add(("train.global_batch_size", f"{gbs} is not divisible by {why}; try {options}"))
+        kind = self.method.kind
+        reads = {"dpo": ("preference",), "reward": ("preference",), "pretrain": ("text",)}
+        reads = reads.get(kind, ("alpaca", "chat", "text"))
+        for split in ("train", "eval"):
+            for i, f in enumerate(getattr(self.data, split)):
+                if f.format not in reads:
+                    tip = (
+                        "; preference data is for method.kind dpo or reward"
+                        if f.format == "preference"
+                        else ""
+                    )
+                    why = f"{f.format!r} does not fit method.kind {kind!r}, which reads format {' or '.join(reads)}"
+                    add((f"data.{split}.{i}.format", why + tip))
+        if train.warmup_steps and train.warmup_steps >= train.max_steps:
+            add(
+                (
+                    "train.warmup_steps",
+                    f"{train.warmup_steps} must be below train.max_steps ({train.max_steps})",
+                )
+            )
+        if train.eval_every and not (self.data.eval or self.data.eval_split):
+            why = "but there is no eval data: add data.eval or data.eval_split"
+            add(("train.eval_every", f"{train.eval_every}, {why}"))
+        if strategy.name == "single" and world > 1:
+            asked = f"{world} ({self.resources.nodes} node(s) x {self.resources.gpus_per_node} gpus_per_node)"
+            add(
+                (
+                    "strategy.name",
+                    f"'single' runs one rank, but resources ask for {asked}; use ddp, fsdp, zero1-3 or auto",
+                )
+            )
+        if strategy.offload == "params" and strategy.name not in ("auto", "fsdp", "zero3"):
+            add(
+                (
+                    "strategy.offload",
+                    f"'params' needs strategy.name fsdp or zero3 (or auto), not {strategy.name!r}",
+                )
+            )
+        elif strategy.offload == "optimizer" and strategy.name in ("single", "ddp"):
+            use = "use zero2 (one GPU works too), zero1, zero3, fsdp or auto"
+            add(("strategy.offload", f"'optimizer' needs a sharded strategy, not {strategy.name!r}: {use}"))
+        # Sharding 4-bit weights (FSDP, ZeRO-3) needs their storage dtype to match the other weights'.
+        storage, dtype = ft.quant_storage, self.model.dtype
+        if ft.type == "qlora" and strategy.name in ("fsdp", "zero3") and storage not in ("auto", dtype):
+            if storage == "uint8" or dtype != "auto":
+                why = f"{storage!r} cannot be sharded by {strategy.name} next to {dtype} weights"
+                add(
+                    (
+                        "finetune.quant_storage",
+                        f"{why}; use auto (the compute dtype) or the same dtype as model.dtype",
+                    )
+                )
+        method = self.method
+        if isinstance(method, DPOMethod) and method.label_smoothing and method.loss != "sigmoid":
+            why = f"applies to loss sigmoid only, not {method.loss!r}"
+            add(("method.label_smoothing", f"{why}; set it to 0 or use loss: sigmoid"))
+        return problems
 
     @property
     def world_size(self) -> int:
