@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 import torch
 
+from cluster import signals
 from strategies.base import Strategy
 from training import checkpoint
 from training.metrics import MetricsLog, Progress, Throughput, WandbRun
@@ -26,6 +27,9 @@ class LoopConfig:
     keep_last: int
     world_size: int
     show_progress: bool = True
+    # Preemption hook, polled on every rank after every step and agreed through a collective: True stops
+    # the run at this step with a checkpoint. Default: a SLURM stop request (cluster/signals.py), else never.
+    should_stop: Callable[[], bool] | None = None
 
 
 def lr_lambda(kind: str, warmup: int, total: int, min_ratio: float):
@@ -63,13 +67,14 @@ def run_steps(
     tokens_seen = extra_state.get("tokens_seen", 0)
     loss_denominator = 0
     last_row: dict = {}
+    should_stop = cfg.should_stop or signals.slurm_stop_request(strategy, run_dir)
     try:
         for step in range(start_step + 1, cfg.max_steps + 1):
             step_batch = next(batches)
             denominator = getattr(step_batch, method.normaliser)
             micro_batches = step_batch.micro_batches
             for i, micro in enumerate(micro_batches):
-                micro = micro.to(env.device)
+                micro = micro.to(env.device, dtype=strategy.options.compute_dtype)
                 with strategy.accumulate(i == len(micro_batches) - 1):
                     with strategy.forward_context():
                         out = method(strategy.model, micro)
@@ -113,6 +118,14 @@ def run_steps(
                 state = {"tokens_seen": tokens_seen, "wandb_id": wandb_run.id}
                 path = checkpoint.save(run_dir, step, strategy, state, cfg.keep_last)
                 log.info("checkpoint written: %s", path)
+
+            # -- preemption: stop together at this step boundary, checkpoint, requeue (never returns) --
+            if should_stop is not None and step < cfg.max_steps and should_stop():
+                if not (cfg.save_every and step % cfg.save_every == 0):
+                    state = {"tokens_seen": tokens_seen, "wandb_id": wandb_run.id}
+                    checkpoint.save(run_dir, step, strategy, state, cfg.keep_last)
+                wandb_run.finish()
+                signals.stop_and_requeue(run_dir, step, checkpoint.checkpoints_dir(run_dir) / f"step-{step}", env.is_main, console)
         return last_row
     finally:
         progress.close()

@@ -1,0 +1,417 @@
+"""The data pipeline: files → tokenized, cached dataset → world-size invariant step batches.
+
+prepare_dataset tokenizes once per (data, tokenizer, settings) into a cache shared by every rank and
+node; load_prepared memory-maps it; step_batches deals each global batch to (micro step, rank) slots.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from launcher.errors import UserError
+from launcher.spec import DataFile, DataSpec
+from training.formats import FORMATS, Encoder, RecordError, load_source, record_location, source_files
+from training.packing import COLUMNS, IGNORE_INDEX, MicroBatch, collate, pack_dataset, row_features
+
+__all__ = ["MicroBatch", "StepBatch", "load_prepared", "prepare_dataset", "step_batches"]
+
+logger = logging.getLogger(__name__)
+
+# Bump when the stored layout or the tokenization rules change: old caches then stop matching.
+PIPELINE_VERSION = 1
+META_FILE = "sharpen-data.json"
+CONTENT_HASH_MAX_BYTES = 32 << 20
+LOCK_HEARTBEAT_S = 5.0
+LOCK_STALE_S = 120.0
+builds_in_this_process = 0  # how many times this process tokenized a dataset (cache misses it built)
+
+
+def _fingerprint(path: Path) -> str:
+    stat = path.stat()
+    if stat.st_size <= CONTENT_HASH_MAX_BYTES:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _tokenizer_fingerprint(tokenizer_path: str, trust_remote_code: bool) -> str:
+    path = Path(tokenizer_path).expanduser()
+    if path.is_dir():
+        names = ("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "chat_template", "spiece")
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.startswith(names))
+        if files:
+            return hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in files)).hexdigest()
+    tokenizer = _load_tokenizer(tokenizer_path, trust_remote_code)  # a hub id: fingerprint what it loads to
+    state = [type(tokenizer).__name__, str(tokenizer.chat_template), tokenizer.special_tokens_map]
+    if tokenizer.is_fast:
+        state.append(tokenizer.backend_tokenizer.to_str())
+    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _load_tokenizer(tokenizer_path: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise UserError(f"cannot load the tokenizer {tokenizer_path!r}: {e}") from e
+
+
+def cache_key(data: DataSpec, method_kind: str, tokenizer_path: str, train_on: str, trust_remote_code: bool) -> str:
+    """Hash of everything that changes the tokenized output (file contents, not just names)."""
+    files = []
+    for i, file in enumerate(data.train):
+        local = source_files(i, file)
+        content = [[str(p.resolve()), _fingerprint(p)] for p in local] if local is not None else "hub"
+        files.append([file.path, file.format, file.split, file.field, content])
+    inputs = {
+        "version": PIPELINE_VERSION, "files": files, "method": method_kind, "train_on": train_on,
+        "tokenizer": _tokenizer_fingerprint(tokenizer_path, trust_remote_code),
+        "max_length": data.max_length, "packing": data.packing, "truncation": data.truncation,
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def prepare_dataset(
+    data: DataSpec,
+    method_kind: str,
+    tokenizer_path: str,
+    *,
+    trust_remote_code: bool = False,
+    cache_root: str | Path | None = None,
+    train_on: str = "completion",
+) -> Path:
+    """Tokenize data.train once into the shared cache and return its directory (a finished one is reused).
+
+    Many processes may call this at once on a shared filesystem: one takes the lock file and builds into
+    a temporary directory that it renames into place; the others poll for that directory. No collective.
+    """
+    if method_kind in ("dpo", "reward"):
+        raise UserError(f"method.kind {method_kind} data (format: preference) is not supported yet (issue 5)")
+    root = Path(cache_root or data.cache_dir or "~/.cache/sharpen/tokenized").expanduser()
+    final = root / cache_key(data, method_kind, tokenizer_path, train_on, trust_remote_code)
+    if (final / META_FILE).exists():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    return _build_once(final, lambda out: _build(out, data, tokenizer_path, trust_remote_code, train_on))
+
+
+def load_prepared(path: Path):
+    """The dataset prepare_dataset wrote, memory-mapped (nothing is read into RAM until used)."""
+    import datasets
+
+    if not (Path(path) / META_FILE).exists():
+        raise UserError(f"{path} is not a dataset written by prepare_dataset (no {META_FILE})")
+    return datasets.load_from_disk(str(path))
+
+
+# ---------------------------------------------------------------- one builder, many waiters
+
+
+def _build_once(final: Path, build) -> Path:
+    lock, error = final.with_name(final.name + ".lock"), final.with_name(final.name + ".error")
+    started, delay = time.time(), 0.05
+    while True:
+        if (final / META_FILE).exists():
+            return final
+        if _try_lock(lock):
+            stop = threading.Event()
+            threading.Thread(target=_heartbeat, args=(lock, stop), daemon=True).start()
+            tmp = final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            try:
+                if not (final / META_FILE).exists():
+                    error.unlink(missing_ok=True)
+                    try:
+                        build(tmp / "dataset")
+                    except UserError as e:
+                        error.write_text(str(e))
+                        raise
+                    _publish(tmp / "dataset", final)
+                return final
+            finally:
+                stop.set()
+                shutil.rmtree(tmp, ignore_errors=True)
+                lock.unlink(missing_ok=True)
+        if error.exists() and error.stat().st_mtime >= started - 1:
+            raise UserError(error.read_text())  # the build we waited for failed on the data: same message
+        _break_if_stale(lock)
+        time.sleep(delay)
+        delay = min(delay * 1.5, 2.0)
+
+
+def _try_lock(lock: Path) -> bool:
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{socket.gethostname()} {os.getpid()}\n")
+    return True
+
+
+def _heartbeat(lock: Path, stop: threading.Event) -> None:
+    while not stop.wait(LOCK_HEARTBEAT_S):
+        try:
+            os.utime(lock)
+        except OSError:
+            return
+
+
+def _break_if_stale(lock: Path) -> None:
+    """Remove a lock whose builder died: same host and its pid is gone, or no heartbeat for LOCK_STALE_S.
+
+    Renaming first makes the removal atomic; if two waiters both break and both build, the second
+    rename into place fails and that copy is discarded, so the cache stays one consistent directory.
+    """
+    try:
+        host, pid = lock.read_text().split()
+        age = time.time() - lock.stat().st_mtime
+    except (OSError, ValueError):
+        return
+    dead = host == socket.gethostname() and not _alive(int(pid))
+    if dead or age > LOCK_STALE_S:
+        logger.warning("removing the stale lock %s (builder %s:%s gone)", lock, host, pid)
+        stale = lock.with_name(f"{lock.name}.stale-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(lock, stale)
+            stale.unlink()
+        except OSError:
+            return
+        for leftover in lock.parent.glob(f".{lock.name.removesuffix('.lock')}.tmp-{host}-{pid}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)  # the dead builder's half-written directory
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _publish(built: Path, final: Path) -> None:
+    try:
+        os.rename(built, final)
+    except OSError:
+        if not (final / META_FILE).exists():
+            raise  # not a lost race: a real failure
+
+
+# ---------------------------------------------------------------- tokenizing
+
+
+def _finish_sample(ids: list[int], targets: list[bool], max_length: int, truncation: str, stats: dict):
+    """Truncate or drop, then shift: labels[i] = ids[i+1] where that token is a target, -100 elsewhere."""
+    if len(ids) > max_length:
+        if truncation == "drop":
+            stats["dropped_too_long"] += 1
+            return None
+        ids, targets = ids[:max_length], targets[:max_length]
+        stats["truncated"] += 1
+    labels = [nxt if target else IGNORE_INDEX for nxt, target in zip(ids[1:], targets[1:], strict=True)] + [IGNORE_INDEX]
+    n_labels = sum(label != IGNORE_INDEX for label in labels)
+    if not n_labels:
+        stats["dropped_no_labels"] += 1
+        return None
+    return [ids, labels, [len(ids)], len(ids), n_labels, 1]
+
+
+def _encode_source(
+    ds, i: int, file: DataFile, path: Path | None, tokenizer, train_on: str, data: DataSpec, stats: dict, out: Path
+):
+    """Encode one source file; the Arrow output goes to `out` (each part its own file, never HF's cache)."""
+    fmt, enc = FORMATS[file.format], Encoder(tokenizer, train_on, file.field)
+    label = f"data.train[{i}] ({path or file.path})"
+    missing = [c for c in fmt.required(file.field) if c not in ds.column_names]
+    if missing:
+        raise UserError(
+            f"{label}: the records have no field {', '.join(repr(c) for c in missing)} "
+            f"(format: {file.format}); their fields are {', '.join(ds.column_names) or 'none'}",
+            hint=f"a valid {file.format} record: {fmt.example_line()}",
+        )
+
+    def encode(batch: dict, indices: list[int]) -> dict:
+        try:
+            encoded = fmt.encode(batch, enc)
+        except RecordError as e:
+            where = "" if e.index is None else record_location(path, indices[e.index]) + ": "
+            example = f"a valid {file.format} record: {fmt.example_line()}"
+            raise UserError(f"{label}: {where}{e.message}", hint=example) from None
+        columns: dict[str, list] = {c: [] for c in COLUMNS}
+        for ids, targets in encoded:
+            sample = _finish_sample(ids, targets, data.max_length, data.truncation, stats)
+            if sample:
+                for column, value in zip(COLUMNS, sample, strict=True):
+                    columns[column].append(value)
+        return columns
+
+    return ds.map(
+        encode, batched=True, with_indices=True, remove_columns=ds.column_names, features=row_features(),
+        cache_file_name=str(out / f"encoded-{uuid.uuid4().hex}.arrow"), new_fingerprint=uuid.uuid4().hex, desc=None,
+    )
+
+
+def _build(out: Path, data: DataSpec, tokenizer_path: str, trust_remote_code: bool, train_on: str) -> None:
+    global builds_in_this_process
+    import datasets
+
+    work = out.parent / "work"
+    work.mkdir(parents=True)
+    bars = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.utils.logging.disable_progress_bar()
+    try:
+        tokenizer = _load_tokenizer(tokenizer_path, trust_remote_code)
+        stats = {"records": 0, "truncated": 0, "dropped_too_long": 0, "dropped_no_labels": 0}
+        parts = []
+        for i, file in enumerate(data.train):
+            for path in source_files(i, file) or [None]:
+                raw = load_source(i, file, path, work)
+                stats["records"] += len(raw)
+                parts.append(_encode_source(raw, i, file, path, tokenizer, train_on, data, stats, work))
+        ds = datasets.concatenate_datasets(parts)
+        if len(ds) == 0:
+            raise UserError(
+                f"no training samples left out of {stats['records']} records: "
+                f"{stats['dropped_too_long']} longer than data.max_length ({data.max_length}) with truncation: drop, "
+                f"{stats['dropped_no_labels']} with no token to learn from",
+                hint="raise data.max_length, set data.truncation: right, or check the records' completions",
+            )
+        if data.packing:
+            ds = pack_dataset(ds, data.max_length, work)
+        ds.save_to_disk(str(out))
+    finally:
+        if bars:
+            datasets.utils.logging.enable_progress_bar()
+    dropped = stats["dropped_too_long"] + stats["dropped_no_labels"]
+    if dropped or stats["truncated"]:
+        logger.warning(
+            "data: dropped %d of %d records (%d longer than max_length %d, %d with no label token); truncated %d",
+            dropped, stats["records"], stats["dropped_too_long"], data.max_length, stats["dropped_no_labels"],
+            stats["truncated"],
+        )
+    meta = {
+        "pipeline_version": PIPELINE_VERSION, "rows": len(ds), "stats": stats,
+        "tokens": int(np.asarray(ds.with_format("arrow")["length"]).sum()),
+        "label_tokens": int(np.asarray(ds.with_format("arrow")["num_label_tokens"]).sum()),
+        "tokenizer": tokenizer_path, "train_on": train_on, "data": data.model_dump(),
+    }
+    (out / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    builds_in_this_process += 1
+
+
+# ---------------------------------------------------------------- sampling
+
+
+@dataclass
+class StepBatch:
+    """This rank's micro-batches of one optimizer step, and the counts of the whole step (every rank).
+
+    global_samples counts original samples (a packed row holds several); step is the global step index.
+    """
+
+    micro_batches: list[MicroBatch]
+    global_label_tokens: int
+    global_tokens: int
+    global_samples: int
+    epoch: int
+    step: int = 0
+
+
+def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The order of rows in `epoch`: a permutation seeded by (seed, epoch), the same on every rank."""
+    if not shuffle:
+        return np.arange(num_rows)
+    return np.random.default_rng([seed % (1 << 63), epoch]).permutation(num_rows)
+
+
+def deal(
+    members: np.ndarray, lengths: np.ndarray, grad_accum: int, world_size: int, micro_batch_size: int
+) -> list[list[list[int]]]:
+    """Slots [micro_step][rank] of one global batch: longest first, snake-dealt across ranks.
+
+    Each micro step holds samples of similar length (ranks wait for each other at every micro step, and
+    padded rows waste less) and the snake order evens out each rank's token count within it.
+    """
+    order = sorted((int(i) for i in members), key=lambda i: (-int(lengths[i]), i))
+    slots: list[list[list[int]]] = [[[] for _ in range(world_size)] for _ in range(grad_accum)]
+    for pos, index in enumerate(order):
+        step, within = divmod(pos, world_size * micro_batch_size)
+        lap, col = divmod(within, world_size)
+        slots[step][col if lap % 2 == 0 else world_size - 1 - col].append(index)
+    return slots
+
+
+def step_batches(
+    dataset,
+    *,
+    global_batch_size: int,
+    micro_batch_size: int,
+    grad_accum: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    shuffle: bool = True,
+    padding_free: bool = True,
+    attention: str = "sdpa",
+    start_step: int = 0,
+    pad_token_id: int = 0,
+) -> Iterator[StepBatch]:
+    """This rank's StepBatch for steps start_step, start_step + 1, ... over endless epochs.
+
+    Global batch k is rows order[e][j*G:(j+1)*G] (e, j = divmod(k, rows // G)) whatever the world size
+    and accumulation; the global counts come from stored per-row counts, so no collective is needed.
+    """
+    if micro_batch_size * grad_accum * world_size != global_batch_size:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} != micro_batch_size {micro_batch_size} x "
+            f"grad_accum {grad_accum} x world_size {world_size}"
+        )
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    columns = dataset.with_format("arrow")
+    lengths, label_counts, segment_counts = (
+        np.asarray(columns[c]).astype(np.int64) for c in ("length", "num_label_tokens", "num_segments")
+    )
+    steps_per_epoch = len(lengths) // global_batch_size
+    if steps_per_epoch == 0:
+        raise UserError(
+            f"the training data has {len(lengths)} rows, fewer than train.global_batch_size ({global_batch_size})",
+            hint="lower train.global_batch_size, add data, or turn data.packing off",
+        )
+    rows_of = dataset.select_columns(["input_ids", "labels", "segment_lengths"])
+    order, order_epoch = None, -1
+    for step in range(start_step, 1 << 62):
+        epoch, position = divmod(step, steps_per_epoch)
+        if epoch != order_epoch:
+            order, order_epoch = epoch_order(len(lengths), seed, epoch, shuffle), epoch
+        members = order[position * global_batch_size : (position + 1) * global_batch_size]
+        mine = [slot[rank] for slot in deal(members, lengths, grad_accum, world_size, micro_batch_size)]
+        fetched = rows_of[[i for slot in mine for i in slot]]
+        rows = [dict(zip(fetched, values, strict=True)) for values in zip(*fetched.values(), strict=True)]
+        micro_batches = [
+            collate(rows[k * micro_batch_size : (k + 1) * micro_batch_size],
+                    padding_free=padding_free, attention=attention, pad_token_id=pad_token_id)
+            for k in range(grad_accum)
+        ]
+        yield StepBatch(
+            micro_batches=micro_batches,
+            global_label_tokens=int(label_counts[members].sum()),
+            global_tokens=int(lengths[members].sum()),
+            global_samples=int(segment_counts[members].sum()),
+            epoch=epoch,
+            step=step,
+        )

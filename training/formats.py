@@ -1,0 +1,325 @@
+"""Reading data files, and per-format templating of their records into token ids and a target mask.
+
+Every format reduces to the same thing: a rendered text, the character spans of it that carry loss,
+and one tokenization of the whole text (with offsets) that maps spans to tokens. Tokenizing the whole
+text once, instead of prompt and completion separately, keeps the tokens exactly those a model sees
+when the text is tokenized at inference, and works alike for byte-level and sentencepiece tokenizers.
+A new record format is one entry in FORMATS. Preference pairs (issue 5) have theirs reserved: they
+will encode each record to a (chosen, rejected) pair of such sequences, stored as a pair row.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import UserError
+from launcher.spec import DataFile
+
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+COMPRESSIONS = {".gz", ".bz2", ".xz", ".zst", ".lz4"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+# Alpaca-style, without the original one-sentence preamble: it would be ~30 identical prompt tokens per
+# sample that cost compute and teach nothing. Prompt a model tuned on this data with exactly this text.
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+class RecordError(ValueError):
+    """Record `index` (within the batch being encoded) is invalid; index None: the whole file is."""
+
+    def __init__(self, index: int | None, message: str):
+        super().__init__(message)
+        self.index = index
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Format:
+    """A data format: which fields a record needs, what a valid record looks like, how to encode a batch."""
+
+    name: str
+    required: Callable[[str | None], tuple[str, ...]]  # DataFile.field -> the columns a file must have
+    example: dict[str, Any]
+    encode: Callable[[dict[str, list], Encoder], list[tuple[list[int], list[bool]]]]
+
+    def example_line(self) -> str:
+        return json.dumps(self.example)
+
+
+class Encoder:
+    """Tokenizer plus the rules shared by every format: BOS/EOS handling, train_on, spans to targets."""
+
+    def __init__(self, tokenizer, train_on: str = "completion", field: str | None = None):
+        if train_on not in ("completion", "all"):
+            raise ValueError(f"train_on must be 'completion' or 'all', not {train_on!r}")
+        self.tokenizer = tokenizer
+        self.train_on = train_on
+        self.field = field
+        self.bos_id = tokenizer.bos_token_id
+        self.eos_id = tokenizer.eos_token_id
+
+    def encode_spans(self, texts: list[str], spans: list[list[tuple[int, int]]]):
+        """Tokenize each text once; a token is a target when it overlaps one of its text's loss spans."""
+        if self.train_on == "all":
+            spans = [[(0, len(text))] for text in texts]
+        if self.tokenizer.is_fast:
+            enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+            offsets = enc["offset_mapping"]
+        else:  # slow tokenizers have no offsets: locate each span's start by tokenizing the text before it
+            enc = self.tokenizer(texts, add_special_tokens=False)
+            offsets = [self._approximate_offsets(text, s) for text, s in zip(texts, spans, strict=True)]
+        out = []
+        for ids, offs, text_spans in zip(enc["input_ids"], offsets, spans, strict=True):
+            targets = [any(end > lo and start < hi for lo, hi in text_spans) for start, end in offs]
+            out.append(self.finish(list(ids), targets))
+        return out
+
+    def _approximate_offsets(self, text: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        n_total = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        bounds = sorted({0, len(text), *(b for span in spans for b in span)})
+        counts = [len(self.tokenizer(text[:b], add_special_tokens=False)["input_ids"]) for b in bounds]
+        offsets = []
+        for (lo, hi), (n_lo, n_hi) in zip(pairwise(bounds), pairwise(counts), strict=True):
+            offsets += [(lo, hi)] * (n_hi - n_lo)
+        return (offsets + [(len(text), len(text))] * n_total)[:n_total]
+
+    def finish(self, ids: list[int], targets: list[bool]) -> tuple[list[int], list[bool]]:
+        """Start with BOS (when the tokenizer has one) and end with EOS, once each.
+
+        EOS carries loss when the token before it does: a completion ends by predicting EOS,
+        a conversation that ends on a user turn does not.
+        """
+        if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids, targets = [self.bos_id, *ids], [self.train_on == "all", *targets]
+        if self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
+            ids, targets = [*ids, self.eos_id], [*targets, self.train_on == "all" or bool(targets and targets[-1])]
+        return ids, targets
+
+
+def _string(record: dict, name: str, index: int, *, optional: bool = False) -> str:
+    value = record.get(name)
+    if value is None:
+        if optional:
+            return ""
+        raise RecordError(index, f"field '{name}' is missing")
+    if not isinstance(value, str):
+        raise RecordError(index, f"field '{name}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _rows(batch: dict[str, list]) -> list[dict]:
+    return [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+
+
+def encode_alpaca(batch: dict[str, list], enc: Encoder):
+    texts, spans = [], []
+    for i, record in enumerate(_rows(batch)):
+        instruction = _string(record, "instruction", i)
+        extra = _string(record, "input", i, optional=True)
+        output = _string(record, "output", i)
+        prompt = (ALPACA_PROMPT_WITH_INPUT if extra.strip() else ALPACA_PROMPT).format(
+            instruction=instruction, input=extra
+        )
+        texts.append(prompt + output)
+        spans.append([(len(prompt), len(prompt) + len(output))])
+    return enc.encode_spans(texts, spans)
+
+
+def encode_text(batch: dict[str, list], enc: Encoder):
+    name = enc.field or "text"
+    texts = [_string(record, name, i) for i, record in enumerate(_rows(batch))]
+    return enc.encode_spans(texts, [[(0, len(t))] for t in texts])
+
+
+def _messages(record: dict, name: str, index: int) -> list[dict]:
+    messages = record.get(name)
+    if not isinstance(messages, list) or not messages:
+        raise RecordError(index, f"field '{name}' must be a non-empty list of {{role, content}} messages")
+    for j, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise RecordError(index, f"{name}[{j}] needs a string 'role'")
+        if not isinstance(message.get("content"), str) and not message.get("tool_calls"):
+            raise RecordError(index, f"{name}[{j}] needs a string 'content'")
+    # Parquet/JSON loaders give every message the union of all keys; None values are not part of the message.
+    return [{k: v for k, v in message.items() if v is not None} for message in messages]
+
+
+def _assistant_spans(tokenizer, messages: list[dict], full: str, index: int) -> list[tuple[int, int]]:
+    """Character spans of assistant turns, found by rendering growing prefixes of the conversation.
+
+    The text an assistant turn adds is render(messages[:i+1]) minus render(messages[:i]) with the
+    generation prompt: the header is prompt, the content and its end-of-turn marker are targets. This
+    needs a template whose renderings of prefixes are prefixes of the whole; one that rewrites earlier
+    turns (e.g. strips reasoning) is refused rather than trained on misplaced labels.
+    """
+
+    def render(msgs: list[dict], generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        try:
+            before = render(messages[:i], True)
+        except Exception:  # some templates cannot render an empty prefix (an assistant-first conversation)
+            before = ""
+        upto = render(messages[: i + 1], False)
+        if not (full.startswith(upto) and upto.startswith(before)):
+            raise RecordError(
+                index,
+                "the tokenizer's chat template does not render this conversation's prefixes as prefixes of the "
+                "whole, so its assistant turns cannot be located; use a template with {% generation %} "
+                "blocks, or method.train_on: all",
+            )
+        spans.append((len(before), len(upto)))
+    return spans
+
+
+def encode_chat(batch: dict[str, list], enc: Encoder):
+    tokenizer, name = enc.tokenizer, enc.field or "messages"
+    if not tokenizer.chat_template:
+        raise RecordError(None, "the tokenizer has no chat template; use a chat model's tokenizer or format: text")
+    conversations = [_messages(record, name, i) for i, record in enumerate(_rows(batch))]
+    if enc.train_on == "completion" and _GENERATION_BLOCK.search(str(tokenizer.chat_template)):
+        # The template marks assistant text itself: trust it over prefix diffs.
+        out = tokenizer.apply_chat_template(
+            conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        return [
+            enc.finish(list(ids), [bool(m) for m in mask])
+            for ids, mask in zip(out["input_ids"], out["assistant_masks"], strict=True)
+        ]
+    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+    if enc.train_on == "all":
+        return enc.encode_spans(texts, [[(0, len(t))] for t in texts])
+    spans = [_assistant_spans(tokenizer, c, t, i) for i, (c, t) in enumerate(zip(conversations, texts, strict=True))]
+    return enc.encode_spans(texts, spans)
+
+
+def encode_preference(batch: dict[str, list], enc: Encoder):
+    """Preference pairs (prompt, chosen, rejected) are issue 5: they encode to two sequences per record."""
+    raise RecordError(None, "format: preference is not supported yet (DPO and reward modelling are issue 5)")
+
+
+FORMATS: dict[str, Format] = {
+    "alpaca": Format(
+        "alpaca",
+        lambda field: ("instruction", "output"),
+        {"instruction": "Add the two numbers.", "input": "3 and 4", "output": "7"},
+        encode_alpaca,
+    ),
+    "chat": Format(
+        "chat",
+        lambda field: (field or "messages",),
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
+        encode_chat,
+    ),
+    "text": Format("text", lambda field: (field or "text",), {"text": "Some document text."}, encode_text),
+    "preference": Format(
+        "preference",
+        lambda field: ("prompt", "chosen", "rejected"),
+        {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+        encode_preference,
+    ),
+}
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def file_type(path: Path) -> str | None:
+    """The datasets builder for a data file ("json", "parquet", "csv"), looking through a compression suffix."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes.pop()
+    return BUILDERS.get(suffixes[-1]) if suffixes else None
+
+
+def source_files(i: int, file: DataFile) -> list[Path] | None:
+    """The local data files of data.train[i] (None: a hub dataset); UserError when there is nothing to read."""
+    label = f"data.train[{i}] ({file.path})"
+    path = Path(file.path).expanduser()
+    if path.is_file():
+        if not file_type(path):
+            raise UserError(f"{label}: unknown file type", hint=f"use one of {', '.join(BUILDERS)}")
+        return [path]
+    if path.is_dir():
+        files = sorted(
+            p for p in path.rglob("*")
+            if p.is_file() and file_type(p) and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        if not files:
+            raise UserError(f"{label}: the directory holds no {'/'.join(BUILDERS)} files")
+        if len({file_type(p) for p in files}) > 1:
+            raise UserError(f"{label}: the directory mixes file types; list each type as its own data.train entry")
+        return files
+    if HUB_ID.match(file.path) and not file_type(path) and not file.path.startswith("."):
+        return None
+    raise UserError(f"{label}: file not found: {path.absolute()}")
+
+
+def load_source(i: int, file: DataFile, path: Path | None, work: Path):
+    """One file (or the hub dataset) of data.train[i] as a datasets.Dataset; its Arrow copy goes under `work`."""
+    import datasets
+
+    label = f"data.train[{i}] ({path or file.path})"
+    if path is None:
+        try:
+            return datasets.load_dataset(file.path, split=file.split)
+        except Exception as e:
+            raise UserError(
+                f"{label}: no such local file or directory, and loading it as a hub dataset failed: {e}"
+            ) from e
+    try:
+        return datasets.load_dataset(file_type(path), data_files=[str(path)], split="train", cache_dir=str(work))
+    except Exception as e:
+        cause = e.__cause__ or e
+        where = json_error(path) if file_type(path) == "json" else None
+        example = FORMATS[file.format].example_line()
+        raise UserError(
+            f"{label}: cannot read it: {where or cause}",
+            hint=f"JSON Lines hold one object per line, e.g. {example}" if where else None,
+        ) from e
+
+
+def json_error(path: Path) -> str | None:
+    """Where a JSON/JSONL file is malformed (the Arrow reader's own message has no line number)."""
+    if path.suffix.lower() not in (".json", ".jsonl"):
+        return None
+    text = path.read_text(errors="replace")
+    try:
+        json.loads(text)
+        return None  # one JSON document (an array of records): well formed
+    except json.JSONDecodeError as e:
+        if text.lstrip().startswith("["):
+            return f"line {e.lineno}: {e.msg} (column {e.colno})"
+    for number, line in enumerate(text.splitlines(), 1):  # JSON Lines, whatever the suffix
+        if line.strip():
+            try:
+                if not isinstance(json.loads(line), dict):
+                    return f"line {number}: not a JSON object"
+            except json.JSONDecodeError as e:
+                return f"line {number}: {e.msg} (column {e.colno})"
+    return None
+
+
+def record_location(path: Path | None, index: int) -> str:
+    """Record `index` of a file as a person finds it: its line in a JSONL or CSV file (blank lines skipped)."""
+    if path is not None and path.suffix.lower() == ".csv":
+        return f"record {index + 1} (line {index + 2})"
+    if path is not None and path.suffix.lower() == ".jsonl":
+        lines = (n for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip())
+        for k, number in enumerate(lines):
+            if k == index:
+                return f"record {index + 1} (line {number})"
+    return f"record {index + 1}"
