@@ -161,6 +161,13 @@ def build_plan(
         raise UserError(
             "model.attention: flash_attention_2 needs a CUDA GPU", "use attention: sdpa on the CPU"
         )
+    if spec.model.dtype == "fp16":
+        raise UserError(
+            "model.dtype: fp16 training needs a loss scaler, which sharpen does not run",
+            "use dtype: bf16 (GPUs since Ampere) or fp32",
+        )
+    if spec.method.kind in ("dpo", "reward"):
+        raise UserError(f"method.kind: {spec.method.kind} is not available in this version of sharpen")
     if spec.strategy.name == "single" and world > 1:
         raise UserError(f"strategy.name: single runs one rank, but resources ask for {world}")
     compute, storage = resolve_dtypes(spec, device)

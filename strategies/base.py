@@ -138,7 +138,7 @@ class Strategy(ABC):
         if self.env.world_size > 1:
             dist.barrier()
 
-    def teardown(self) -> None:
+    def teardown(self) -> None:  # noqa: B027 - an optional hook: most strategies hold nothing to free
         """Free what setup took (engines, process groups it made)."""
 
 
@@ -151,8 +151,12 @@ def has_frozen_parameters(model: nn.Module) -> bool:
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of local storage of `tensors` (a DTensor counts its local shard only), each storage once."""
-    seen: set[int] = set()
+    """Bytes of local storage of `tensors` (a DTensor counts its local shard only), each byte once.
+
+    Counts the union of the memory ranges the tensors cover: tied params (one tensor twice) count
+    once, and views into one flat buffer (ZeRO's flat partitions, FSDP2 and DDP gradient buckets)
+    each count their own slice, not the first view's size for the whole buffer."""
+    ranges: list[tuple[str, int, int]] = []  # (device, first byte, end): devices have separate addresses
     total = 0
     for t in tensors:
         if t is None:
@@ -160,9 +164,68 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
         local = t.to_local() if hasattr(t, "to_local") else t
         if local.numel() == 0:
             continue
-        key = local.untyped_storage().data_ptr()
-        if key in seen and key != 0:
+        extent = 1 + sum(
+            (size - 1) * stride for size, stride in zip(local.shape, local.stride(), strict=True)
+        )
+        start = local.data_ptr()
+        if start == 0:  # no real memory to overlap with (meta, fake): count as is
+            total += extent * local.element_size()
             continue
-        seen.add(key)
-        total += local.numel() * local.element_size()
+        ranges.append((str(local.device), start, start + extent * local.element_size()))
+    device, end = "", 0
+    for dev, start, stop in sorted(ranges):
+        if dev != device:
+            device, end = dev, 0
+        total += max(0, stop - max(start, end))
+        end = max(end, stop)
     return total
+
+
+# -- helpers shared by the strategies (added with single/ddp/fsdp/deepspeed) ---------------------
+def cpu_fp32_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached fp32 copy on CPU that never aliases live parameter storage."""
+    return tensor.detach().to(device="cpu", dtype=torch.float32, copy=True)
+
+
+def upcast_trainable_to_fp32(model: nn.Module) -> None:
+    """Keep trainable params in fp32 (AdamW master weights); frozen ones stay as loaded (e.g. bf16, 4-bit)."""
+    for param in trainable_parameters(model):
+        if param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing on a transformers (or PEFT) model; idempotent.
+
+    Non-reentrant, because the reentrant variant needs inputs that require grad (it breaks LoRA on
+    frozen embeddings) and re-runs hooks that FSDP2 and ZeRO-3 use to gather parameters."""
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if enable is None:
+        raise TypeError(f"{type(model).__name__} has no gradient_checkpointing_enable()")
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """Global L2 norm of the gradients (DTensor shards are reduced over their mesh), then clip in place.
+
+    Returns the pre-clip norm as a 0-d tensor. Clipping is skipped when `max_norm` is None."""
+    params = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in params]
+    if not grads:
+        return torch.zeros(())
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if hasattr(total, "full_tensor"):  # a DTensor norm is a partial (per-shard) result until reduced
+        total = total.full_tensor()
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total.detach()
+
+
+def trainable_names(model: nn.Module) -> set[str]:
+    """State-dict keys of the trainable params, tied aliases included."""
+    return {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The tensors of a torch optimizer's per-param state (AdamW: exp_avg, exp_avg_sq, step)."""
+    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]

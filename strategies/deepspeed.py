@@ -1,0 +1,246 @@
+"""DeepSpeed ZeRO stages 1-3 (optimizer state, + gradients, + parameters partitioned), optional CPU offload."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from strategies.base import (
+    DistEnv,
+    OptimizerFactory,
+    SchedulerFactory,
+    Strategy,
+    StrategyOptions,
+    cpu_fp32_copy,
+    enable_gradient_checkpointing,
+    has_frozen_parameters,
+    tensor_bytes,
+    trainable_names,
+    trainable_parameters,
+    upcast_trainable_to_fp32,
+)
+
+CHECKPOINT_TAG = "deepspeed"
+LAYOUT_FILE = "deepspeed-layout.json"
+
+
+class DeepSpeedStrategy(Strategy):
+    """deepspeed.initialize over the loop's own torch AdamW and LR scheduler (a "client" optimizer).
+
+    Accumulation: DeepSpeed would divide every loss by gradient_accumulation_steps and decide the
+    boundary from its own micro-step counter. Here `backward` passes scale_wrt_gas=False (the loop's
+    loss is already normalised by the step's global label tokens) and `accumulate` sets the boundary
+    explicitly, so `step` is called once per optimizer step, after the last micro-step.
+    Mixed precision: with bf16 compute DeepSpeed keeps bf16 module params and fp32 master partitions
+    inside its ZeRO optimizer; the forward needs no autocast."""
+
+    def __init__(self, options: StrategyOptions, env: DistEnv, stage: int):
+        super().__init__(options, env)
+        if stage not in (1, 2, 3):
+            raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage}")
+        if options.compute_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(
+                f"zero{stage}: compute dtype {options.compute_dtype} is not supported (fp32, bf16)"
+            )
+        if options.offload_params and stage != 3:
+            raise ValueError(
+                f"zero{stage}: parameter offload needs ZeRO stage 3 (use zero3 or offload the optimizer)"
+            )
+        self.stage = stage
+        self.name = f"zero{stage}"
+        self.engine: Any = None
+        self._last_backward_at_boundary = False
+
+    def deepspeed_config(self, hidden_size: int | None = None) -> dict[str, Any]:
+        """The DeepSpeed JSON, generated: nothing a user writes by hand.
+
+        Bucket sizes follow the model width as transformers' DeepSpeed integration sets its "auto"
+        values: DeepSpeed's fixed defaults (5e8-element buckets, 1e5-element persistence) are sized for
+        big models, and keep every parameter of a small one unpartitioned on every rank under ZeRO-3."""
+        o = self.options
+        pin = self.env.device.type == "cuda"
+        zero: dict[str, Any] = {"stage": self.stage}
+        if hidden_size:
+            zero["reduce_bucket_size"] = hidden_size * hidden_size
+            if self.stage == 3:
+                zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
+                zero["stage3_param_persistence_threshold"] = 10 * hidden_size
+        if o.offload_optimizer or o.offload_params:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+        if o.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+        return {
+            "train_micro_batch_size_per_gpu": o.micro_batch_size,
+            "gradient_accumulation_steps": o.gradient_accumulation_steps,
+            "train_batch_size": o.micro_batch_size * o.gradient_accumulation_steps * self.env.world_size,
+            "gradient_clipping": float(o.max_grad_norm or 0.0),
+            "bf16": {"enabled": o.compute_dtype == torch.bfloat16},
+            "zero_optimization": zero,
+            # The loop's torch AdamW is the optimizer (also when offloaded: it then steps on CPU).
+            "zero_allow_untested_optimizer": True,
+            "zero_force_ds_cpu_optimizer": False,
+            "steps_per_print": 2**62,
+            "wall_clock_breakdown": False,
+        }
+
+    def setup(
+        self, model: nn.Module, make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory
+    ) -> None:
+        import deepspeed
+
+        if self.options.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        if self.options.compute_dtype == torch.float32:
+            upcast_trainable_to_fp32(model)  # with bf16 DeepSpeed casts the module and keeps fp32 masters
+        # The caller owns the process group; with one already initialised this only wraps it.
+        deepspeed.init_distributed(dist_backend=self.env.backend, dist_init_required=False)
+        # DeepSpeed picks its device from the LOCAL_RANK variable (and asserts it is set), whatever
+        # launcher started us: make it say what DistEnv says.
+        os.environ["LOCAL_RANK"] = str(self.env.local_rank)
+        optimizer = make_optimizer(trainable_parameters(model))
+        scheduler = make_scheduler(optimizer)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=self.deepspeed_config(getattr(getattr(model, "config", None), "hidden_size", None)),
+        )
+        self.model = self.engine
+
+    def accumulate(self, is_last_micro_step: bool) -> contextlib.AbstractContextManager:
+        """Tells ZeRO whether this backward ends the step (it reduces / finalises partitions then)."""
+        self.engine.set_gradient_accumulation_boundary(is_last_micro_step)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._last_backward_at_boundary = bool(self.engine.is_gradient_accumulation_boundary())
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> torch.Tensor:
+        if not self._last_backward_at_boundary:
+            raise RuntimeError(
+                f"{self.name}: step() after a backward that was not marked last: wrap each micro-step in "
+                "strategy.accumulate(is_last_micro_step) so ZeRO reduces the gradients before the update"
+            )
+        self.engine.step()  # clip, optimizer step, LR scheduler step, zero grads
+        self._last_backward_at_boundary = False
+        norm = self.engine.get_global_grad_norm()
+        if isinstance(norm, torch.Tensor):
+            return norm.detach().float().reshape(())
+        return torch.tensor(float(norm if norm is not None else 0.0))
+
+    def current_lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save_checkpoint(self, directory: Path) -> None:
+        """DeepSpeed's own layout under `directory/deepspeed/`: module states (rank 0) and one ZeRO
+        optimizer partition file per rank; the LR scheduler state rides in the module states file."""
+        directory = Path(directory)
+        self.engine.save_checkpoint(
+            str(directory),
+            tag=CHECKPOINT_TAG,
+            save_latest=False,
+            exclude_frozen_parameters=has_frozen_parameters(self.unwrap()),
+        )
+        if self.env.is_main:
+            layout = {"stage": self.stage, "world_size": self.env.world_size}
+            (directory / LAYOUT_FILE).write_text(json.dumps(layout) + "\n")
+        self.barrier()
+
+    def load_checkpoint(self, directory: Path) -> None:
+        """ZeRO partitions are cut for one world size and stage; anything else is refused up front
+        (DeepSpeed's universal-checkpoint conversion is the tool for resizing)."""
+        directory = Path(directory)
+        layout_file = directory / LAYOUT_FILE
+        if not layout_file.is_file():
+            raise FileNotFoundError(
+                f"{directory} holds no DeepSpeed checkpoint written by sharpen ({LAYOUT_FILE})"
+            )
+        layout = json.loads(layout_file.read_text())
+        if layout != {"stage": self.stage, "world_size": self.env.world_size}:
+            raise ValueError(
+                f"{directory} was written by zero{layout['stage']} on {layout['world_size']} ranks; "
+                f"this run is {self.name} on {self.env.world_size} ranks"
+            )
+        load_path, _ = self.engine.load_checkpoint(
+            str(directory),
+            tag=CHECKPOINT_TAG,
+            load_module_strict=not has_frozen_parameters(self.unwrap()),
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint under {directory / CHECKPOINT_TAG}")
+
+    # -- gathering and measuring -----------------------------------------------------------------
+    def full_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
+        """Trainable params come from the fp32 master partitions (exact even when the module is bf16);
+        frozen ZeRO-3 params are gathered from their bf16/fp32 partitions. One tensor at a time."""
+        import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        module = self.unwrap()
+        names = trainable_names(module) if trainable_only else None
+        out: dict[str, torch.Tensor] = {}
+        gathered: dict[int, torch.Tensor] = {}  # tied params are gathered once
+        for key, value in module.state_dict(keep_vars=True).items():
+            if names is not None and key not in names:
+                continue
+            if not isinstance(value, nn.Parameter):
+                out[key] = cpu_fp32_copy(value)
+                continue
+            if id(value) not in gathered:
+                full = safe_get_full_fp32_param(value) if value.requires_grad else None
+                if full is not None:
+                    full = cpu_fp32_copy(full) if self.env.is_main else None
+                else:  # copy inside the context: leaving it frees the gathered ZeRO-3 storage
+                    with deepspeed.zero.GatheredParameters(
+                        [value], modifier_rank=None, enabled=self.stage == 3
+                    ):
+                        full = cpu_fp32_copy(value.data) if self.env.is_main else None
+                gathered[id(value)] = full if full is not None else torch.empty(0)
+            out[key] = gathered[id(value)]
+        return out if self.env.is_main else None
+
+    def local_state_bytes(self) -> dict[str, int]:
+        """This rank's real storage, read from the ZeRO optimizer's buffers (names of DeepSpeed 0.19):
+
+        params: the module's params (ZeRO-1/2: full, one flat buffer; ZeRO-3: this rank's partitions
+        plus whatever is gathered now, e.g. params under the persistence threshold).
+        grads: grads on the module (accumulating micro-steps) plus the reduced fp32 grad partitions.
+        optimizer: the fp32 master partitions plus AdamW state. Offloaded ones count too (host memory)."""
+        zero = self.engine.optimizer
+        params = list(self.unwrap().parameters())
+        param_tensors: list[torch.Tensor] = list(params)
+        grads: list[torch.Tensor] = [p.grad for p in params]
+        if self.stage == 3:
+            param_tensors += [p.ds_tensor for p in params]
+            masters = list(zero.fp32_partitioned_groups_flat)
+            grads.append(getattr(zero, "grad_partitions_flat_buffer", None))
+        else:
+            masters = list(zero.single_partition_of_fp32_groups)
+        grads += [m.grad for m in masters]
+        grads += [g for group in _values(zero.averaged_gradients) for g in (group or ())]
+        state = [v for s in zero.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        return {
+            "params": tensor_bytes(param_tensors),
+            "grads": tensor_bytes(grads),
+            "optimizer": tensor_bytes(masters + state),
+        }
+
+    def teardown(self) -> None:
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
+
+
+def _values(container: Any) -> list[Any]:
+    """ZeRO keeps per-group buffers in a dict (stage 1/2) or a list (stage 3)."""
+    return list(container.values()) if isinstance(container, dict) else list(container)
