@@ -3,6 +3,7 @@ has finished and the completion marker exists; only complete ones are ever resum
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -16,11 +17,14 @@ import numpy as np
 import torch
 
 from strategies.base import Strategy
+from training import faults
 
 log = logging.getLogger("sharpen")
 
 COMPLETE_MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
+MANIFEST = "manifest.json"
+HASH_LIMIT = 256 * 1024**2  # files up to this size are hashed; larger ones are checked by size
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -87,9 +91,11 @@ def save(run_dir: Path, step: int, strategy: Strategy, trainer_state: dict[str, 
     strategy.save_checkpoint(tmp)
     torch.save(rng_state(), tmp / f"rng-rank{env.rank}.pt")
     strategy.barrier()  # every shard is on disk before the marker and the rename
+    faults.maybe_kill("kill-in-save", step, env.rank)
     if env.is_main:
         meta = {**trainer_state, "step": step, "world_size": env.world_size, "strategy": strategy.name}
         (tmp / TRAINER_STATE).write_text(json.dumps(meta, indent=2) + "\n")
+        write_manifest(tmp)
         _fsync_dir(tmp)
         (tmp / COMPLETE_MARKER).write_text(f"step {step}\n")
         if final.exists():
@@ -109,6 +115,49 @@ def load(path: Path, strategy: Strategy) -> dict[str, Any]:
     if rng_file.is_file() and state.get("world_size") == strategy.env.world_size:
         set_rng_state(torch.load(rng_file, weights_only=False))
     return state
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """Size (and sha256 up to HASH_LIMIT) of every file of a checkpoint, so damage is found before loading."""
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name not in (MANIFEST, COMPLETE_MARKER)):
+        size = path.stat().st_size
+        entry = {"size": size}
+        if size <= HASH_LIMIT:
+            entry["sha256"] = _sha256(path)
+        files[str(path.relative_to(directory))] = entry
+    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
+
+
+def verify(directory: Path) -> list[str]:
+    """Problems with a checkpoint's files against its manifest: missing, truncated or changed files."""
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return [f"{manifest} is missing"]
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as exc:
+        return [f"{manifest} is unreadable ({exc})"]
+    problems = []
+    for name, entry in files.items():
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+            continue
+        size = path.stat().st_size
+        if size != entry["size"]:
+            problems.append(f"{path} has {size} bytes, {entry['size']} were written (truncated or replaced)")
+        elif "sha256" in entry and _sha256(path) != entry["sha256"]:
+            problems.append(f"{path} does not match the checksum written with it (corrupted)")
+    return problems
 
 
 def prune(run_dir: Path, keep_last: int) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from cluster import signals
 from strategies.base import Strategy
-from training import checkpoint
+from training import checkpoint, faults
 from training.metrics import MetricsLog, Progress, Throughput, WandbRun
 
 log = logging.getLogger("sharpen")
@@ -66,6 +66,7 @@ def run_steps(
     loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
     tokens_seen = extra_state.get("tokens_seen", 0)
     loss_denominator = 0
+    metric_sums: dict[str, torch.Tensor] = {}  # a method's extra metrics, summed like the loss
     last_row: dict = {}
     should_stop = cfg.should_stop or signals.slurm_stop_request(strategy, run_dir)
     try:
@@ -82,6 +83,8 @@ def run_steps(
                     # the whole step's count (not the micro-batch's) keeps accumulation exact.
                     strategy.backward(out.loss_sum * (cfg.world_size / denominator))
                 loss_sum += out.loss_sum.detach().double()
+                for name, value in out.metric_sums.items():
+                    metric_sums[name] = metric_sums.get(name, 0) + value.detach().double()
             grad_norm = strategy.step()
             tokens_seen += step_batch.global_tokens
             throughput.add(step_batch.global_tokens, step_batch.global_samples)
@@ -104,6 +107,9 @@ def run_steps(
                     "elapsed_s": throughput.elapsed(),
                     "epoch": step_batch.epoch,
                 }
+                for name in sorted(metric_sums):
+                    row[name] = float(strategy.all_reduce_sum(metric_sums[name].clone())) / loss_denominator
+                metric_sums.clear()
                 loss_sum.zero_()
                 loss_denominator = 0
                 if env.is_main:
@@ -118,6 +124,7 @@ def run_steps(
                 state = {"tokens_seen": tokens_seen, "wandb_id": wandb_run.id}
                 path = checkpoint.save(run_dir, step, strategy, state, cfg.keep_last)
                 log.info("checkpoint written: %s", path)
+            faults.maybe_kill("kill-after-step", step, env.rank)
 
             # -- preemption: stop together at this step boundary, checkpoint, requeue (never returns) --
             if should_stop is not None and step < cfg.max_steps and should_stop():

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import IO, Any
 
@@ -83,7 +84,7 @@ class WandbRun:
         import wandb
 
         id_file = run_dir / WANDB_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id + "\n")
         os.environ.setdefault("WANDB_SILENT", "true")
         self._run = wandb.init(
