@@ -1,0 +1,96 @@
+"""Stopping every rank at the same step when SLURM announces the end of the allocation, then requeueing.
+
+The batch script's USR2 trap touches RUN/slurm/stop (cluster/slurm.py). After each step rank 0 looks
+for that file and one all-reduce of a flag makes every rank agree on the same step: a rank that stopped
+alone would leave the others waiting in a collective. The loop then writes a checkpoint and calls
+`stop_and_requeue`: rank 0 requeues the job with `scontrol requeue` (counted against max_requeues in
+RUN/slurm/requeue_count), and the requeued job resumes from that checkpoint by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, NoReturn
+
+import torch
+
+from cluster.slurm import STOP_FILE
+
+log = logging.getLogger("sharpen")
+
+REQUEUE_COUNT_FILE = "slurm/requeue_count"
+# The exit code of a rank that stopped early without being requeued: not done, but nothing failed.
+EXIT_STOPPED_EARLY = 3
+
+
+def slurm_stop_request(strategy, run_dir: Path) -> Callable[[], bool] | None:
+    """A should_stop() for the loop inside a SLURM job (None elsewhere). Every rank must call it after
+    every step: it is a collective."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return None
+    env, stop_file = strategy.env, Path(run_dir) / STOP_FILE
+
+    def should_stop() -> bool:
+        # Only rank 0 touches the filesystem; the file is written on its node, so it sees it first.
+        flag = torch.ones(1, device=env.device) if env.is_main and stop_file.exists() else torch.zeros(1, device=env.device)
+        return bool(strategy.all_reduce_sum(flag).item() > 0)
+
+    return should_stop
+
+
+def read_requeue_count(run_dir: Path) -> int:
+    path = Path(run_dir) / REQUEUE_COUNT_FILE
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def write_requeue_count(run_dir: Path, count: int) -> None:
+    path = Path(run_dir) / REQUEUE_COUNT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{count}\n")
+    os.replace(tmp, path)
+
+
+def requeue(run_dir: Path) -> tuple[bool, str]:
+    """Requeue this SLURM job if the job allows it and max_requeues is not used up: (requeued, why)."""
+    from launcher.plan import Plan
+
+    slurm = Plan.read(run_dir).spec.cluster.slurm
+    job_id = os.environ.get("SLURM_JOB_ID")
+    used = read_requeue_count(run_dir)
+    resubmit = "continue with `sharpen submit JOB.yaml --output-dir RUN_DIR` (it resumes from the checkpoint)"
+    if job_id is None:
+        return False, "not inside a SLURM job"
+    if not slurm.requeue:
+        return False, f"cluster.slurm.requeue is false; {resubmit}"
+    if used >= slurm.max_requeues:
+        return False, f"cluster.slurm.max_requeues ({slurm.max_requeues}) is used up; {resubmit}"
+    write_requeue_count(run_dir, used + 1)
+    try:
+        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return False, f"`scontrol requeue {job_id}` failed: {exc}"
+    if result.returncode != 0:
+        write_requeue_count(run_dir, used)
+        return False, f"`scontrol requeue {job_id}` failed: {(result.stderr or result.stdout).strip()}"
+    return True, f"requeued job {job_id} ({used + 1} of {slurm.max_requeues})"
+
+
+def stop_and_requeue(run_dir: Path, step: int, checkpoint: Path, is_main: bool, console: IO[str] | None) -> NoReturn:
+    """After the stop checkpoint: rank 0 requeues the job; every rank exits (SLURM ends the job on requeue)."""
+    if not is_main:
+        raise SystemExit(0)
+    requeued, why = requeue(run_dir)
+    message = f"sharpen: stopped at step {step} before the allocation ends; checkpoint {checkpoint}; {why}"
+    log.warning(message)
+    if console is not None:
+        console.write(message + "\n")
+        console.flush()
+    raise SystemExit(0 if requeued else EXIT_STOPPED_EARLY)
