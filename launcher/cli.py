@@ -131,7 +131,7 @@ def start_local(spec, run_dir: Path, **multinode) -> int:
     """Plan, prepare data, write plan.json, start the ranks, report."""
     from cluster.local import launch
     from launcher.plan import Plan, build_plan
-    from training.checkpoint import latest_checkpoint
+    from launcher.resume import prepare_resume
     from training.data import prepare_dataset
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -139,13 +139,8 @@ def start_local(spec, run_dir: Path, **multinode) -> int:
     plan, notices = build_plan(spec, run_dir, nnodes=multinode.get("nnodes"))
     for n in notices:
         print(f"note: {n}", file=sys.stderr)
-    latest = latest_checkpoint(run_dir)
+    latest = prepare_resume(run_dir, previous, plan)
     if latest is not None:
-        if previous is not None and previous.job_hash != plan.job_hash:
-            raise UserError(
-                f"{run_dir} holds checkpoints of another job (model, fine-tune type or method differ)",
-                "use a new --output-dir",
-            )
         print(f"{run_dir} has a complete checkpoint at step {latest[0]}: resuming from it", file=sys.stderr)
     # Tokenize here, once, before any rank exists: bad data is a clear error, and no rank waits on a
     # collective while another tokenizes.

@@ -26,4 +26,10 @@ def create_strategy(name: str, options: StrategyOptions, env: DistEnv) -> Strate
     raise ValueError(f"unknown strategy {name!r}")
 
 
-__all__ = ["DistEnv", "Strategy", "StrategyOptions", "create_strategy"]
+def checkpoint_family(name: str) -> str:
+    """Which checkpoint format a strategy writes: strategies of one family resume each other's checkpoints
+    (single, ddp and fsdp share torch.distributed.checkpoint; the ZeRO stages share DeepSpeed's)."""
+    return "deepspeed" if name in ("zero1", "zero2", "zero3") else "dcp"
+
+
+__all__ = ["DistEnv", "Strategy", "StrategyOptions", "checkpoint_family", "create_strategy"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -27,6 +27,7 @@ class LoopConfig:
     keep_last: int
     world_size: int
     show_progress: bool = True
+    checkpoint_meta: dict = field(default_factory=dict)  # job hash, sharpen version: written with each checkpoint
     # Preemption hook, polled on every rank after every step and agreed through a collective: True stops
     # the run at this step with a checkpoint. Default: a SLURM stop request (cluster/signals.py), else never.
     should_stop: Callable[[], bool] | None = None
@@ -121,7 +122,7 @@ def run_steps(
                 progress.update(step, None)
 
             if cfg.save_every and step % cfg.save_every == 0 and step != cfg.max_steps:
-                state = {"tokens_seen": tokens_seen, "wandb_id": wandb_run.id}
+                state = {**cfg.checkpoint_meta, "tokens_seen": tokens_seen, "wandb_id": wandb_run.id}
                 path = checkpoint.save(run_dir, step, strategy, state, cfg.keep_last)
                 log.info("checkpoint written: %s", path)
             faults.maybe_kill("kill-after-step", step, env.rank)
@@ -129,7 +130,7 @@ def run_steps(
             # -- preemption: stop together at this step boundary, checkpoint, requeue (never returns) --
             if should_stop is not None and step < cfg.max_steps and should_stop():
                 if not (cfg.save_every and step % cfg.save_every == 0):
-                    state = {"tokens_seen": tokens_seen, "wandb_id": wandb_run.id}
+                    state = {**cfg.checkpoint_meta, "tokens_seen": tokens_seen, "wandb_id": wandb_run.id}
                     checkpoint.save(run_dir, step, strategy, state, cfg.keep_last)
                 wandb_run.finish()
                 signals.stop_and_requeue(run_dir, step, checkpoint.checkpoints_dir(run_dir) / f"step-{step}", env.is_main, console)

@@ -157,11 +157,12 @@ def main(run_dir: str) -> int:
         keep_last=spec.train.keep_last,
         world_size=env.world_size,
         show_progress=spec.logging.progress,
+        checkpoint_meta={"job_hash": plan.job_hash, "sharpen_version": plan.sharpen_version},
     )
     last = {}
     if start_step < spec.train.max_steps:
         last = run_steps(cfg, strategy, create_method(spec.method.kind), batches, start_step, run_dir, console, wandb_run, state)
-        final_state = {"tokens_seen": last.get("tokens", 0), "wandb_id": wandb_run.id}
+        final_state = {**cfg.checkpoint_meta, "tokens_seen": last.get("tokens", 0), "wandb_id": wandb_run.id}
         checkpoint.save(run_dir, spec.train.max_steps, strategy, final_state, spec.train.keep_last)
 
     from training.export import save_probe_logits, write_final
