@@ -46,7 +46,7 @@ def run(tmp_path: Path, name: str, job: dict, fault: str | None = None):
 
 def assert_same_losses(got: list[float], want: list[float], rel: float = 1e-6) -> None:
     assert len(got) == len(want), (got, want)
-    for step, (g, w) in enumerate(zip(got, want), start=1):
+    for step, (g, w) in enumerate(zip(got, want, strict=True), start=1):
         assert math.isclose(g, w, rel_tol=rel), f"step {step}: resumed {g} vs uninterrupted {w}"
 
 

@@ -56,7 +56,7 @@ def test_two_ranks_reproduce_single_rank_losses(tiny_model, reference_losses, tm
     want = reference_losses[finetune]
     assert len(got) == len(want) == 4
     assert want[-1] < want[0], "the reference run did not learn"
-    for step, (g, w) in enumerate(zip(got, want), start=1):
+    for step, (g, w) in enumerate(zip(got, want, strict=True), start=1):
         assert math.isclose(g, w, rel_tol=1e-4), f"step {step}: {strategy} {g} vs single {w}"
 
 
@@ -67,7 +67,7 @@ def test_accumulation_and_micro_batch_do_not_change_the_losses(tiny_model, tmp_p
     for micro in (1, 8):
         job = base_job(tiny_model, ALPACA, train={"micro_batch_size": micro, "max_steps": 3})
         runs[micro] = losses(run_job(tmp_path, f"micro{micro}", job))
-    for a, b in zip(runs[1], runs[8]):
+    for a, b in zip(runs[1], runs[8], strict=True):
         assert math.isclose(a, b, rel_tol=1e-5), runs
 
 

@@ -44,7 +44,8 @@ class Progress:
         if not enabled or stream is None:
             return
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
 
         console = Console(file=stream, force_terminal=stream.isatty() if hasattr(stream, "isatty") else False)
         self._progress = RichProgress(

@@ -20,8 +20,8 @@ from launcher.plan import Plan
 from strategies import DistEnv, StrategyOptions, create_strategy
 from training import checkpoint
 from training.loop import LoopConfig, lr_lambda, run_steps
-from training.metrics import WandbRun
 from training.methods import create_method
+from training.metrics import WandbRun
 from training.model import TORCH_DTYPES, decoder_layer_classes, load_model, load_tokenizer
 
 log = logging.getLogger("sharpen")
