@@ -16,8 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, NoReturn
 
-import torch
-
 from cluster.slurm import STOP_FILE
 
 log = logging.getLogger("sharpen")
@@ -32,6 +30,8 @@ def slurm_stop_request(strategy, run_dir: Path) -> Callable[[], bool] | None:
     every step: it is a collective."""
     if "SLURM_JOB_ID" not in os.environ:
         return None
+    import torch  # here, not at the top: `sharpen status` reads the requeue count without loading torch
+
     env, stop_file = strategy.env, Path(run_dir) / STOP_FILE
 
     def should_stop() -> bool:
