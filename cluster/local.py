@@ -36,6 +36,7 @@ def launch(
     rdzv_endpoint: str | None = None,
     run_id: str | None = None,
     join_timeout_s: int = 900,
+    connect_timeout_s: float | None = None,
 ) -> int:
     """Run the ranks of this node until they finish. Returns 0 on success, 1 when a rank failed.
 
@@ -48,6 +49,9 @@ def launch(
 
     run_dir = Path(run_dir).resolve()
     endpoint = rdzv_endpoint or f"127.0.0.1:{free_port()}"
+    if node_rank > 0:
+        default = float(os.environ.get("SHARPEN_RDZV_CONNECT_TIMEOUT_S", "30"))
+        wait_for_endpoint(endpoint, connect_timeout_s or default)
     agent_logs = run_dir / "logs" / "agent"
     agent_logs.mkdir(parents=True, exist_ok=True)
     os.environ.update(worker_environment(device, nproc_per_node))
@@ -72,6 +76,31 @@ def launch(
         report_failure(run_dir, exc)
         return 1
     return 0
+
+
+def wait_for_endpoint(endpoint: str, timeout_s: float) -> None:
+    """Fail in seconds, naming the address, when node 0's rendezvous store cannot be reached: otherwise
+    the agent retries for minutes and ends in a traceback. Node 0 may start a little later, hence the wait."""
+    import socket
+    import time
+
+    from launcher.errors import UserError
+
+    host, _, port = endpoint.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    last_error: OSError | None = None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(5.0, timeout_s)):
+                return
+        except OSError as exc:
+            last_error = exc
+            time.sleep(1.0)
+    raise UserError(
+        f"cannot reach the rendezvous at {endpoint} (node 0) after {timeout_s:.0f} s: {last_error}",
+        "start node 0 first with the same --master, check the address is node 0's and that the port is "
+        "open between the machines (`sharpen doctor JOB` tests it)",
+    )
 
 
 def report_failure(run_dir: Path, exc) -> None:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from launcher import __version__, cluster_commands
+from launcher import __version__, cluster_commands, export
 from launcher.errors import UserError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
 
+    export.register(sub)
     sub.add_parser("schema", help="print the job file's JSON schema (for editors)")
     cluster_commands.register(sub)
     return parser
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "resume":
             return cmd_resume(args)
+        if args.command == "export":
+            return export.run(args)
         if args.command == "schema":
             from launcher.spec import json_schema
 
@@ -128,33 +131,11 @@ def cmd_resume(args) -> int:
 
 
 def start_local(spec, run_dir: Path, **multinode) -> int:
-    """Plan, prepare data, write plan.json, start the ranks, report."""
+    """Prepare the run dir, start this node's ranks, report."""
     from cluster.local import launch
-    from launcher.plan import Plan, build_plan
-    from launcher.resume import prepare_resume
-    from training.data import prepare_dataset
+    from launcher.prepare import prepare_run
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    previous = Plan.read(run_dir) if (run_dir / "plan.json").is_file() else None
-    plan, notices = build_plan(spec, run_dir, nnodes=multinode.get("nnodes"))
-    for n in notices:
-        print(f"note: {n}", file=sys.stderr)
-    latest = prepare_resume(run_dir, previous, plan)
-    if latest is not None:
-        print(f"{run_dir} has a complete checkpoint at step {latest[0]}: resuming from it", file=sys.stderr)
-    # Tokenize here, once, before any rank exists: bad data is a clear error, and no rank waits on a
-    # collective while another tokenizes.
-    spec_model = spec.model
-    method = spec.method
-    cache = prepare_dataset(
-        spec.data,
-        method.kind,
-        spec_model.tokenizer or spec_model.path,
-        trust_remote_code=spec_model.trust_remote_code,
-        train_on=getattr(method, "train_on", "all"),
-    )
-    plan = plan.model_copy(update={"data_cache": str(cache)})
-    plan.write(run_dir)
+    plan = prepare_run(spec, run_dir, nnodes=multinode.get("nnodes"))
     print(
         f"sharpen: {plan.world_size} rank(s) on {plan.device}, strategy {plan.strategy}, "
         f"{plan.micro_batch_size}×{plan.grad_accum}×{plan.world_size} = {plan.global_batch_size} samples/step; "

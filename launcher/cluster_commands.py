@@ -68,38 +68,12 @@ def multinode_launch(args: argparse.Namespace, spec) -> dict:
     return {"nnodes": nnodes, "node_rank": args.node_rank, "rdzv_endpoint": args.master, "run_id": f"sharpen-{spec.name}"}
 
 
-def prepare_run(spec, run_dir: Path, *, device: str | None = None, nnodes: int | None = None, cache_root=None):
-    """Plan, check an existing run dir, tokenize the data once, write plan.json. Returns the Plan."""
-    from launcher.plan import Plan, build_plan
-    from launcher.resume import prepare_resume
-    from training.data import prepare_dataset
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    previous = Plan.read(run_dir) if (run_dir / "plan.json").is_file() else None
-    plan, notices = build_plan(spec, run_dir, device=device, nnodes=nnodes)
-    for n in notices:
-        print(f"note: {n}", file=sys.stderr)
-    latest = prepare_resume(run_dir, previous, plan)
-    if latest is not None:
-        print(f"{run_dir} has a complete checkpoint at step {latest[0]}: the job resumes from it", file=sys.stderr)
-    cache = prepare_dataset(
-        spec.data,
-        spec.method.kind,
-        spec.model.tokenizer or spec.model.path,
-        trust_remote_code=spec.model.trust_remote_code,
-        cache_root=cache_root,
-        train_on=getattr(spec.method, "train_on", "all"),
-    )
-    plan = plan.model_copy(update={"data_cache": str(Path(cache).resolve())})
-    plan.write(run_dir)
-    return plan
-
-
 def cmd_submit(args: argparse.Namespace) -> int:
     from cluster import slurm
     from cluster.signals import write_requeue_count
     from launcher.jobfile import load_job
     from launcher.plan import default_run_dir
+    from launcher.prepare import prepare_run
 
     spec = load_job(args.job, args.set)
     if not args.dry_run:

@@ -193,3 +193,19 @@ def test_resume_without_a_complete_checkpoint(tiny_model, tmp_path):
     assert result.returncode == 1
     result = sharpen("resume", str(run_dir))
     assert result.returncode == 2 and "no complete checkpoint" in result.stderr
+
+
+def test_unreachable_rendezvous_fails_in_seconds_with_the_address(tiny_model, tmp_path):
+    from cluster.environment import free_port
+
+    job_file = write_job(tmp_path / "job.yaml", job_for(tiny_model, "full", "ddp"))
+    endpoint = f"127.0.0.1:{free_port()}"  # nobody listens there
+    start = time.monotonic()
+    result = sharpen(
+        "run", str(job_file), "--output-dir", str(tmp_path / "run"),
+        "--nnodes", "2", "--node-rank", "1", "--master", endpoint,
+        env={"SHARPEN_RDZV_CONNECT_TIMEOUT_S": "3"},
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"cannot reach the rendezvous at {endpoint}" in result.stderr and "Traceback" not in result.stderr
+    assert time.monotonic() - start < 30

@@ -1,0 +1,35 @@
+"""Turning a validated job into a ready run dir: plan, resume checks, tokenized data, plan.json."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def prepare_run(spec, run_dir: Path, *, device: str | None = None, nnodes: int | None = None, cache_root=None):
+    """Plan, check an existing run dir, tokenize the data once, write plan.json. Returns the Plan."""
+    from launcher.plan import Plan, build_plan
+    from launcher.resume import prepare_resume
+    from training.data import prepare_dataset
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    previous = Plan.read(run_dir) if (run_dir / "plan.json").is_file() else None
+    plan, notices = build_plan(spec, run_dir, device=device, nnodes=nnodes)
+    for n in notices:
+        print(f"note: {n}", file=sys.stderr)
+    latest = prepare_resume(run_dir, previous, plan)
+    if latest is not None:
+        print(f"{run_dir} has a complete checkpoint at step {latest[0]}: resuming from it", file=sys.stderr)
+    # Tokenize here, once, before any rank exists: bad data is a clear error, and no rank waits on a
+    # collective while another tokenizes.
+    cache = prepare_dataset(
+        spec.data,
+        spec.method.kind,
+        spec.model.tokenizer or spec.model.path,
+        trust_remote_code=spec.model.trust_remote_code,
+        cache_root=cache_root,
+        train_on=getattr(spec.method, "train_on", "all"),
+    )
+    plan = plan.model_copy(update={"data_cache": str(Path(cache).resolve())})
+    plan.write(run_dir)
+    return plan
