@@ -1,4 +1,4 @@
-"""Writes docs/job-reference.md, every key of a job file, from the job schema (launcher.spec.json_schema).
+"""Writes docs/job-reference.md (and its copy in README.md), every key of a job file, from the job schema (launcher.spec.json_schema).
 
 python scripts/gen_job_reference.py           # rewrite the file
 python scripts/gen_job_reference.py --check   # exit 1 when the committed file is out of date
@@ -12,7 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-OUT = Path(__file__).resolve().parent.parent / "docs" / "job-reference.md"
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "docs" / "job-reference.md"
+README = ROOT / "README.md"
+README_START, README_END = "<!-- job-reference:start -->", "<!-- job-reference:end -->"
 
 HEADER = """# Job file reference
 
@@ -117,18 +120,29 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def readme_with(reference: str, readme: str) -> str:
+    """README.md with the reference (its tables, headings one level down) between the two markers."""
+    body = reference.split("\n## ", 1)[1]
+    body = "### " + body.replace("\n## ", "\n### ")
+    head, rest = readme.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    return f"{head}{README_START}\n\n{body.strip()}\n\n{README_END}{tail}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if docs/job-reference.md is out of date")
     args = parser.parse_args(argv)
     text = render()
+    readme = readme_with(text, README.read_text(encoding="utf-8"))
     if args.check:
-        if not OUT.exists() or OUT.read_text(encoding="utf-8") != text:
-            print(f"{OUT} is out of date: run python scripts/gen_job_reference.py", file=sys.stderr)
-            return 1
-        return 0
+        stale = [p for p, want in ((OUT, text), (README, readme)) if not p.exists() or p.read_text(encoding="utf-8") != want]
+        for path in stale:
+            print(f"{path} is out of date: run python scripts/gen_job_reference.py", file=sys.stderr)
+        return 1 if stale else 0
     OUT.write_text(text, encoding="utf-8")
-    print(f"wrote {OUT}")
+    README.write_text(readme, encoding="utf-8")
+    print(f"wrote {OUT} and the reference in {README}")
     return 0
 
 

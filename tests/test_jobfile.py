@@ -293,6 +293,8 @@ def test_job_reference_is_up_to_date():
     script.loader.exec_module(generator)
     committed = (ROOT / "docs" / "job-reference.md").read_text(encoding="utf-8")
     assert committed == generator.render(), "stale: run python scripts/gen_job_reference.py"
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert readme == generator.readme_with(committed, readme), "README's key reference is stale: same script"
     for key in (
         "train.lr",
         "data.train.N.format",
