@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from cluster import doctor
 from launcher import __version__, cluster_commands, export
 from launcher.errors import UserError
 
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.register(sub)
     sub.add_parser("schema", help="print the job file's JSON schema (for editors)")
     cluster_commands.register(sub)
+    doctor.register(sub)
     return parser
 
 
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "resume":
             return cmd_resume(args)
+        if args.command == "doctor":
+            return doctor.run(args)
         if args.command == "export":
             return export.run(args)
         if args.command == "schema":

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from strategies import deepspeed_universal
 from strategies.base import (
     DistEnv,
     OptimizerFactory,
@@ -25,6 +28,8 @@ from strategies.base import (
     trainable_parameters,
     upcast_trainable_to_fp32,
 )
+
+log = logging.getLogger("sharpen")
 
 CHECKPOINT_TAG = "deepspeed"
 LAYOUT_FILE = "deepspeed-layout.json"
@@ -56,6 +61,7 @@ class DeepSpeedStrategy(Strategy):
         self.name = f"zero{stage}"
         self.engine: Any = None
         self._last_backward_at_boundary = False
+        self._own_process_group = False
 
     def deepspeed_config(self, hidden_size: int | None = None) -> dict[str, Any]:
         """The DeepSpeed JSON, generated: nothing a user writes by hand.
@@ -98,7 +104,11 @@ class DeepSpeedStrategy(Strategy):
             enable_gradient_checkpointing(model)
         if self.options.compute_dtype == torch.float32:
             upcast_trainable_to_fp32(model)  # with bf16 DeepSpeed casts the module and keeps fp32 masters
-        # The caller owns the process group; with one already initialised this only wraps it.
+        # The caller owns the process group; with one already initialised this only wraps it. DeepSpeed
+        # needs one even on a single rank, where a launcher starts none: then this strategy makes it.
+        if self.env.world_size == 1 and not dist.is_initialized():
+            dist.init_process_group(self.env.backend, store=dist.HashStore(), rank=0, world_size=1)
+            self._own_process_group = True
         deepspeed.init_distributed(dist_backend=self.env.backend, dist_init_required=False)
         # DeepSpeed picks its device from the LOCAL_RANK variable (and asserts it is set), whatever
         # launcher started us: make it say what DistEnv says.
@@ -155,8 +165,8 @@ class DeepSpeedStrategy(Strategy):
         self.barrier()
 
     def load_checkpoint(self, directory: Path) -> None:
-        """ZeRO partitions are cut for one world size and stage; anything else is refused up front
-        (DeepSpeed's universal-checkpoint conversion is the tool for resizing)."""
+        """Load what `save_checkpoint` wrote. Another world size (or ZeRO-1 <-> ZeRO-2) goes through
+        DeepSpeed's universal checkpoint, converted once into `directory/universal/` by rank 0."""
         directory = Path(directory)
         layout_file = directory / LAYOUT_FILE
         if not layout_file.is_file():
@@ -164,11 +174,25 @@ class DeepSpeedStrategy(Strategy):
                 f"{directory} holds no DeepSpeed checkpoint written by sharpen ({LAYOUT_FILE})"
             )
         layout = json.loads(layout_file.read_text())
-        if layout != {"stage": self.stage, "world_size": self.env.world_size}:
+        saved = f"zero{layout['stage']} on {layout['world_size']} ranks"
+        if layout == {"stage": self.stage, "world_size": self.env.world_size}:
+            self._load(directory)
+            return
+        if 3 in (layout["stage"], self.stage) and layout["stage"] != self.stage:
             raise ValueError(
-                f"{directory} was written by zero{layout['stage']} on {layout['world_size']} ranks; "
-                f"this run is {self.name} on {self.env.world_size} ranks"
+                f"{directory} was written by {saved}; this run is {self.name} on {self.env.world_size} "
+                "ranks. DeepSpeed's universal checkpoint moves ZeRO-3 checkpoints to ZeRO-3 only and "
+                f"ZeRO-1/2 ones to ZeRO-1/2 (on any number of ranks): resume with strategy.name: "
+                f"zero{layout['stage']}"
             )
+        log.info("%s was written by %s: loading it through a universal checkpoint", directory, saved)
+        universal = deepspeed_universal.convert_on_main_rank(
+            directory, CHECKPOINT_TAG, self.env.is_main, self.barrier
+        )
+        with deepspeed_universal.loading_universal(self.engine):
+            self._load(universal)
+
+    def _load(self, directory: Path) -> None:
         load_path, _ = self.engine.load_checkpoint(
             str(directory),
             tag=CHECKPOINT_TAG,
@@ -239,6 +263,9 @@ class DeepSpeedStrategy(Strategy):
         if self.engine is not None:
             self.engine.destroy()
             self.engine = None
+        if self._own_process_group:
+            dist.destroy_process_group()
+            self._own_process_group = False
 
 
 def _values(container: Any) -> list[Any]:
