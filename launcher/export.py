@@ -94,7 +94,17 @@ def export(
 
 
 def choose_checkpoint(run_dir: Path, name: str | None) -> tuple[int, Path]:
-    """--checkpoint step-N (or N), else the newest complete checkpoint."""
+    """--checkpoint step-N (or N), else the newest complete checkpoint; refused when damaged."""
+    step, path = _find_checkpoint(run_dir, name)
+    from training.checkpoint import verify
+
+    problems = verify(path)
+    if problems:
+        raise UserError(f"checkpoint {path} is damaged:\n  " + "\n  ".join(problems), "export another one with --checkpoint")
+    return step, path
+
+
+def _find_checkpoint(run_dir: Path, name: str | None) -> tuple[int, Path]:
     from training.checkpoint import COMPLETE_MARKER, checkpoints_dir, complete_checkpoints
 
     complete = complete_checkpoints(run_dir)

@@ -209,3 +209,15 @@ def test_unreachable_rendezvous_fails_in_seconds_with_the_address(tiny_model, tm
     assert result.returncode == 2, result.stderr
     assert f"cannot reach the rendezvous at {endpoint}" in result.stderr and "Traceback" not in result.stderr
     assert time.monotonic() - start < 30
+
+
+def test_export_refuses_a_damaged_checkpoint(stopped_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(stopped_run, run_dir)
+    shard = next((run_dir / "checkpoints" / "step-2").rglob("*.distcp"))
+    shard.write_bytes(b"")
+    result = sharpen("export", str(run_dir), "--to", str(tmp_path / "out"))
+    assert result.returncode == 2 and shard.name in result.stderr
+    assert not (tmp_path / "out").exists()
