@@ -1,18 +1,46 @@
-"""A model's shape from its config alone (meta device), and what each rank holds under each strategy."""
+"""A model's shape from its config alone (meta device): every tensor the job trains or keeps frozen, and the
+activations of one micro-batch through it.
+
+What each rank holds under each strategy is computed from these counts in launcher/memory_model.py.
+Nothing here imports deepspeed or reads weights, so a 70B plan takes seconds on a laptop.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from math import ceil
 
 from launcher.errors import UserError
 from launcher.spec import JobSpec
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+NF4_BLOCK = 64  # bitsandbytes 4-bit: one absmax per 64 weights
+NESTED_BLOCK = 256  # double quantisation: one fp32 absmax per 256 uint8 absmaxes
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One parameter of the trained model, as the loader (training/model.py) leaves it.
+
+    storage: "trainable" (fp32 master weights), "compute" (frozen, in the compute dtype: the LoRA base),
+    "fp32" (frozen fp32: what peft's prepare_model_for_kbit_training leaves unquantised under QLoRA) or
+    "nf4" (frozen 4-bit: packed bytes plus block scales)."""
+
+    numel: int
+    dim0: int  # FSDP2 shards rows (dim 0)
+    storage: str
+    in_layer: bool  # inside a repeated decoder layer (an FSDP2 group of its own), else in the root group
+    matmul: bool  # a weight of a linear layer (autocast casts these to the compute dtype)
+
+    @property
+    def trainable(self) -> bool:
+        return self.storage == "trainable"
 
 
 @dataclass(frozen=True)
 class ParamCounts:
-    """Parameter counts of the model as the job will train it."""
+    """Parameter counts of the model as the job will train it, and the shapes the memory model needs."""
 
     total: int  # every parameter of the trained model (base + adapters)
     trainable: int
@@ -21,9 +49,32 @@ class ParamCounts:
     num_layers: int
     hidden_size: int
     vocab_size: int
+    # 0: unknown (shape-only counts); the activation model then assumes an intermediate size of 8/3 x hidden
+    intermediate_size: int = 0
+    num_attention_heads: int = 0
+    num_key_value_heads: int = 0
+    head_dim: int = 0
+    tensors: tuple[TensorInfo, ...] = field(default=(), repr=False)  # empty: aggregate counts only
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("tensors")
+        return out
+
+
+def nf4_bytes(numel: int, double_quant: bool = True, storage_bytes: int = 2) -> int:
+    """Bytes of one bitsandbytes 4-bit weight: packed nibbles, the block absmaxes and the code tables.
+
+    The packed nibbles sit in elements of the quant storage dtype (the compute dtype by default). With double
+    quantisation the absmaxes are uint8 with an fp32 absmax per 256 of them, a 256-entry fp32 code and an
+    fp32 offset; without it one fp32 absmax per block. The 16-entry NF4 code is fp32."""
+    blocks = ceil(numel / NF4_BLOCK)
+    packed = storage_bytes * ceil(numel / (2 * storage_bytes))
+    if double_quant:
+        scales = blocks + 4 * ceil(blocks / NESTED_BLOCK) + 4 * 256 + 4
+    else:
+        scales = 4 * blocks
+    return packed + scales + 4 * 16
 
 
 def load_config(spec: JobSpec):
@@ -42,73 +93,105 @@ def load_config(spec: JobSpec):
         ) from None
 
 
+def _targeted(name: str, targets) -> bool:
+    if targets == "all-linear":
+        return True
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
 def count_parameters(spec: JobSpec) -> ParamCounts:
-    """Count parameters on the meta device: no weights are read, so a 70B plan takes seconds."""
+    """Every tensor of the trained model, from the config on the meta device (no weights are read).
+
+    full: every weight trainable. lora: the base frozen in the compute dtype, adapters r x (in + out)
+    per targeted linear layer (all but the output head for all-linear, as peft does), DoRA magnitudes,
+    trainable copies of modules_to_save. qlora: as lora, with the base's linear weights in 4 bits."""
     import torch
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = load_config(spec)
+    reward = spec.method.kind == "reward"  # a one-unit `score` head instead of the vocabulary projection
+    if reward:
+        config.num_labels = 1
+    auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.model.trust_remote_code)
-    total = sum(p.numel() for p in model.parameters())
+        model = auto.from_config(config, trust_remote_code=spec.model.trust_remote_code)
     ft = spec.finetune
-    if ft.type == "full":
-        trainable, frozen, quantized = total, 0, 0
-    else:
-        trainable = 0
-        quantized = 0
-        targets = ft.target_modules
-        output_layer = model.get_output_embeddings()
+    modules_to_save = [*ft.modules_to_save, *(["score"] if reward else [])]  # peft trains the head in full
+    layer_names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or ())}
+    in_layer = {id(p) for m in model.modules() if type(m).__name__ in layer_names for p in m.parameters()}
+    output_layer = getattr(model, "score", None) if reward else model.get_output_embeddings()
+    linear_weights = {id(m.weight): m for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    tensors: list[TensorInfo] = []
+    for param in model.parameters():  # tied parameters once
+        linear = linear_weights.get(id(param))
+        quantize = ft.type == "qlora" and linear is not None and linear is not output_layer
+        if ft.type == "full":
+            storage = "trainable"
+        elif quantize:
+            storage = "nf4"
+        else:
+            storage = "fp32" if ft.type == "qlora" else "compute"
+        tensors.append(
+            TensorInfo(param.numel(), param.shape[0], storage, id(param) in in_layer, linear is not None)
+        )
+    if ft.type != "full":
         for name, module in model.named_modules():
             if not isinstance(module, torch.nn.Linear) or module is output_layer:
                 continue
-            if targets != "all-linear" and not any(name == t or name.endswith("." + t) for t in targets):
+            if not _targeted(name, ft.target_modules):
                 continue
-            trainable += ft.r * (module.in_features + module.out_features)
-            if ft.use_dora:
-                trainable += module.out_features
-        for name, module in model.named_modules():
-            if any(name == m or name.endswith("." + m) for m in ft.modules_to_save):
-                trainable += sum(p.numel() for p in module.parameters())
-        frozen = total
-        if ft.type == "qlora":
-            quantized = sum(
-                m.weight.numel()
-                for m in model.modules()
-                if isinstance(m, torch.nn.Linear) and m is not output_layer
+            layer = id(module.weight) in in_layer
+            tensors.append(TensorInfo(ft.r * module.in_features, ft.r, "trainable", layer, True))
+            tensors.append(
+                TensorInfo(ft.r * module.out_features, module.out_features, "trainable", layer, True)
             )
-        total = total + trainable
+            if ft.use_dora:
+                tensors.append(
+                    TensorInfo(module.out_features, module.out_features, "trainable", layer, False)
+                )
+        for name, module in model.named_modules():
+            if any(name == m or name.endswith("." + m) for m in modules_to_save):
+                for param in module.parameters():
+                    layer = id(param) in in_layer
+                    tensors.append(
+                        TensorInfo(param.numel(), param.shape[0], "trainable", layer, param.dim() > 1)
+                    )
+    trainable = sum(t.numel for t in tensors if t.trainable)
+    total = sum(t.numel for t in tensors)
+    heads = int(getattr(config, "num_attention_heads", 0) or 0)
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
     return ParamCounts(
         total=total,
         trainable=trainable,
-        frozen=frozen,
-        frozen_quantized=quantized,
+        frozen=total - trainable,
+        frozen_quantized=sum(t.numel for t in tensors if t.storage == "nf4"),
         num_layers=int(getattr(config, "num_hidden_layers", 0) or 0),
-        hidden_size=int(getattr(config, "hidden_size", 0) or 0),
+        hidden_size=hidden,
         vocab_size=int(getattr(config, "vocab_size", 0) or 0),
+        intermediate_size=int(getattr(config, "intermediate_size", 0) or 0),
+        num_attention_heads=heads,
+        num_key_value_heads=int(getattr(config, "num_key_value_heads", 0) or heads),
+        head_dim=int(getattr(config, "head_dim", 0) or (hidden // heads if heads else 0)),
+        tensors=tuple(tensors),
     )
 
 
 def state_bytes_per_rank(
     counts: ParamCounts, strategy: str, world_size: int, compute_dtype: str, storage_dtype: str
 ) -> dict[str, int]:
-    """Bytes of params, grads and optimizer state (AdamW) each rank holds, before activations.
+    """The ZeRO paper's accounting of params, grads and AdamW state per rank, before activations.
 
-    Trainable params are fp32 masters; with bf16 compute the strategies also keep a bf16 copy for the
-    forward (the ZeRO paper's 2+2+12 = 16 bytes per parameter). Frozen params stay in their storage
-    dtype (4-bit for QLoRA: half a byte plus ~1/64 for the block scales).
+    Mixed precision: 2 (bf16 params) + 2 (bf16 grads) + 12 (fp32 master, momentum, variance) = 16 bytes
+    per trainable parameter, sharded by stage; fp32: 4 + 4 + 12. Frozen params stay in their storage dtype
+    (4-bit for QLoRA). What the strategies here really hold, to the byte, is launcher.memory_model's.
     """
     mixed = compute_dtype != "fp32"
     frozen_plain = counts.frozen - counts.frozen_quantized
     frozen_bytes = frozen_plain * DTYPE_BYTES[storage_dtype] + int(counts.frozen_quantized * (0.5 + 1 / 64))
-    param_bytes = counts.trainable * (4 + (2 if mixed else 0)) + frozen_bytes
-    grad_bytes = counts.trainable * (2 if mixed and strategy in ("zero1", "zero2", "zero3") else 4)
-    optim_bytes = counts.trainable * 8  # AdamW: exp_avg + exp_avg_sq in fp32
-    if mixed and strategy in ("zero1", "zero2", "zero3"):
-        # DeepSpeed keeps the fp32 master copy inside the optimizer; the module holds the bf16 params.
-        param_bytes = counts.trainable * 2 + frozen_bytes
-        optim_bytes += counts.trainable * 4
+    param_bytes = counts.trainable * (2 if mixed else 4) + frozen_bytes
+    grad_bytes = counts.trainable * (2 if mixed else 4)
+    optim_bytes = counts.trainable * (12 if mixed else 8)
     shard = max(1, world_size)
     if strategy in ("zero1", "zero2", "zero3", "fsdp"):
         optim_bytes //= shard
@@ -122,6 +205,157 @@ def state_bytes_per_rank(
         "optimizer": int(optim_bytes),
         "total": int(param_bytes + grad_bytes + optim_bytes),
     }
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Everything besides the model that decides one rank's memory."""
+
+    strategy: str  # single | ddp | fsdp | zero1 | zero2 | zero3
+    offload: str = "none"  # none | optimizer | params
+    world_size: int = 1
+    rank: int = 0
+    compute_dtype: str = "bf16"
+    finetune: str = "full"  # full | lora | qlora
+    micro_batch_size: int = 1
+    grad_accum: int = 1
+    max_length: int = 2048
+    attention: str = "sdpa"
+    gradient_checkpointing: bool = False
+    padding_free: bool = True
+    packing: bool = False
+    reshard_after_forward: bool = True
+    lora_r: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] | str = "all-linear"
+    double_quant: bool = True
+    quant_storage_bytes: int = 2  # element size the packed 4-bit weights are stored in
+    device: str = "cuda"
+    method: str = "sft"  # dpo and reward rows are (chosen, rejected) pairs: two sequences per sample
+
+
+# -- activations ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+    @classmethod
+    def of(cls, counts: ParamCounts) -> tuple[ModelShape, list[str]]:
+        notes = []
+        h = counts.hidden_size
+        heads = counts.num_attention_heads or max(1, h // 128)
+        inter = counts.intermediate_size or ceil(8 * h / 3)
+        if not (counts.num_attention_heads and counts.intermediate_size):
+            notes.append("activations estimated from hidden size alone (no heads or intermediate size known)")
+        kv = counts.num_key_value_heads or heads
+        return cls(
+            h, counts.num_layers, heads, kv, counts.head_dim or h // heads, inter, counts.vocab_size
+        ), notes
+
+
+def activation_bytes(counts: ParamCounts, s: Setting) -> tuple[int, list[str]]:
+    """Peak bytes of activations of one micro-batch in a Llama-style decoder: what autograd saves for the
+    backward, the attention mask, and the loss (fp32 log-softmax over batch x length x vocab).
+
+    Worst case: every sample max_length tokens. Padding-free batches lay a micro-batch end to end in one row
+    of micro_batch x max_length tokens; with several samples in a row sdpa and eager get a 4D block mask of
+    T^2 (bool, once) and sdpa converts it to a float mask in the compute dtype in every layer, which that
+    layer keeps for its backward. Dtypes follow the strategy: single/ddp autocast over fp32 trainable weights
+    (fp32 residual stream, a bf16 copy of each linear's input per linear), fsdp/zero run the model in the
+    compute dtype (one shared copy), QLoRA's unquantised weights are fp32 (peft's kbit preparation)."""
+    shape, notes = ModelShape.of(counts)
+    h, layers, a, d, i, vocab = (
+        shape.hidden,
+        shape.layers,
+        shape.heads,
+        shape.head_dim,
+        shape.intermediate,
+        shape.vocab,
+    )
+    c = DTYPE_BYTES[s.compute_dtype]
+    autocast = s.strategy in ("single", "ddp") and c != 4
+    full, lora = s.finetune == "full", s.finetune != "full"
+    residual = 4 if (c == 4 or (autocast and s.finetune != "lora")) else c
+    linear_out = 4 if (c == 4 or (autocast and s.finetune == "qlora")) else c
+    targets = set(LORA_TARGETS) if s.lora_targets == "all-linear" else set(s.lora_targets) & set(LORA_TARGETS)
+    if lora and s.lora_targets != "all-linear" and not targets:
+        notes.append("no target module has a Llama-style name: adapters' activations are not counted")
+    dropout = lora and s.lora_dropout > 0
+
+    def saved_input(in_bytes: int, consumers: int) -> int:
+        """Bytes per element its consumers (trainable linears or adapters) save of one input tensor."""
+        if consumers == 0:
+            return 0
+        if dropout:
+            return consumers * (c + 1)  # each adapter's own dropped copy plus its bool mask
+        copy = in_bytes != c or (autocast and lora)  # autocast/peft cast per consumer, else one shared tensor
+        return consumers * c if copy else in_bytes
+
+    def consumers(*names: str) -> int:
+        return len(names) if full else sum(n in targets for n in names)
+
+    pairs = s.method in ("dpo", "reward")
+    tokens = s.micro_batch_size * s.max_length * (2 if pairs else 1)
+    rows, seq = (1, tokens) if s.padding_free else (s.micro_batch_size, s.max_length)
+    several = s.micro_batch_size > 1 or s.packing or pairs
+    flash = s.attention == "flash_attention_2"
+    masked = not flash and (several if s.padding_free else True)
+    # transformers expands k and v to every head when a mask is given
+    repeat_kv = s.attention == "eager" or masked
+    kv_width = a * d if repeat_kv else shape.kv_heads * d
+
+    norm = 4 * h + 4 + (residual * h if full else 0)  # fp32 input for the variance, rsqrt, normed pre-weight
+    per_token = 2 * norm
+    per_token += h * saved_input(residual, consumers("q_proj", "k_proj", "v_proj"))
+    per_token += h * saved_input(residual, consumers("gate_proj", "up_proj"))
+    per_token += c * (a * d + 2 * kv_width + a * d)  # q, k, v and the output saved by attention
+    o_copy = consumers("o_proj") and (dropout or autocast and lora)
+    per_token += c * a * d * (bool(o_copy) + (s.attention == "eager"))  # eager's output is a new tensor
+    per_token += 4 * a if s.attention != "eager" else 0  # log-sum-exp of flash / memory-efficient kernels
+    per_token += 3 * linear_out * i  # gate, silu(gate), up
+    per_token += i * saved_input(linear_out, consumers("down_proj"))
+    per_token += lora * c * s.lora_r * len(targets)  # each lora_B keeps lora_A's output
+    per_layer_square = 0
+    if s.attention == "eager":  # fp32 softmax output, and its compute-dtype copy for probs @ v
+        per_layer_square = rows * a * seq * seq * (4 + (c if c != 4 else 0))
+    elif masked:
+        per_layer_square = rows * seq * seq * c
+    layer = per_token * tokens + per_layer_square
+
+    mask_once = 0
+    if s.attention == "eager":
+        # the loop casts the block mask to the compute dtype; transformers' own causal mask is the residual's
+        mask_once = rows * seq * seq * (c if several else residual)
+    elif masked:
+        mask_once = rows * seq * seq
+    final_norm = 4 * h + 4 + (residual * h + h * saved_input(residual, 1) if full else 0)
+    misc = tokens * (final_norm + 2 * d * residual + 24) + mask_once  # rotary cos/sin, ids, labels, positions
+    # The loss over the vocabulary (fp32 log-softmax output, its grad, the logits' grad), at every position
+    # in the worst case (CausalLMLoss projects labelled positions only). Reward models score with one unit.
+    loss = 12 * tokens * (1 if s.method == "reward" else vocab)
+    # Backward through one layer: an intermediate's and a hidden state's grads in the MLP; in eager
+    # attention the grads of the T^2 scores, by when the layer's MLP has freed what it saved.
+    transient = (linear_out * i + c * h) * tokens
+    if autocast and lora:  # peft casts an adapter's input up to fp32, then autocast casts it back down
+        transient += 4 * i * tokens
+    if s.attention == "eager":
+        after_attention = (
+            norm + h * saved_input(residual, consumers("gate_proj", "up_proj")) + 3 * linear_out * i
+        )
+        square_grads = rows * a * seq * seq * (8 if c == 4 else 6)
+        transient = max(transient, square_grads - after_attention * tokens)
+    if s.gradient_checkpointing:  # each layer keeps its input; the rest is recomputed one layer at a time
+        kept = layers * residual * h * tokens
+        return kept + misc + max(loss, layer + transient), notes
+    if lora:  # the first layer's input (frozen embeddings) needs no grad: its first norm saves nothing
+        misc -= (4 * h + 4) * tokens
+    return layers * layer + misc + max(loss, transient), notes
 
 
 def human_bytes(n: float) -> str:

@@ -6,14 +6,24 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from launcher import __version__
 from launcher.errors import UserError
-from launcher.memory import ParamCounts, count_parameters, state_bytes_per_rank
+from launcher.memory import ParamCounts, count_parameters, human_bytes, state_bytes_per_rank
+from launcher.memory_model import (
+    CANDIDATES,
+    ONE_RANK_CANDIDATES,
+    Candidate,
+    estimate,
+    gpu_capacity,
+    setting_for,
+    usable_bytes,
+)
 from launcher.spec import JobSpec
 
 PLAN_FILE = "plan.json"
@@ -47,6 +57,14 @@ class Plan(BaseModel):
     state_bytes_per_rank: dict[str, int]
     collective_timeout_s: int = COLLECTIVE_TIMEOUT_S
     data_cache: str | None = None
+    reference: dict[str, Any] | None = None  # DPO's reference model: where it comes from, what it costs
+    # The memory plan (launcher/memory_model.py): each candidate's bytes per rank at its micro batch, the chosen
+    # one, and the GPU bytes fits were checked against (None: unknown, not checked).
+    offload: str = "none"
+    gpu_memory_bytes: int | None = None
+    usable_bytes: int | None = None
+    candidates: list[dict[str, Any]] = Field(default_factory=list)
+    chosen: dict[str, Any] | None = None
 
     @property
     def spec(self) -> JobSpec:
@@ -69,7 +87,11 @@ class Plan(BaseModel):
 
 def job_hash(spec: JobSpec) -> str:
     """A hash of what decides the trained weights' meaning (model, fine-tune type, method), for resume checks."""
-    key = {"model": spec.model.path, "finetune": spec.finetune.model_dump(), "method": spec.method.model_dump()}
+    key = {
+        "model": spec.model.path,
+        "finetune": spec.finetune.model_dump(),
+        "method": spec.method.model_dump(),
+    }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -101,34 +123,139 @@ def resolve_dtypes(spec: JobSpec, device: str) -> tuple[str, str]:
     return compute, storage
 
 
-def choose_strategy(spec: JobSpec, counts: ParamCounts, compute: str, storage: str, world: int) -> tuple[str, str]:
-    """(strategy, why). The full cost-based choice lives in the planner; this is the least-communication rule."""
-    if spec.strategy.name != "auto":
-        return spec.strategy.name, "set in the job file"
-    if world == 1:
-        return "single", "one rank"
-    gpu_bytes = spec.resources.gpu_memory_gb * 1024**3 if spec.resources.gpu_memory_gb else None
-    for name in ("ddp", "zero1", "zero2", "fsdp", "zero3"):
-        need = state_bytes_per_rank(counts, name, world, compute, storage)["total"]
-        if gpu_bytes is None or need < 0.8 * gpu_bytes:
-            why = "least communication" if gpu_bytes is None else "least communication that fits in 80% of GPU memory"
-            return name, why
-    return "zero3", "nothing fits; ZeRO-3 holds the least per rank"
+def candidate_pairs(spec: JobSpec, world: int) -> list[tuple[str, str]]:
+    """(strategy, offload) pairs worth comparing, fastest first; an explicit choice is always among them."""
+    pairs = list(ONE_RANK_CANDIDATES if world == 1 else CANDIDATES)
+    name, offload = spec.strategy.name, spec.strategy.offload
+    if name != "auto" and (name, offload) not in pairs:
+        pairs.append((name, offload))
+    return pairs
 
 
-def resolve_micro_batch(spec: JobSpec, world: int) -> tuple[int, int]:
-    """(micro batch size, gradient accumulation steps) keeping the global batch."""
+def evaluate_candidate(spec: JobSpec, counts: ParamCounts, strategy: str, offload: str, **where) -> Candidate:
+    """One candidate at the micro batch it would run: the job's, or with `auto` the largest that fits.
+    `where`: world, device, compute (dtype) and usable (GPU bytes, None: unlimited)."""
+    world, usable = where["world"], where["usable"]
+
+    def at(mbs: int):
+        accum = spec.train.global_batch_size // (mbs * world)
+        return estimate(
+            counts, setting_for(spec, strategy, offload, world, where["device"], where["compute"], mbs, accum)
+        )
+
+    mbs, accum = resolve_micro_batch(
+        spec, world, None if usable is None else lambda m: at(m)[0].total <= usable
+    )
+    memory, notes = at(mbs)
+    fits = usable is None or memory.total <= usable
+    return Candidate(strategy, offload, mbs, accum, memory, fits, tuple(notes))
+
+
+def choose_strategy(
+    spec: JobSpec, candidates: list[Candidate], usable: int | None
+) -> tuple[Candidate | None, str]:
+    """(candidate, why): the job's own choice, or for `auto` the fastest that fits (None when none does).
+
+    Fastest = least communication: ddp (one all-reduce), zero1/zero2 (reduce-scatter + all-gather), fsdp/zero3
+    (parameters gathered every layer, forward and backward), then offloading to the host (PCIe-bound)."""
+    name, offload = spec.strategy.name, spec.strategy.offload
+    if name != "auto":
+        return next(
+            c for c in candidates if (c.strategy, c.offload) == (name, offload)
+        ), "set in the job file"
+    allowed = [c for c in candidates if offload == "none" or c.offload == offload]
+    for i, c in enumerate(allowed):
+        if not c.fits:
+            continue
+        if usable is None:
+            return c, "the least communication (GPU memory unknown: fits are not checked)"
+        if i == 0:
+            return c, f"the least communication; it fits with {human_bytes(c.memory.total)} per GPU"
+        skipped = ", ".join(x.label for x in allowed[:i]) + (" does" if i == 1 else " do")
+        return c, f"the fastest that fits, with {human_bytes(c.memory.total)} per GPU; {skipped} not"
+    return None, ""
+
+
+def resolve_micro_batch(
+    spec: JobSpec, world: int, fits: Callable[[int], bool] | None = None
+) -> tuple[int, int]:
+    """(micro batch size, gradient accumulation steps) keeping the global batch.
+
+    auto: the largest power of two dividing global / ranks for which `fits(micro batch)`; with no memory
+    limit to check (fits None), at most 8."""
     gbs = spec.train.global_batch_size
-    if spec.train.micro_batch_size == "auto":
-        per_rank = gbs // world if gbs % world == 0 else 0
-        if per_rank == 0:
-            raise UserError(
-                f"train.global_batch_size ({gbs}) must be divisible by the number of ranks ({world})"
-            )
-        mbs = max(d for d in range(1, min(per_rank, 8) + 1) if per_rank % d == 0)
-    else:
+    if spec.train.micro_batch_size != "auto":
         mbs = spec.train.micro_batch_size
+        return mbs, gbs // (mbs * world)
+    if gbs % world:
+        raise UserError(f"train.global_batch_size ({gbs}) must be divisible by the number of ranks ({world})")
+    per_rank = gbs // world
+    options = [1 << k for k in range(per_rank.bit_length()) if per_rank % (1 << k) == 0]
+    if fits is None:
+        mbs = max(o for o in options if o <= 8)
+    else:
+        mbs = next((o for o in reversed(options) if fits(o)), 1)
     return mbs, gbs // (mbs * world)
+
+
+def spec_with(spec: JobSpec, **sections: dict) -> JobSpec:
+    """`spec` with some fields of some sections changed (not validated again: for what-if estimates)."""
+    return spec.model_copy(update={k: getattr(spec, k).model_copy(update=v) for k, v in sections.items()})
+
+
+def no_fit_error(
+    spec: JobSpec, counts: ParamCounts, candidates: list[Candidate], capacity: int, recount: bool, **where
+) -> UserError:
+    """The smallest shortfall, and which change (more GPUs, a smaller micro batch, checkpointing, a shorter
+    max_length, LoRA/QLoRA) would make the job fit, each checked with the memory model."""
+    closest = min(candidates, key=lambda c: c.memory.total)
+    need, usable = closest.memory.total, where["usable"]
+    message = (
+        f"the job fits no strategy on GPUs of {human_bytes(capacity)} ({human_bytes(usable)} usable): the "
+        f"closest, {closest.label} at micro batch {closest.micro_batch_size}, needs {human_bytes(need)} per GPU, "
+        f"{human_bytes(need - usable)} more"
+    )
+
+    def best(variant: JobSpec, variant_counts: ParamCounts, world: int) -> str | None:
+        for strategy, offload in CANDIDATES if world > 1 else ONE_RANK_CANDIDATES:
+            c = evaluate_candidate(variant, variant_counts, strategy, offload, **{**where, "world": world})
+            if c.fits:
+                return f"{c.label} needs {human_bytes(c.memory.total)}"
+        return None
+
+    one = {"micro_batch_size": 1}
+    hints, world, nodes, gpus = [], where["world"], spec.resources.nodes, spec.resources.gpus_per_node
+    for factor in (2, 4, 8, 16):
+        found = best(spec_with(spec, train=one), counts, world * factor)
+        if found:
+            more = (
+                f"{nodes * factor} nodes x {gpus}" if world > 1 or factor > 8 else f"1 node x {gpus * factor}"
+            )
+            hints.append(f"{more} GPUs: {found}")
+            break
+    variants = []
+    if spec.train.micro_batch_size not in (1, "auto"):
+        variants.append(
+            ("train.micro_batch_size 1 (accumulation keeps the global batch)", spec_with(spec, train=one))
+        )
+    if not spec.model.gradient_checkpointing:
+        checkpointing = spec_with(spec, train=one, model={"gradient_checkpointing": True})
+        variants.append(("model.gradient_checkpointing: true", checkpointing))
+    if spec.data.max_length > 512:
+        half = spec.data.max_length // 2
+        variants.append((f"data.max_length {half}", spec_with(spec, train=one, data={"max_length": half})))
+    hints += [f"{what}: {found}" for what, variant in variants if (found := best(variant, counts, world))]
+    if recount and spec.finetune.type != "qlora":
+        lighter = "lora" if spec.finetune.type == "full" else "qlora"
+        variant = spec_with(spec, finetune={"type": lighter})
+        if found := best(variant, count_parameters(variant), world):
+            hints.append(f"finetune.type: {lighter}: {found}")
+    if not hints:
+        hints.append(
+            "no single change (up to 16x the GPUs, micro batch 1, gradient checkpointing, a shorter max_length, "
+            "LoRA/QLoRA) is enough; combine them or use larger GPUs"
+        )
+    return UserError(message, "what would fit: " + "; ".join(hints))
 
 
 def build_plan(
@@ -141,6 +268,8 @@ def build_plan(
 ) -> tuple[Plan, list[str]]:
     """Resolve `spec` into a Plan. Returns the plan and notices to show the user."""
     notices: list[str] = []
+    if device is None and spec.cluster.kind == "slurm" and spec.device == "cuda":
+        device = "cuda"  # the cluster's GPUs, not this machine's: plan a SLURM job from anywhere
     if device is None:
         device, notice = detect_device(spec.device)
         if notice:
@@ -166,18 +295,41 @@ def build_plan(
             "model.dtype: fp16 training needs a loss scaler, which sharpen does not run",
             "use dtype: bf16 (GPUs since Ampere) or fp32",
         )
-    if spec.method.kind in ("dpo", "reward"):
-        raise UserError(f"method.kind: {spec.method.kind} is not available in this version of sharpen")
     if spec.strategy.name == "single" and world > 1:
         raise UserError(f"strategy.name: single runs one rank, but resources ask for {world}")
     compute, storage = resolve_dtypes(spec, device)
+    recount = counts is None
     counts = counts or count_parameters(spec)
-    strategy, why = choose_strategy(spec, counts, compute, storage, world)
-    mbs, accum = resolve_micro_batch(spec, world)
+    capacity, source = gpu_capacity(spec, device)
+    usable = usable_bytes(capacity) if capacity else None
+    where = {"world": world, "device": device, "compute": compute, "usable": usable}
+    candidates = [evaluate_candidate(spec, counts, s, o, **where) for s, o in candidate_pairs(spec, world)]
+    chosen, why = choose_strategy(spec, candidates, usable)
+    if chosen is None or not any(c.fits for c in candidates):
+        raise no_fit_error(spec, counts, candidates, capacity, recount, **where)
+    if not chosen.fits:
+        fitting = next(c for c in candidates if c.fits)
+        notices.append(
+            f"strategy {chosen.label} needs {human_bytes(chosen.memory.total)} per GPU, more than the "
+            f"{human_bytes(usable)} usable: it will likely run out of memory; {fitting.label} fits (strategy.name: auto)"
+        )
+    if usable is None:
+        where = "this is a CPU run" if device == "cpu" else source
+        notices.append(
+            f"memory per rank is estimated but not checked against a limit ({where}); "
+            "set resources.gpu_memory_gb to plan for GPUs of that size"
+        )
+    notices += [f"memory: {n}" for n in chosen.notes]
+    if host := chosen.memory.offloaded:
+        per_node = f"{human_bytes(host * nproc)} per node of {nproc} rank(s)"
+        notices.append(f"offload: {human_bytes(host)} of host memory per rank, {per_node} (not checked)")
+    strategy, mbs, accum = chosen.strategy, chosen.micro_batch_size, chosen.grad_accum
+    job = spec.model_dump(mode="json")
+    job["strategy"]["offload"] = chosen.offload  # what the ranks run with, when auto chose an offload
     plan = Plan(
         sharpen_version=__version__,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        job=spec.model_dump(mode="json"),
+        job=job,
         job_hash=job_hash(spec),
         run_dir=str(Path(run_dir).resolve()),
         device=device,
@@ -194,6 +346,12 @@ def build_plan(
         global_batch_size=spec.train.global_batch_size,
         params={"total": counts.total, "trainable": counts.trainable, "frozen": counts.frozen},
         state_bytes_per_rank=state_bytes_per_rank(counts, strategy, world, compute, storage),
+        reference=reference_model(spec),
+        offload=chosen.offload,
+        gpu_memory_bytes=capacity,
+        usable_bytes=usable,
+        candidates=[c.to_dict() for c in candidates],
+        chosen=chosen.to_dict(),
     )
     return plan, notices
 
@@ -202,3 +360,27 @@ def default_run_dir(spec: JobSpec) -> Path:
     if spec.output_dir:
         return Path(spec.output_dir)
     return Path("runs") / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def reference_model(spec: JobSpec) -> dict[str, Any] | None:
+    """Where DPO's reference log-probabilities come from and what they cost (training/dpo.py); None otherwise.
+
+    Neither source holds a second copy of the model: LoRA switches its adapter off for a no-grad forward
+    each micro-batch; full fine-tuning (or reference: precompute) runs the initial model once before step 1."""
+    method = spec.method
+    if method.kind != "dpo":
+        return None
+    if spec.finetune.type != "full" and method.reference == "auto":
+        return {
+            "source": "adapter_disabled",
+            "what": "the base model with the LoRA adapter switched off",
+            "memory_bytes_per_rank": 0,
+            "compute": "one more forward (no backward) per micro-batch: about a third more per step",
+        }
+    pairs = spec.train.max_steps * spec.train.global_batch_size
+    return {
+        "source": "precomputed",
+        "what": "the initial model's log-probabilities, computed once before step 1 into RUN/reference/",
+        "memory_bytes_per_rank": 0,
+        "compute": f"one forward (no backward) over up to {pairs:,} training pairs and the eval pairs, before training",
+    }

@@ -1,9 +1,21 @@
-"""How a plan reads on the terminal."""
+"""How a plan reads on the terminal: the resolved job, then every candidate strategy's memory per rank."""
 
 from __future__ import annotations
 
 from launcher.memory import human_bytes
 from launcher.plan import Plan
+
+GIB = 1024**3
+COLUMNS = ("params", "grads", "optimizer", "buffers", "activations", "total", "offloaded")
+WIDTH = 120  # the tables' width when stdout is not a terminal (files, pipes, docs)
+
+
+def gib(n: int) -> str:
+    return f"{n / GIB:.1f}"
+
+
+def candidate_label(c: dict) -> str:
+    return c["strategy"] if c["offload"] == "none" else f"{c['strategy']} + offload {c['offload']}"
 
 
 def print_plan(plan: Plan) -> None:
@@ -12,27 +24,60 @@ def print_plan(plan: Plan) -> None:
 
     spec = plan.spec
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=WIDTH)
     table = Table(title=f"sharpen plan: {spec.name}", show_header=False, title_justify="left")
     table.add_column("what", style="bold")
     table.add_column("value")
     table.add_row("model", f"{spec.model.path} ({spec.finetune.type}, {spec.method.kind})")
     table.add_row("device", f"{plan.device} ({plan.backend}), compute {plan.compute_dtype}")
     table.add_row("ranks", f"{plan.nnodes} node(s) × {plan.nproc_per_node} = {plan.world_size}")
-    table.add_row("strategy", f"{plan.strategy} ({plan.strategy_reason})")
+    offload = "" if plan.offload == "none" else f" + offload {plan.offload}"
+    table.add_row("strategy", f"{plan.strategy}{offload} ({plan.strategy_reason})")
     table.add_row(
         "batch",
         f"micro {plan.micro_batch_size} × accumulation {plan.grad_accum} × ranks {plan.world_size}"
-        f" = global {plan.global_batch_size} samples",
+        f" = global {plan.global_batch_size} samples"
+        f" of up to {spec.data.max_length} tokens",
     )
     p = plan.params
     share = 100 * p["trainable"] / max(1, p["total"])
     table.add_row("parameters", f"{p['total']:,} total, {p['trainable']:,} trainable ({share:.2f}%)")
-    b = plan.state_bytes_per_rank
-    table.add_row(
-        "state per rank",
-        f"params {human_bytes(b['params'])} + grads {human_bytes(b['grads'])} + optimizer "
-        f"{human_bytes(b['optimizer'])} = {human_bytes(b['total'])} (before activations)",
-    )
+    if plan.chosen:
+        b = plan.chosen["bytes_per_rank"]
+        parts = " + ".join(f"{k} {human_bytes(b[k])}" for k in COLUMNS[:5])
+        host = f"; {human_bytes(b['offloaded'])} offloaded to host memory" if b["offloaded"] else ""
+        table.add_row("memory per rank", f"{human_bytes(b['total'])} at the peak ({parts}){host}")
+    if plan.reference:
+        r = plan.reference
+        table.add_row("reference", f"{r['what']}: no extra memory; {r['compute']}")
     table.add_row("steps", f"{spec.train.max_steps}, checkpoint every {spec.train.save_every or 'end only'}")
     table.add_row("run dir", plan.run_dir)
     console.print(table)
+    if plan.candidates:
+        console.print(candidates_table(plan))
+
+
+def candidates_table(plan: Plan):
+    """One row per candidate: GiB per rank by category, and whether it fits."""
+    from rich import box
+    from rich.table import Table
+
+    if plan.usable_bytes is None:
+        limit = "GPU memory unknown: not checked"
+    else:
+        limit = f"GPU {gib(plan.gpu_memory_bytes)} GiB, {gib(plan.usable_bytes)} usable"
+    table = Table(title=f"memory per rank, GiB ({limit})", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("strategy", no_wrap=True)
+    table.add_column("micro", justify="right")
+    for name in COLUMNS:
+        table.add_column("host" if name == "offloaded" else name, justify="right")
+    table.add_column("fits")
+    chosen = (plan.chosen or {}).get("strategy"), (plan.chosen or {}).get("offload")
+    for c in plan.candidates:
+        b = c["bytes_per_rank"]
+        mark = "→ " if (c["strategy"], c["offload"]) == chosen else "  "
+        fits = "-" if plan.usable_bytes is None else ("yes" if c["fits"] else "no")
+        cells = [gib(b[k]) if b[k] or k != "offloaded" else "" for k in COLUMNS]
+        table.add_row(mark + candidate_label(c), str(c["micro_batch_size"]), *cells, fits)
+    return table

@@ -1,0 +1,331 @@
+"""The planner: its memory model against what real ranks hold and what autograd keeps, the ZeRO paper's
+numbers, `strategy: auto` and `micro_batch_size: auto`, and a job that fits nothing (exit 2)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import dist_harness
+import pytest
+import torch
+
+from launcher.errors import UserError
+from launcher.memory import ParamCounts, Setting, activation_bytes, count_parameters
+from launcher.memory_model import GIB, state_bytes
+from launcher.plan import Plan, build_plan
+from launcher.spec import JobSpec
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "examples" / "configs"
+ALPACA = REPO / "examples" / "data" / "alpaca_tiny.jsonl"
+# Odd sizes on purpose: vocab 421 and the 51-row MLP projections shard unevenly under FSDP2 (rank 0 holds
+# more), the trainable element counts (57,834 full, 3,354 LoRA r=3) are not multiples of ZeRO-1/2's 2 x ranks,
+# and ZeRO-3 pads odd tensors (153 elements) and keeps those of at most 10 x hidden elements whole.
+ODD = dict(hidden_size=42, intermediate_size=51, num_layers=2, num_heads=3, num_kv_heads=1)
+STRATEGIES = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3")
+
+
+def job(model_path: str | Path, **sections) -> JobSpec:
+    raw = {
+        "name": "planner-test",
+        "model": {"path": str(model_path)},
+        "data": {"train": [{"path": str(ALPACA)}], "max_length": 64},
+        "train": {"micro_batch_size": 1, "global_batch_size": 2},
+        "strategy": {"name": "single"},
+        "device": "cpu",
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return JobSpec.model_validate(raw)
+
+
+# -- params, grads, optimizer: predicted == held by real ranks -----------------------------------------
+def measure(env, plans: dict[str, Plan]) -> dict[str, dict]:
+    """Each plan's strategy, set up as a rank does (training/model.py, training/worker.py), two steps of two
+    micro-steps: params and grads at their most over the second step's micro-steps, optimizer after it."""
+    from strategies import DistEnv
+    from training.model import load_model
+    from training.worker import build_strategy
+
+    out = {}
+    for name, plan in plans.items():
+        rank_env = env if plan.world_size > 1 else DistEnv(rank=env.rank, local_rank=env.rank)
+        torch.manual_seed(0)
+        strategy = build_strategy(
+            plan, rank_env, load_model(plan.spec, plan.compute_dtype, torch.device("cpu"))
+        )
+        # Measured before the first forward: bitsandbytes' CPU backend then re-packs the weights (un-nested
+        # absmax), the GPU keeps the layout loaded.
+        scales = quant_state_bytes(strategy.unwrap())
+        ids = torch.randint(8, 400, (1, 16), generator=torch.Generator().manual_seed(env.rank))
+        most = {"params": 0, "grads": 0}
+        for step in range(2):
+            for micro in range(plan.grad_accum):
+                with strategy.accumulate(micro == plan.grad_accum - 1), strategy.forward_context():
+                    strategy.backward(strategy.model(input_ids=ids).logits.float().mean())
+                held = strategy.local_state_bytes()
+                held["params"] += scales
+                most = {k: max(most[k], held[k]) for k in most} if step else most
+            strategy.step()
+        out[name] = {**most, "optimizer": strategy.local_state_bytes()["optimizer"]}
+        strategy.teardown()
+    return out
+
+
+def quant_state_bytes(model: torch.nn.Module) -> int:
+    """bitsandbytes' block scales and code tables of the 4-bit weights: device memory that is no parameter,
+    so `local_state_bytes()` leaves it out."""
+    from strategies.base import tensor_bytes
+
+    states = {
+        id(q): q for m in model.modules() if (q := getattr(getattr(m, "weight", None), "quant_state", None))
+    }
+    nested = [t for q in states.values() if q.nested for t in (q.offset, q.state2.absmax, q.state2.code)]
+    return tensor_bytes([t for q in states.values() for t in (q.absmax, q.code)] + nested)
+
+
+@pytest.fixture(scope="module")
+def odd_model(tmp_path_factory) -> Path:
+    from training.tiny import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("odd-llama"), **ODD)
+
+
+# Every strategy, full and LoRA in fp32 (the CPU's compute dtype); some in bf16 compute; QLoRA's 4-bit base.
+MEASURED = sorted(
+    {(s, ft, "fp32") for s in STRATEGIES for ft in ("full", "lora")}
+    | {
+        ("zero1", "full", "bf16"),
+        ("zero3", "full", "bf16"),
+        ("fsdp", "lora", "bf16"),
+        ("zero2", "lora", "bf16"),
+    }
+    | {("single", "qlora", "bf16"), ("ddp", "qlora", "bf16")}
+)
+
+
+@pytest.fixture(scope="module")
+def two_rank_bytes(odd_model, tmp_path_factory) -> tuple[dict, dict]:
+    """(plans, what each rank held): one spawn of 2 gloo ranks runs every measured job."""
+    from training.tiny import build_tiny_llama
+
+    even_model = build_tiny_llama(
+        tmp_path_factory.mktemp("tiny-llama")
+    )  # bitsandbytes quantises even sizes only
+    plans = {}
+    for strategy, finetune, dtype in MEASURED:
+        ranks = 1 if strategy == "single" else 2
+        spec = job(
+            even_model if finetune == "qlora" else odd_model,
+            model={"dtype": dtype},
+            finetune={"type": finetune, "r": 3},
+            strategy={"name": strategy},
+            resources={"gpus_per_node": ranks},
+            train={"global_batch_size": 2 * ranks},
+        )
+        plans[f"{strategy}-{finetune}-{dtype}"] = build_plan(spec, Path("unused"), device="cpu")[0]
+    return plans, dist_harness.unwrap(dist_harness.run(measure, 2, plans))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["-".join(j) for j in MEASURED])
+def test_predicted_state_is_what_ranks_hold(two_rank_bytes, name):
+    plans, held = two_rank_bytes
+    plan = plans[name]
+    predicted = {k: plan.chosen["bytes_per_rank"][k] for k in ("params", "grads", "optimizer")}
+    assert held[0][name] == predicted
+    counts, setting = count_parameters(plan.spec), plan_setting(plan)
+    for rank in range(plan.world_size):  # FSDP2's rank 1 holds fewer rows of the odd-sized tensors
+        want = state_bytes(counts, replace(setting, rank=rank))
+        assert held[rank][name] == {k: want[k] for k in predicted}, f"rank {rank}"
+
+
+def plan_setting(plan: Plan) -> Setting:
+    from launcher.memory_model import setting_for
+
+    return setting_for(
+        plan.spec, plan.strategy, plan.offload, plan.world_size, plan.device, plan.compute_dtype,
+        plan.micro_batch_size, plan.grad_accum,
+    )  # fmt: skip
+
+
+# -- the ZeRO paper's numbers and the published configs ------------------------------------------------
+@pytest.fixture(scope="module")
+def llama8b() -> ParamCounts:
+    return count_parameters(job(CONFIGS / "llama3-8b", finetune={"type": "full"}))
+
+
+def test_published_configs_count_their_parameters(llama8b):
+    assert llama8b.total == 8_030_261_248
+    lora = count_parameters(job(CONFIGS / "llama3-8b", finetune={"type": "lora", "r": 16}))
+    assert (lora.trainable, lora.frozen) == (41_943_040, 8_030_261_248)
+    qlora = count_parameters(job(CONFIGS / "llama3-70b", finetune={"type": "qlora", "r": 16}))
+    assert qlora.frozen == 70_553_706_496 and qlora.trainable == 207_093_760
+    embeddings_head_norms = 2 * 128256 * 8192 + (2 * 80 + 1) * 8192
+    assert qlora.frozen_quantized == 70_553_706_496 - embeddings_head_norms  # every other weight is 4-bit
+
+
+@pytest.mark.parametrize("strategy,gb", [("zero1", 44.2), ("zero2", 30.1), ("zero3", 16.1)])
+def test_zero_paper_numbers_for_llama3_8b_on_8_gpus(llama8b, strategy, gb):
+    """Mixed-precision Adam, 16 bytes per parameter (2 bf16 params + 2 bf16 grads + 12 fp32 master, momentum,
+    variance), sharded by stage: 2+2+12/8, 2+(2+12)/8, 16/8 bytes per parameter, before activations."""
+    held = state_bytes(llama8b, Setting(strategy=strategy, world_size=8, compute_dtype="bf16"))
+    assert (held["params"] + held["grads"] + held["optimizer"]) / 1e9 == pytest.approx(gb, abs=0.1)
+
+
+# -- activations: predicted == the peak autograd and the loss really take (CPU allocator) -------------
+def measured_peak(model, ids, mask, tmp_path: Path) -> int:
+    """Peak bytes the CPU allocator hands out during forward, loss and backward (grads already allocated)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def step():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        loss = torch.nn.functional.cross_entropy(logits[0].float(), ids[0], reduction="sum")
+        del logits
+        loss.backward()
+
+    step()
+    model.zero_grad(set_to_none=False)  # gradients stay allocated: the profiled peak is activations only
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    prof.export_chrome_trace(str(tmp_path / "trace.json"))
+    events = [
+        e["args"]
+        for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+        if e.get("name") == "[memory]"
+    ]
+    start = events[0]["Total Allocated"] - events[0]["Bytes"]
+    return max(e["Total Allocated"] for e in events) - start
+
+
+@pytest.mark.parametrize(
+    "finetune,dtype,samples,checkpointing",
+    [
+        ("full", "fp32", 1, False),
+        ("full", "fp32", 2, False),
+        ("lora", "bf16", 2, False),
+        ("full", "bf16", 1, True),
+    ],
+)
+def test_activation_model_matches_the_measured_peak(tmp_path, finetune, dtype, samples, checkpointing):
+    """A Llama layer stack in the compute dtype (as fsdp/zero run it), `samples` sequences in one padding-free
+    row (a block mask when there are two), cross-entropy over every position."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=2)
+    config = LlamaConfig(**shape, num_attention_heads=8, num_key_value_heads=2, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).to(torch.float32 if dtype == "fp32" else torch.bfloat16)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if finetune == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear")).to(
+            model.dtype
+        )  # as zero casts
+    tokens, length = 256, 256 // samples
+    segment = torch.arange(tokens) // length
+    mask = (segment[:, None] == segment) & (torch.arange(tokens)[:, None] >= torch.arange(tokens))
+    got = measured_peak(
+        model, torch.randint(0, 1000, (1, tokens)), mask[None, None] if samples > 1 else None, tmp_path
+    )
+    counts = ParamCounts(0, 0, 0, 0, 2, 256, 1000, 688, 8, 2, 32)
+    setting = Setting(
+        strategy="zero2", compute_dtype=dtype, finetune=finetune, micro_batch_size=samples, max_length=length,
+        gradient_checkpointing=checkpointing, lora_r=8,
+    )  # fmt: skip
+    assert activation_bytes(counts, setting)[0] == pytest.approx(got, rel=0.06)
+
+
+# -- choices ---------------------------------------------------------------------------------------------
+def plan_for(counts: ParamCounts, gpus: int, gb: float | None, **sections) -> Plan:
+    resources = {"gpus_per_node": gpus, **({"gpu_memory_gb": gb} if gb else {})}
+    defaults = {
+        "model": {"dtype": "bf16", "gradient_checkpointing": True}, "finetune": {"type": "full"},
+        "data": {"max_length": 2048}, "train": {"micro_batch_size": "auto", "global_batch_size": 64},
+        "strategy": {"name": "auto"}, "resources": resources, "cluster": {"kind": "slurm"}, "device": "cuda",
+    }  # fmt: skip
+    spec = job(CONFIGS / "llama3-8b", **{**defaults, **sections})
+    return build_plan(spec, Path("unused"), counts=counts)[0]
+
+
+def test_auto_picks_the_fastest_strategy_that_fits_and_the_largest_micro_batch(llama8b):
+    """Llama-3-8B full fine-tuning on 8 GPUs, global batch 64: ddp never fits (16 bytes/param, 128 GB); on
+    40 GB neither does zero1, nor fsdp, whose accumulation keeps every unsharded fp32 grad (32 GB)."""
+    expected = {80: ("zero1", "none", 8), 40: ("zero2", "none", 2), 24: ("zero2", "optimizer", 1)}
+    for gb, (strategy, offload, micro) in expected.items():
+        plan = plan_for(llama8b, 8, gb)
+        assert (plan.strategy, plan.offload, plan.micro_batch_size) == (strategy, offload, micro), gb
+        assert plan.micro_batch_size * plan.grad_accum * plan.world_size == 64
+        chosen = next(c for c in plan.candidates if (c["strategy"], c["offload"]) == (strategy, offload))
+        assert (
+            chosen == plan.chosen
+            and chosen["fits"]
+            and chosen["bytes_per_rank"]["total"] <= plan.usable_bytes
+        )
+        faster = plan.candidates[: plan.candidates.index(chosen)]
+        assert faster and not any(c["fits"] for c in faster)
+    # Twice the micro batch does not fit: the plan took the largest that does.
+    double = plan_for(
+        llama8b, 8, 40, strategy={"name": "zero2"}, train={"micro_batch_size": 4, "global_batch_size": 64}
+    )
+    assert double.strategy == "zero2" and not double.chosen["fits"]
+
+
+def test_unknown_gpu_memory_is_unlimited_but_still_estimated(llama8b):
+    plan, notices = build_plan(
+        job(CONFIGS / "llama3-8b", strategy={"name": "auto"}, resources={"gpus_per_node": 2},
+            train={"micro_batch_size": "auto", "global_batch_size": 64}),
+        Path("unused"), device="cpu", counts=llama8b,
+    )  # fmt: skip
+    assert (plan.strategy, plan.micro_batch_size, plan.usable_bytes) == ("ddp", 8, None)
+    assert all(c["fits"] for c in plan.candidates) and plan.chosen["bytes_per_rank"]["total"] > 100 * GIB
+    assert any("not checked" in n for n in notices)
+
+
+def test_offload_is_chosen_only_when_nothing_else_fits(llama8b):
+    plan = plan_for(llama8b, 1, 80, train={"micro_batch_size": 1, "global_batch_size": 8})
+    assert (plan.strategy, plan.offload) == ("zero2", "optimizer")
+    assert plan.job["strategy"]["offload"] == "optimizer"  # what the ranks will run with
+    assert plan.chosen["bytes_per_rank"]["offloaded"] > 8e9 * 12
+
+
+def test_a_job_that_fits_nothing_says_by_how_much_and_what_would_fit(llama8b):
+    """Without checkpointing, 2 x 4096 tokens of Llama-3-8B activations alone outgrow a 16 GB GPU; sharding
+    (more GPUs) does not shrink them, checkpointing does."""
+    with pytest.raises(UserError) as error:
+        plan_for(
+            llama8b, 1, 16, model={"dtype": "bf16", "gradient_checkpointing": False}, data={"max_length": 4096},
+            train={"micro_batch_size": 2, "global_batch_size": 8},
+        )  # fmt: skip
+    message, hint = error.value.message, error.value.hint
+    assert message.startswith(
+        "the job fits no strategy on GPUs of 16.00 GiB (14.20 GiB usable): the closest, "
+    )
+    assert "zero3 + offload params at micro batch 2" in message and message.endswith("more")
+    assert "model.gradient_checkpointing: true: zero3 + offload params needs" in hint
+    assert "GPUs:" not in hint  # more GPUs shard the state, not the activations
+
+
+def test_the_example_plans_fit_as_documented(capsys):
+    """examples/plans/*.yaml through `sharpen plan --json`, as docs/PLANNER.md shows them."""
+    from launcher.cli import main
+
+    expected = {
+        "llama3-8b-lora-1x24gb": ("single", "none", 1),
+        "llama3-8b-full-8x80gb": ("zero1", "none", 4),
+        "llama3-70b-qlora-2x80gb": ("ddp", "none", 2),
+        "llama3-70b-full-4x8x80gb": ("zero3", "none", 2),
+    }
+    for name, (strategy, offload, micro) in expected.items():
+        assert main(["plan", str(REPO / "examples" / "plans" / f"{name}.yaml"), "--json"]) == 0
+        plan = json.loads(capsys.readouterr().out)
+        assert (plan["strategy"], plan["offload"], plan["micro_batch_size"]) == (strategy, offload, micro), (
+            name
+        )
+        keys = {"params", "grads", "optimizer", "activations", "total"}
+        assert all(keys <= set(c["bytes_per_rank"]) and "fits" in c for c in plan["candidates"])
+        assert plan["chosen"]["fits"] and plan["chosen"]["bytes_per_rank"]["total"] <= plan["usable_bytes"]
