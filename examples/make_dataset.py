@@ -3,6 +3,9 @@
 The tasks are templated so that a model of 0.1-4M parameters visibly learns within ~60 steps: a fixed
 instruction names the task, and the answer follows from the input by a rule (copy, reverse, sort,
 count) or a small lookup table (colors, opposites). Inputs of 1 to 30 items give mixed lengths.
+The preference pairs (DPO, reward models) put each task's right answer against a hedged wrong one
+("Maybe" and a mistake of a consistent kind: off by one, the input unchanged, the wrong color), so a
+tiny model learns the preference within a few steps, its style first and then its content.
 
     python examples/make_dataset.py [--out examples/data] [--seed 0]
 """
@@ -66,6 +69,37 @@ def alpaca_record(rng: random.Random) -> dict:
     return {"instruction": f"Count from 1 to {n}.", "input": "", "output": " ".join(map(str, range(1, n + 1)))}
 
 
+PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+def wrong_answer(record: dict, rng: random.Random) -> str:
+    """A wrong output for an alpaca_record, of a kind that depends on its task only."""
+    instruction, given, output = record["instruction"], record["input"], record["output"]
+    if instruction == "Name the color.":
+        wrong = rng.choice(sorted({c for c in COLORS.values() if c != COLORS[given]}))
+        return f"The {given} is {wrong}."
+    if instruction == "Give the opposite.":
+        return given
+    if instruction == "Repeat the word three times.":
+        return " ".join([given] * 2)
+    if instruction in ("Reverse the list.", "Sort the numbers."):
+        return given if given != output else output + ", " + output
+    if instruction.startswith("Say hello to"):
+        return output.replace("Hello", "Goodbye")
+    if instruction.startswith("Count from 1 to"):
+        return " ".join(output.split()[:-1]) or "0"
+    return str(int(output) + rng.choice([-2, -1, 1, 2]))  # sums, counts, successors: off by a little
+
+
+def preference_record(rng: random.Random) -> dict:
+    """A prompt in the alpaca template (as TRL's string prompts carry theirs), a right and a wrong answer."""
+    r = alpaca_record(rng)
+    template = PROMPT_WITH_INPUT if r["input"] else PROMPT
+    wrong = wrong_answer(r, rng)
+    return {"prompt": template.format(**r), "chosen": r["output"], "rejected": "Maybe " + wrong[:1].lower() + wrong[1:]}
+
+
 def chat_record(rng: random.Random) -> dict:
     """A conversation of 1-3 user/assistant turns over the same tasks, sometimes with a system turn."""
     messages = [{"role": "system", "content": "You are a helpful assistant."}] if rng.random() < 0.3 else []
@@ -108,7 +142,10 @@ def main() -> None:
     write_jsonl(out / "alpaca_tiny.jsonl", [alpaca_record(rng) for _ in range(1600)])
     write_jsonl(out / "chat_tiny.jsonl", [chat_record(rng) for _ in range(240)])
     write_jsonl(out / "text_tiny.jsonl", [text_record(rng) for _ in range(320)])
-    print(f"wrote alpaca_tiny.jsonl (1600), chat_tiny.jsonl (240), text_tiny.jsonl (320) to {out}")
+    rng = random.Random(f"{args.seed}-preference")  # its own stream: the files above stay as they were
+    write_jsonl(out / "preference_tiny.jsonl", [preference_record(rng) for _ in range(480)])
+    print(f"wrote alpaca_tiny.jsonl (1600), chat_tiny.jsonl (240), text_tiny.jsonl (320), "
+          f"preference_tiny.jsonl (480) to {out}")
 
 
 if __name__ == "__main__":

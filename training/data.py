@@ -26,13 +26,15 @@ from launcher.spec import DataFile, DataSpec
 from training.formats import FORMATS, Encoder, RecordError, load_source, record_location, source_files
 from training.packing import COLUMNS, IGNORE_INDEX, MicroBatch, collate, pack_dataset, row_features
 
-__all__ = ["MicroBatch", "StepBatch", "load_prepared", "prepare_dataset", "step_batches"]
+__all__ = ["MicroBatch", "StepBatch", "load_prepared", "load_prepared_eval", "prepare_dataset", "step_batches"]
 
 logger = logging.getLogger(__name__)
 
 # Bump when the stored layout or the tokenization rules change: old caches then stop matching.
 PIPELINE_VERSION = 1
 META_FILE = "sharpen-data.json"
+EVAL_DIR = "eval"  # the evaluation rows (data.eval, data.eval_split), inside the training data's directory
+EVAL_SPLIT_SEED = 0  # which rows data.eval_split holds out: fixed, so every run of the same data agrees
 CONTENT_HASH_MAX_BYTES = 32 << 20
 LOCK_HEARTBEAT_S = 5.0
 LOCK_STALE_S = 120.0
@@ -71,16 +73,22 @@ def _load_tokenizer(tokenizer_path: str, trust_remote_code: bool):
 
 def cache_key(data: DataSpec, method_kind: str, tokenizer_path: str, train_on: str, trust_remote_code: bool) -> str:
     """Hash of everything that changes the tokenized output (file contents, not just names)."""
-    files = []
-    for i, file in enumerate(data.train):
-        local = source_files(i, file)
-        content = [[str(p.resolve()), _fingerprint(p)] for p in local] if local is not None else "hub"
-        files.append([file.path, file.format, file.split, file.field, content])
+
+    def files_key(section: str) -> list:
+        files = []
+        for i, file in enumerate(getattr(data, section)):
+            local = source_files(i, file, section)
+            content = [[str(p.resolve()), _fingerprint(p)] for p in local] if local is not None else "hub"
+            files.append([file.path, file.format, file.split, file.field, content])
+        return files
+
     inputs = {
-        "version": PIPELINE_VERSION, "files": files, "method": method_kind, "train_on": train_on,
+        "version": PIPELINE_VERSION, "files": files_key("train"), "method": method_kind, "train_on": train_on,
         "tokenizer": _tokenizer_fingerprint(tokenizer_path, trust_remote_code),
         "max_length": data.max_length, "packing": data.packing, "truncation": data.truncation,
     }
+    if data.eval or data.eval_split:  # only then: caches of jobs without eval data keep their keys
+        inputs["eval"] = {"files": files_key("eval"), "split": data.eval_split, "seed": EVAL_SPLIT_SEED}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -97,9 +105,17 @@ def prepare_dataset(
 
     Many processes may call this at once on a shared filesystem: one takes the lock file and builds into
     a temporary directory that it renames into place; the others poll for that directory. No collective.
+    Evaluation rows (data.eval files, data.eval_split held out of train) go into its `eval/` directory.
     """
-    if method_kind in ("dpo", "reward"):
-        raise UserError(f"method.kind {method_kind} data (format: preference) is not supported yet (issue 5)")
+    if any(FORMATS[f.format].paired for f in (*data.train, *data.eval)):
+        # A pair row is [chosen, rejected] end to end, and a micro-batch lays its pairs in one row: the
+        # preference losses find each sequence by where its positions restart.
+        if data.packing:
+            raise UserError("data.packing: preference pairs are not packed (each pair is already one row of "
+                            "chosen and rejected, laid end to end)", hint="remove data.packing")
+        if not data.padding_free:
+            raise UserError("data.padding_free: false does not apply to preference pairs: chosen and rejected "
+                            "of every pair go through one padding-free forward", hint="remove data.padding_free")
     root = Path(cache_root or data.cache_dir or "~/.cache/sharpen/tokenized").expanduser()
     final = root / cache_key(data, method_kind, tokenizer_path, train_on, trust_remote_code)
     if (final / META_FILE).exists():
@@ -115,6 +131,15 @@ def load_prepared(path: Path):
     if not (Path(path) / META_FILE).exists():
         raise UserError(f"{path} is not a dataset written by prepare_dataset (no {META_FILE})")
     return datasets.load_from_disk(str(path))
+
+
+def load_prepared_eval(path: Path):
+    """The evaluation rows prepare_dataset wrote next to the training rows, or None when the job has none."""
+    import datasets
+
+    load_prepared(path)  # the same checks
+    eval_dir = Path(path) / EVAL_DIR
+    return datasets.load_from_disk(str(eval_dir)) if eval_dir.is_dir() else None
 
 
 # ---------------------------------------------------------------- one builder, many waiters
@@ -230,12 +255,27 @@ def _finish_sample(ids: list[int], targets: list[bool], max_length: int, truncat
     return [ids, labels, [len(ids)], len(ids), n_labels, 1]
 
 
+def _finish_pair(chosen, rejected, max_length: int, truncation: str, stats: dict):
+    """One row of two segments, chosen then rejected, each finished as a sample; dropped with either."""
+    scratch = dict.fromkeys(stats, 0)
+    finished = [_finish_sample(ids, targets, max_length, truncation, scratch) for ids, targets in (chosen, rejected)]
+    if None in finished:
+        reason = "dropped_too_long" if scratch["dropped_too_long"] else "dropped_no_labels"
+        stats[reason] += 1
+        return None
+    stats["truncated"] += bool(scratch["truncated"])
+    (c_ids, c_labels, *_), (r_ids, r_labels, *_) = finished
+    n_labels = finished[0][4] + finished[1][4]
+    return [c_ids + r_ids, c_labels + r_labels, [len(c_ids), len(r_ids)], len(c_ids) + len(r_ids), n_labels, 2]
+
+
 def _encode_source(
-    ds, i: int, file: DataFile, path: Path | None, tokenizer, train_on: str, data: DataSpec, stats: dict, out: Path
+    ds, i: int, file: DataFile, path: Path | None, tokenizer, train_on: str, data: DataSpec, stats: dict, out: Path,
+    section: str = "train",
 ):
     """Encode one source file; the Arrow output goes to `out` (each part its own file, never HF's cache)."""
     fmt, enc = FORMATS[file.format], Encoder(tokenizer, train_on, file.field)
-    label = f"data.train[{i}] ({path or file.path})"
+    label = f"data.{section}[{i}] ({path or file.path})"
     missing = [c for c in fmt.required(file.field) if c not in ds.column_names]
     if missing:
         raise UserError(
@@ -252,8 +292,11 @@ def _encode_source(
             example = f"a valid {file.format} record: {fmt.example_line()}"
             raise UserError(f"{label}: {where}{e.message}", hint=example) from None
         columns: dict[str, list] = {c: [] for c in COLUMNS}
-        for ids, targets in encoded:
-            sample = _finish_sample(ids, targets, data.max_length, data.truncation, stats)
+        for item in encoded:
+            if fmt.paired:
+                sample = _finish_pair(*item, data.max_length, data.truncation, stats)
+            else:
+                sample = _finish_sample(*item, data.max_length, data.truncation, stats)
             if sample:
                 for column, value in zip(COLUMNS, sample, strict=True):
                     columns[column].append(value)
@@ -276,13 +319,7 @@ def _build(out: Path, data: DataSpec, tokenizer_path: str, trust_remote_code: bo
     try:
         tokenizer = _load_tokenizer(tokenizer_path, trust_remote_code)
         stats = {"records": 0, "truncated": 0, "dropped_too_long": 0, "dropped_no_labels": 0}
-        parts = []
-        for i, file in enumerate(data.train):
-            for path in source_files(i, file) or [None]:
-                raw = load_source(i, file, path, work)
-                stats["records"] += len(raw)
-                parts.append(_encode_source(raw, i, file, path, tokenizer, train_on, data, stats, work))
-        ds = datasets.concatenate_datasets(parts)
+        ds = _encode_section("train", data, tokenizer, train_on, stats, work)
         if len(ds) == 0:
             raise UserError(
                 f"no training samples left out of {stats['records']} records: "
@@ -290,9 +327,16 @@ def _build(out: Path, data: DataSpec, tokenizer_path: str, trust_remote_code: bo
                 f"{stats['dropped_no_labels']} with no token to learn from",
                 hint="raise data.max_length, set data.truncation: right, or check the records' completions",
             )
+        eval_parts, eval_stats = [], dict.fromkeys(stats, 0)
+        if data.eval_split:
+            ds, held_out = _hold_out(ds, data.eval_split)
+            eval_parts.append(held_out)
+        if data.eval:
+            eval_parts.append(_encode_section("eval", data, tokenizer, train_on, eval_stats, work))
         if data.packing:
             ds = pack_dataset(ds, data.max_length, work)
         ds.save_to_disk(str(out))
+        eval_rows = _save_eval(eval_parts, data, out, work) if eval_parts else 0
     finally:
         if bars:
             datasets.utils.logging.enable_progress_bar()
@@ -309,8 +353,49 @@ def _build(out: Path, data: DataSpec, tokenizer_path: str, trust_remote_code: bo
         "label_tokens": int(np.asarray(ds.with_format("arrow")["num_label_tokens"]).sum()),
         "tokenizer": tokenizer_path, "train_on": train_on, "data": data.model_dump(),
     }
+    if eval_rows:
+        meta |= {"eval_rows": eval_rows, "eval_stats": eval_stats}
     (out / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     builds_in_this_process += 1
+
+
+def _encode_section(section: str, data: DataSpec, tokenizer, train_on: str, stats: dict, work: Path):
+    """Every file of data.train or data.eval, encoded and concatenated in order."""
+    import datasets
+
+    parts = []
+    for i, file in enumerate(getattr(data, section)):
+        for path in source_files(i, file, section) or [None]:
+            raw = load_source(i, file, path, work, section)
+            stats["records"] += len(raw)
+            parts.append(_encode_source(raw, i, file, path, tokenizer, train_on, data, stats, work, section))
+    return datasets.concatenate_datasets(parts)
+
+
+def _hold_out(ds, share: float):
+    """(train, held out): data.eval_split of the samples, chosen by a fixed seed, each part in file order."""
+    n = len(ds)
+    n_eval = max(1, round(n * share))
+    if n_eval >= n:
+        raise UserError(f"data.eval_split {share} of {n} samples leaves none to train on", hint="lower data.eval_split")
+    held = np.sort(np.random.default_rng(EVAL_SPLIT_SEED).permutation(n)[:n_eval])
+    keep = np.setdiff1d(np.arange(n), held)
+    return ds.select(keep), ds.select(held)
+
+
+def _save_eval(parts: list, data: DataSpec, out: Path, work: Path) -> int:
+    """Write the evaluation rows (packed like the training rows) to out/eval; returns their number."""
+    import datasets
+
+    ds = datasets.concatenate_datasets(parts)
+    if len(ds) == 0:
+        raise UserError("no evaluation samples left after tokenization (all too long or without labels)",
+                        hint="raise data.max_length or check the data.eval records")
+    if data.packing:
+        (work / EVAL_DIR).mkdir()
+        ds = pack_dataset(ds, data.max_length, work / EVAL_DIR)
+    ds.save_to_disk(str(out / EVAL_DIR))
+    return len(ds)
 
 
 # ---------------------------------------------------------------- sampling
@@ -321,6 +406,7 @@ class StepBatch:
     """This rank's micro-batches of one optimizer step, and the counts of the whole step (every rank).
 
     global_samples counts original samples (a packed row holds several); step is the global step index.
+    global_rows counts stored rows: a preference row is one (chosen, rejected) pair.
     """
 
     micro_batches: list[MicroBatch]
@@ -329,6 +415,7 @@ class StepBatch:
     global_samples: int
     epoch: int
     step: int = 0
+    global_rows: int = 0
 
 
 def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
@@ -407,6 +494,8 @@ def step_batches(
                     padding_free=padding_free, attention=attention, pad_token_id=pad_token_id)
             for k in range(grad_accum)
         ]
+        for micro, slot in zip(micro_batches, mine, strict=True):
+            micro.row_ids = slot
         yield StepBatch(
             micro_batches=micro_batches,
             global_label_tokens=int(label_counts[members].sum()),
@@ -414,4 +503,5 @@ def step_batches(
             global_samples=int(segment_counts[members].sum()),
             epoch=epoch,
             step=step,
+            global_rows=len(members),
         )

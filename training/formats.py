@@ -4,8 +4,8 @@ Every format reduces to the same thing: a rendered text, the character spans of 
 and one tokenization of the whole text (with offsets) that maps spans to tokens. Tokenizing the whole
 text once, instead of prompt and completion separately, keeps the tokens exactly those a model sees
 when the text is tokenized at inference, and works alike for byte-level and sentencepiece tokenizers.
-A new record format is one entry in FORMATS. Preference pairs (issue 5) have theirs reserved: they
-will encode each record to a (chosen, rejected) pair of such sequences, stored as a pair row.
+A new record format is one entry in FORMATS. Preference records encode to a (chosen, rejected) pair
+of such sequences, which the pipeline stores as one row of two segments.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ class Format:
     name: str
     required: Callable[[str | None], tuple[str, ...]]  # DataFile.field -> the columns a file must have
     example: dict[str, Any]
-    encode: Callable[[dict[str, list], Encoder], list[tuple[list[int], list[bool]]]]
+    encode: Callable[[dict[str, list], Encoder], list]  # per record: (ids, targets), or a pair of them
+    paired: bool = False  # each record is a (chosen, rejected) pair of sequences
 
     def example_line(self) -> str:
         return json.dumps(self.example)
@@ -206,9 +207,60 @@ def encode_chat(batch: dict[str, list], enc: Encoder):
     return enc.encode_spans(texts, spans)
 
 
+def _turns(value, name: str, index: int, role: str) -> list[dict]:
+    """A preference field as chat messages: a message list as is, a string as one `role` message."""
+    if isinstance(value, list):
+        return _messages({name: value}, name, index)
+    return [{"role": role, "content": value}]
+
+
+def _preference_texts(record: dict, index: int, tokenizer) -> list[tuple[str, tuple[int, int]]]:
+    """(text, loss span) of prompt + chosen and of prompt + rejected.
+
+    Strings are concatenated as they are (the prompt carries its own template, as in TRL); when any of
+    the three fields is a message list, the pair is rendered with the tokenizer's chat template and the
+    answer's span is what it adds after the prompt with the generation prompt."""
+    fields = {}
+    for name in ("prompt", "chosen", "rejected"):
+        value = record.get(name)
+        if value is None:
+            raise RecordError(index, f"field '{name}' is missing")
+        if not isinstance(value, (str, list)):
+            raise RecordError(index, f"field '{name}' must be a string or a list of messages, got {type(value).__name__}")
+        fields[name] = value
+    if not any(isinstance(v, list) for v in fields.values()):
+        prompt = fields["prompt"]
+        return [(prompt + fields[k], (len(prompt), len(prompt) + len(fields[k]))) for k in ("chosen", "rejected")]
+    if not tokenizer.chat_template:
+        raise RecordError(None, "message lists need a chat template, and the tokenizer has none; use strings")
+    prompt = _turns(fields["prompt"], "prompt", index, "user")
+    before = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    out = []
+    for name in ("chosen", "rejected"):
+        answer = _turns(fields[name], name, index, "assistant")
+        if len(answer) > len(prompt) and answer[: len(prompt)] == prompt:
+            answer = answer[len(prompt) :]  # answers that repeat the prompt's turns (UltraFeedback binarized)
+        full = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
+        if not full.startswith(before):
+            raise RecordError(
+                index, f"the chat template does not render the prompt as the start of prompt + {name}, so the "
+                "answer cannot be located; give the pair as strings",
+            )
+        out.append((full, (len(before), len(full))))
+    return out
+
+
 def encode_preference(batch: dict[str, list], enc: Encoder):
-    """Preference pairs (prompt, chosen, rejected) are issue 5: they encode to two sequences per record."""
-    raise RecordError(None, "format: preference is not supported yet (DPO and reward modelling are issue 5)")
+    """Each record to ((chosen ids, targets), (rejected ids, targets)); the prompt never carries loss."""
+    if enc.train_on != "completion":  # a method setting for SFT; a preference is about the answers only
+        enc = Encoder(enc.tokenizer, "completion", enc.field)
+    texts, spans = [], []
+    for i, record in enumerate(_rows(batch)):
+        for text, span in _preference_texts(record, i, enc.tokenizer):
+            texts.append(text)
+            spans.append([span])
+    encoded = enc.encode_spans(texts, spans)
+    return [(encoded[k], encoded[k + 1]) for k in range(0, len(encoded), 2)]
 
 
 FORMATS: dict[str, Format] = {
@@ -228,8 +280,9 @@ FORMATS: dict[str, Format] = {
     "preference": Format(
         "preference",
         lambda field: ("prompt", "chosen", "rejected"),
-        {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+        {"prompt": "2+2? ", "chosen": "4", "rejected": "5"},
         encode_preference,
+        paired=True,
     ),
 }
 
@@ -245,9 +298,9 @@ def file_type(path: Path) -> str | None:
     return BUILDERS.get(suffixes[-1]) if suffixes else None
 
 
-def source_files(i: int, file: DataFile) -> list[Path] | None:
-    """The local data files of data.train[i] (None: a hub dataset); UserError when there is nothing to read."""
-    label = f"data.train[{i}] ({file.path})"
+def source_files(i: int, file: DataFile, section: str = "train") -> list[Path] | None:
+    """The local data files of data.<section>[i] (None: a hub dataset); UserError when there is nothing to read."""
+    label = f"data.{section}[{i}] ({file.path})"
     path = Path(file.path).expanduser()
     if path.is_file():
         if not file_type(path):
@@ -261,18 +314,18 @@ def source_files(i: int, file: DataFile) -> list[Path] | None:
         if not files:
             raise UserError(f"{label}: the directory holds no {'/'.join(BUILDERS)} files")
         if len({file_type(p) for p in files}) > 1:
-            raise UserError(f"{label}: the directory mixes file types; list each type as its own data.train entry")
+            raise UserError(f"{label}: the directory mixes file types; list each type as its own data.{section} entry")
         return files
     if HUB_ID.match(file.path) and not file_type(path) and not file.path.startswith("."):
         return None
     raise UserError(f"{label}: file not found: {path.absolute()}")
 
 
-def load_source(i: int, file: DataFile, path: Path | None, work: Path):
-    """One file (or the hub dataset) of data.train[i] as a datasets.Dataset; its Arrow copy goes under `work`."""
+def load_source(i: int, file: DataFile, path: Path | None, work: Path, section: str = "train"):
+    """One file (or the hub dataset) of data.<section>[i] as a datasets.Dataset; its Arrow copy goes under `work`."""
     import datasets
 
-    label = f"data.train[{i}] ({path or file.path})"
+    label = f"data.{section}[{i}] ({path or file.path})"
     if path is None:
         try:
             return datasets.load_dataset(file.path, split=file.split)

@@ -31,6 +31,9 @@ class LoopConfig:
     # Preemption hook, polled on every rank after every step and agreed through a collective: True stops
     # the run at this step with a checkpoint. Default: a SLURM stop request (cluster/signals.py), else never.
     should_stop: Callable[[], bool] | None = None
+    # Evaluation hook (training/evaluate.py), called on every rank after every step: a row of eval/
+    # metrics to log (rank 0 writes it), or None when this step has no evaluation.
+    evaluate: Callable[[int], dict | None] | None = None
 
 
 def lr_lambda(kind: str, warmup: int, total: int, min_ratio: float):
@@ -120,6 +123,10 @@ def run_steps(
                 progress.update(step, row)
             else:
                 progress.update(step, None)
+            eval_row = cfg.evaluate(step) if cfg.evaluate is not None else None
+            if eval_row and env.is_main:
+                metrics.write(eval_row)
+                wandb_run.log(eval_row)
 
             if cfg.save_every and step % cfg.save_every == 0 and step != cfg.max_steps:
                 state = {**cfg.checkpoint_meta, "tokens_seen": tokens_seen, "wandb_id": wandb_run.id}

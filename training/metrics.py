@@ -67,6 +67,10 @@ class Progress:
         stats = self._progress.tasks[0].fields.get("stats", "")
         if row is not None:
             stats = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:.0f} tok/s"
+            for short, names in (("margin", ("rewards/margin", "margin")), ("acc", ("rewards/accuracy", "accuracy"))):
+                value = next((row[n] for n in names if n in row), None)  # DPO, reward models
+                if value is not None:
+                    stats += f"  {short} {value:.3f}"
         self._progress.update(self._task, completed=step, stats=stats)
 
     def close(self) -> None:

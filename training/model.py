@@ -44,10 +44,16 @@ def quantization_config(spec: JobSpec, compute_dtype: torch.dtype):
 
 
 def load_model(spec: JobSpec, compute_dtype: str, device: torch.device) -> nn.Module:
-    """The model as it will be trained, on `device` (CPU for strategies that place it themselves)."""
-    from transformers import AutoModelForCausalLM
+    """The model as it will be trained, on `device` (CPU for strategies that place it themselves).
+
+    Reward modelling loads the base as AutoModelForSequenceClassification with one label: the base
+    model's weights and a new `score` head (seeded by train.seed, so every rank starts alike). A config
+    without a pad token gets the tokenizer's (training/reward.py reads rewards where transformers'
+    pooling would, and the exported model then scores batches as it was trained)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     ft = spec.finetune
+    reward = spec.method.kind == "reward"
     compute = TORCH_DTYPES[compute_dtype]
     kwargs: dict = {
         "attn_implementation": spec.model.attention,
@@ -65,8 +71,15 @@ def load_model(spec: JobSpec, compute_dtype: str, device: torch.device) -> nn.Mo
         kwargs["quantization_config"] = quantization_config(spec, compute)
         if device.type == "cuda":
             kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(spec.model.path, **kwargs)
+    if reward:
+        kwargs["num_labels"] = 1
+        torch.manual_seed(spec.train.seed)
+    model = (AutoModelForSequenceClassification if reward else AutoModelForCausalLM).from_pretrained(
+        spec.model.path, **kwargs
+    )
     model.config.use_cache = False
+    if reward and model.config.pad_token_id is None:
+        model.config.pad_token_id = load_tokenizer(spec).pad_token_id
 
     if ft.type == "qlora":
         from peft import prepare_model_for_kbit_training
@@ -93,7 +106,8 @@ def apply_lora(model: nn.Module, spec: JobSpec) -> nn.Module:
 
     ft = spec.finetune
     config = LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
+        # SEQ_CLS (reward models) also trains and saves the `score` head in full (PEFT adds it to modules_to_save).
+        task_type=TaskType.SEQ_CLS if spec.method.kind == "reward" else TaskType.CAUSAL_LM,
         r=ft.r,
         lora_alpha=ft.alpha,
         lora_dropout=ft.dropout,

@@ -124,6 +124,9 @@ class MicroBatch:
     num_samples: int
     num_tokens: int
     num_label_tokens: int
+    # The dataset rows laid in this micro-batch, in order: keys of per-row data computed elsewhere
+    # (precomputed DPO reference log-probabilities). Set by the sampler, None from collate alone.
+    row_ids: list[int] | None = None
 
     def to(self, device, dtype: torch.dtype | None = None) -> MicroBatch:
         """Move to `device`; `dtype` recasts an additive (eager) mask to the compute dtype, keeping it finite."""

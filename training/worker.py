@@ -111,6 +111,17 @@ def build_strategy(plan: Plan, env: DistEnv, model):
     return strategy
 
 
+def make_method(plan: Plan, strategy, run_dir: Path, dataset, eval_dataset, resumed: bool, pad_token_id: int):
+    """The job's loss; for DPO with its reference (training/dpo.py), which may be precomputed here."""
+    spec = plan.spec
+    reference = None
+    if spec.method.kind == "dpo":
+        from training.dpo import build_reference
+
+        reference = build_reference(strategy, spec, plan, run_dir, dataset, eval_dataset, resumed, pad_token_id)
+    return create_method(spec.method.kind, spec.method, reference)
+
+
 def main(run_dir: str) -> int:
     run_dir = Path(run_dir)
     plan = Plan.read(run_dir)
@@ -120,7 +131,7 @@ def main(run_dir: str) -> int:
     env = setup_distributed(plan)
     torch.manual_seed(spec.train.seed)
 
-    from training.data import load_prepared, step_batches
+    from training.data import load_prepared, load_prepared_eval, step_batches
 
     tokenizer = load_tokenizer(spec)
     model = load_model(spec, plan.compute_dtype, env.device)
@@ -134,6 +145,7 @@ def main(run_dir: str) -> int:
         notice(console, f"resumed from {path} (step {start_step})")
 
     dataset = load_prepared(Path(plan.data_cache))
+    eval_dataset = load_prepared_eval(Path(plan.data_cache))
     batches = step_batches(
         dataset,
         global_batch_size=plan.global_batch_size,
@@ -161,7 +173,16 @@ def main(run_dir: str) -> int:
     )
     last = {}
     if start_step < spec.train.max_steps:
-        last = run_steps(cfg, strategy, create_method(spec.method.kind), batches, start_step, run_dir, console, wandb_run, state)
+        method = make_method(plan, strategy, run_dir, dataset, eval_dataset, start_step > 0, tokenizer.pad_token_id or 0)
+        if eval_dataset is not None and spec.train.eval_every:
+            from training.evaluate import Evaluator
+
+            cfg.evaluate = Evaluator(
+                strategy, method, eval_dataset, spec.train.eval_every, spec.train.max_steps,
+                micro_batch_size=plan.micro_batch_size, padding_free=spec.data.padding_free,
+                attention=spec.model.attention, pad_token_id=tokenizer.pad_token_id or 0, row_offset=len(dataset),
+            )
+        last = run_steps(cfg, strategy, method, batches, start_step, run_dir, console, wandb_run, state)
         final_state = {**cfg.checkpoint_meta, "tokens_seen": last.get("tokens", 0), "wandb_id": wandb_run.id}
         checkpoint.save(run_dir, spec.train.max_steps, strategy, final_state, spec.train.keep_last)
 
