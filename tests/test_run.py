@@ -134,6 +134,9 @@ def test_metrics_checkpoints_logs_and_wandb_offline(tiny_model, tmp_path):
     assert [r["step"] for r in rows] == [2, 4]
     for key in ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"):
         assert all(key in r for r in rows), key
+    assert all(0 < r["mfu"] < 1 for r in rows)
+    assert (run_dir / "report.png").stat().st_size > 10_000
+    assert "| final_loss |" in (run_dir / "report.md").read_text()
     assert rows[1]["tokens"] > rows[0]["tokens"] > 0
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-2", "step-4"]
     assert sorted(p.name for p in (run_dir / "logs").glob("rank-*.log")) == ["rank-0.log", "rank-1.log"]

@@ -34,6 +34,9 @@ class LoopConfig:
     # Evaluation hook (training/evaluate.py), called on every rank after every step: a row of eval/
     # metrics to log (rank 0 writes it), or None when this step has no evaluation.
     evaluate: Callable[[int], dict | None] | None = None
+    # Model FLOPs per trained token and this rank's measured matmul peak (training/flops.py): MFU.
+    flops_per_token: float = 0.0
+    peak_flops_per_rank: float = 0.0
 
 
 def lr_lambda(kind: str, warmup: int, total: int, min_ratio: float):
@@ -107,6 +110,7 @@ def run_steps(
                     "grad_norm": float(grad_norm),
                     "tokens": tokens_seen,
                     "tokens_per_s": tokens_per_s,
+                    "mfu": mfu(cfg, tokens_per_s),
                     "samples_per_s": samples_per_s,
                     "elapsed_s": throughput.elapsed(),
                     "epoch": step_batch.epoch,
@@ -146,4 +150,12 @@ def run_steps(
         progress.close()
         if metrics is not None:
             metrics.close()
+
+
+def mfu(cfg: LoopConfig, tokens_per_s: float) -> float | None:
+    """Model FLOPs utilisation: the FLOPs the model's math needs per second, per rank, over the rank's
+    measured dense matmul rate in the compute dtype."""
+    if not cfg.flops_per_token or not cfg.peak_flops_per_rank:
+        return None
+    return cfg.flops_per_token * tokens_per_s / cfg.world_size / cfg.peak_flops_per_rank
 

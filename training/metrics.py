@@ -67,6 +67,8 @@ class Progress:
         stats = self._progress.tasks[0].fields.get("stats", "")
         if row is not None:
             stats = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:.0f} tok/s"
+            if row.get("mfu") is not None:
+                stats += f"  MFU {100 * row['mfu']:.1f}%"
             for short, names in (("margin", ("rewards/margin", "margin")), ("acc", ("rewards/accuracy", "accuracy"))):
                 value = next((row[n] for n in names if n in row), None)  # DPO, reward models
                 if value is not None:

@@ -122,6 +122,22 @@ def make_method(plan: Plan, strategy, run_dir: Path, dataset, eval_dataset, resu
     return create_method(spec.method.kind, spec.method, reference)
 
 
+def flops_figures(strategy, dataset, compute_dtype: torch.dtype) -> dict[str, float]:
+    """FLOPs per token of this model on this data, and this rank's measured matmul peak (for MFU)."""
+    from training.flops import matmul_params, measured_peak_flops, train_flops_per_token
+
+    model = strategy.unwrap()
+    config = model.config
+    trainable, frozen = matmul_params(model)
+    # A token attends within its own sample (padding-free): the context is the mean sample length.
+    columns = dataset.column_names
+    lengths = dataset["length"] if "length" in columns else []
+    segments = dataset["num_segments"] if "num_segments" in columns else [1] * len(lengths)
+    mean_len = sum(lengths) / max(1, sum(segments))
+    per_token = train_flops_per_token(trainable, frozen, config.num_hidden_layers, config.hidden_size, mean_len)
+    return {"flops_per_token": per_token, "peak_flops_per_rank": measured_peak_flops(strategy.env.device, compute_dtype)}
+
+
 def main(run_dir: str) -> int:
     run_dir = Path(run_dir)
     plan = Plan.read(run_dir)
@@ -170,6 +186,7 @@ def main(run_dir: str) -> int:
         world_size=env.world_size,
         show_progress=spec.logging.progress,
         checkpoint_meta={"job_hash": plan.job_hash, "sharpen_version": plan.sharpen_version},
+        **flops_figures(strategy, dataset, TORCH_DTYPES[plan.compute_dtype]),
     )
     last = {}
     if start_step < spec.train.max_steps:
@@ -193,6 +210,13 @@ def main(run_dir: str) -> int:
         save_probe_logits(strategy, os.environ["SHARPEN_PROBE_LOGITS"], len(tokenizer))
     strategy.barrier()
     wandb_run.finish()
+    if env.is_main:
+        from training.report import write_report
+
+        extra = {"peak_tflops_per_rank": cfg.peak_flops_per_rank / 1e12}
+        if env.device.type == "cuda":
+            extra["peak_memory_gib"] = torch.cuda.max_memory_allocated(env.device) / 1024**3
+        write_report(run_dir, plan.model_dump(), extra)
     if last and env.is_main:
         notice(console, f"done: step {last['step']}, loss {last['loss']:.4f}; output in {run_dir / 'final'}")
     strategy.teardown()

@@ -1,0 +1,62 @@
+"""Model FLOPs per token and the device's measured matmul rate: what MFU is computed from."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import nn
+
+
+def matmul_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameters that take part in matmuls: everything but the input embeddings,
+    whose lookup costs no FLOPs. Tied output embeddings still count once (the lm_head matmul)."""
+    embedding_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output_ids = {id(p) for p in output.parameters()} if output is not None else set()
+    trainable = frozen = 0
+    seen: set[int] = set()
+    for p in model.parameters():
+        if id(p) in seen or (id(p) in embedding_ids and id(p) not in output_ids):
+            continue
+        seen.add(id(p))
+        quant_state = getattr(p, "quant_state", None)  # 4-bit weights are packed: count the logical shape
+        # ZeRO-3 leaves an empty placeholder in the module and records the real size in ds_numel.
+        numel = math.prod(quant_state.shape) if quant_state is not None else getattr(p, "ds_numel", p.numel())
+        if p.requires_grad:
+            trainable += numel
+        else:
+            frozen += numel
+    return trainable, frozen
+
+
+def train_flops_per_token(trainable: int, frozen: int, num_layers: int, hidden: int, context: float) -> float:
+    """Forward 2 FLOPs per weight, backward 2 for the input gradient and 2 for the weight gradient, which
+    frozen weights skip: 6·N_trainable + 4·N_frozen. Causal attention adds 6·L·d·T per token (QKᵀ and
+    AV, forward and backward, over on average half of a context of T tokens)."""
+    return 6 * trainable + 4 * frozen + 6 * num_layers * hidden * context
+
+
+def measured_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
+    """Dense matmul FLOP/s this device reaches in `dtype`, measured (no vendor table to go stale)."""
+    n = 4096 if device.type == "cuda" else 512
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b  # warm-up: kernels picked, clocks up
+    _sync(device)
+    count, start = 0, time.perf_counter()
+    while True:
+        for _ in range(4):
+            a @ b
+        count += 4
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return 2 * n**3 * count / elapsed
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
