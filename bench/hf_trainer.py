@@ -51,11 +51,16 @@ def build_trainer(cfg: dict, callbacks: list):
         TrainingArguments,
     )
 
-    torch.set_num_threads(cfg["threads"])
+    torch.set_num_threads(cfg.get("threads") or torch.get_num_threads())
+    # "fp32" (the CPU bench) or "bf16": the frozen base in bf16 and the forward under bf16 autocast
+    # (bf16=True); PEFT keeps the adapters in fp32 (autocast_adapter_dtype), as sharpen does.
+    bf16 = cfg.get("dtype", "fp32") == "bf16"
     tokenizer = AutoTokenizer.from_pretrained(cfg["model"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg["model"], dtype=torch.bfloat16 if bf16 else torch.float32, attn_implementation=cfg.get("attention", "sdpa")
+    )
     model.config.use_cache = False
     lora = cfg["lora"]
     torch.manual_seed(cfg["seed"])  # sharpen seeds right before get_peft_model too: the same adapter init
@@ -87,6 +92,7 @@ def build_trainer(cfg: dict, callbacks: list):
         report_to="none",
         disable_tqdm=True,
         use_cpu=cfg["device"] == "cpu",
+        bf16=bf16,
         dataloader_num_workers=0,
         dataloader_pin_memory=cfg["device"] != "cpu",
         train_sampling_strategy="sequential",
@@ -124,8 +130,12 @@ def main(config_path: str) -> None:
     steps_file = (out / "steps.jsonl").open("w")
     step_times: list[float] = []
 
+    sync = cfg["device"] != "cpu" and torch.cuda.is_available()
+
     class StepClock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
+            if sync:  # the step's kernels done, as sharpen's logged rows are (one host sync a step, both arms)
+                torch.cuda.synchronize()
             now = time.perf_counter()
             step_times.append(now - STARTED)
             steps_file.write(json.dumps({"step": state.global_step, "t": now - STARTED}) + "\n")
@@ -133,6 +143,8 @@ def main(config_path: str) -> None:
 
     trainer = build_trainer(cfg, [StepClock()])
     trainer.train()
+    cuda = cfg["device"] != "cpu" and torch.cuda.is_available()
+    peak = torch.cuda.max_memory_allocated() / 1024**3 if cuda else None  # training only, before saving
     trainer.save_model(str(out / "final"))
     steps_file.close()
     result = {
@@ -140,6 +152,7 @@ def main(config_path: str) -> None:
         "step_times": step_times,
         "threads": torch.get_num_threads(),
         "seconds_in_process": time.perf_counter() - STARTED,
+        "peak_memory_gib": peak,
     }
     (out / "result.json").write_text(json.dumps(result) + "\n")
 

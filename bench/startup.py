@@ -1,0 +1,504 @@
+"""Start-up benchmark: `sharpen run` from process start to the end of its first optimizer step, beside a
+bare script doing the same (bench/bare_first_step.py), interleaved; then where sharpen's start-up goes.
+
+    python bench/startup.py [--repeats 5] [--threads 1] [--json-out startup.json]
+
+The job is bench_cpu.py's (the ~4M-parameter bench Llama, LoRA r=8 alpha=16 all-linear, fp32, 1 CPU
+rank, batch 8, alpaca_tiny.jsonl) with max_steps 6, so its first step is the bench job's first step.
+Both arms train on the same first batch (sharpen's packed row, handed to the bare script as tensors)
+with the same weights, adapter init and learning rate, and the bench checks their step-1 losses agree.
+
+What is measured (every time is time.time(), the wall clock, from `t0`, read by this process right
+before it starts the arm's process):
+
+- sharpen: the end of step 1 is the modification time of RUN/metrics.jsonl while it holds its first row
+  (logging.every=1: the row is written and flushed right after the step's optimizer step and its one
+  host sync). That row's `elapsed_s` (training/metrics.py Throughput, started when run_steps begins)
+  splits off the step itself. Earlier milestones, watched from outside every 10 ms: plan.json's mtime
+  (the launcher has validated, planned and found the tokenized data); the worker's process creation
+  (psutil; taken relative to the launcher's own creation time, so /proc's 1-second boot-time rounding
+  cancels); RUN/logs/rank-0.log appearing (the worker has imported its modules and read plan.json).
+- bare: the script's own time.time() stamps at its first line, after imports, after model load + LoRA,
+  and after the optimizer step.
+
+Then `--phase-repeats` in-process replays of each side of sharpen, in fresh processes with the same
+threads, time the launcher's and the worker's steps one by one with sharpen's own functions (the
+worker's as training/worker.py main() calls them, up to and including the first step), so the outside
+milestones can be split further.
+"""
+
+from __future__ import annotations
+
+import time
+
+T_FIRST_LINE = time.time()  # the replays count the interpreter's start-up up to here
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(REPO))
+
+STEPS = 6  # bench_cpu's job with warmup 5 needs max_steps > 5; only step 1 is measured
+POLL_S = 0.01
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+
+
+def prepare(work: Path, threads: int) -> dict:
+    """Model, job file, tokenized data (so sharpen hits its cache) and the first batch as tensors."""
+    import torch
+    import yaml
+
+    from bench import bench_cpu
+    from launcher.jobfile import load_job
+    from training.data import load_prepared, prepare_dataset, step_batches
+    from training.loop import lr_lambda
+
+    model = bench_cpu.build_model(work)
+    job = bench_cpu.job_file(model, work / "tokenized")
+    job["name"] = "bench-startup"
+    job["train"]["max_steps"] = STEPS
+    job_path = work / "job.yaml"
+    job_path.write_text(yaml.safe_dump(job, sort_keys=False))
+    spec = load_job(job_path)
+    cache = prepare_dataset(spec.data, spec.method.kind, str(model), train_on=spec.method.train_on)
+    dataset = load_prepared(cache)
+    from transformers import AutoTokenizer
+
+    pad_id = AutoTokenizer.from_pretrained(model).pad_token_id or 0
+    batches = step_batches(
+        dataset, global_batch_size=bench_cpu.MICRO_BATCH, micro_batch_size=bench_cpu.MICRO_BATCH, grad_accum=1,
+        rank=0, world_size=1, seed=spec.train.seed, shuffle=spec.data.shuffle, padding_free=spec.data.padding_free,
+        attention=spec.model.attention, pad_token_id=pad_id,
+    )
+    first = next(batches).micro_batches[0]
+    batch_path = work / "first_batch.pt"
+    torch.save(
+        {"input_ids": first.input_ids, "position_ids": first.position_ids, "labels": first.labels,
+         "attention_mask": first.attention_mask},
+        batch_path,
+    )
+    t = spec.train
+    lr_step1 = t.lr * lr_lambda(t.lr_scheduler, t.warmup_steps, t.max_steps, t.min_lr_ratio)(0)
+    return {
+        "job": job_path, "model": model, "batch": batch_path, "seed": t.seed, "threads": threads,
+        "optimizer": {"lr": lr_step1, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay,
+                      "max_grad_norm": t.max_grad_norm},
+        "first_batch": {"samples": first.num_samples, "tokens": first.num_tokens, "label_tokens": first.num_label_tokens},
+    }
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    from bench.bench_cpu import thread_env as env
+
+    return env(threads)
+
+
+# ----------------------------------------------------------------------------------------------- arms
+
+
+def _children(proc) -> list:
+    import psutil
+
+    try:
+        return proc.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def run_sharpen(setup: dict, work: Path, repeat: int) -> dict:
+    import psutil
+
+    from bench.bench_cpu import sharpen_executable
+
+    run_dir = work / "runs" / f"sharpen-{repeat}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    metrics, plan, rank_log = run_dir / "metrics.jsonl", run_dir / "plan.json", run_dir / "logs" / "rank-0.log"
+    cmd = [*sharpen_executable(), "run", str(setup["job"]), "--output-dir", str(run_dir)]
+    marks: dict[str, float] = {}
+    done = threading.Event()
+    with (run_dir.parent / f"sharpen-{repeat}.log").open("w") as log:
+        t0 = time.time()
+        popen = subprocess.Popen(cmd, env=thread_env(setup["threads"]), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        proc = psutil.Process(popen.pid)
+        launcher_created = proc.create_time()
+
+        def watch() -> None:
+            while not done.is_set():
+                now = time.time()
+                if "plan" not in marks and plan.exists():
+                    marks["plan"] = plan.stat().st_mtime
+                if "worker" not in marks:
+                    for child in _children(proc):
+                        try:
+                            if "training.worker" in " ".join(child.cmdline()):
+                                marks["worker"] = t0 + (child.create_time() - launcher_created)
+                                break
+                        except psutil.Error:
+                            pass
+                if "rank_log" not in marks and rank_log.exists():
+                    marks["rank_log"] = now
+                if "first_row" not in marks and metrics.exists():
+                    with metrics.open("rb") as f:
+                        data = f.read()
+                    stat = metrics.stat()
+                    if data.count(b"\n") >= 1:
+                        # one row: the file's mtime is that row's write; more: fall back to this poll
+                        marks["first_row"] = stat.st_mtime if data.count(b"\n") == 1 else now
+                        marks["first_row_exact"] = float(data.count(b"\n") == 1)
+                        return
+                time.sleep(POLL_S)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        rc = popen.wait()
+        wall = time.time() - t0
+    done.set()
+    watcher.join()
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {rc}; see {log.name}")
+    row = json.loads(metrics.read_text().splitlines()[0])
+    if "first_row" not in marks or "worker" not in marks:
+        raise RuntimeError(f"sharpen-{repeat}: missed a milestone ({sorted(marks)}); the machine may be too loaded")
+    first = marks["first_row"] - t0
+    return {
+        "arm": "sharpen", "repeat": repeat, "first_step_s": first, "wall_s": wall, "loss": row["loss"],
+        "exact": bool(marks["first_row_exact"]),
+        "milestones": {
+            "launcher_created": launcher_created - launcher_created,  # 0: t0 is taken as its creation
+            "plan_written": marks["plan"] - t0,
+            "worker_created": marks["worker"] - t0,
+            "rank_log_opened": marks.get("rank_log", float("nan")) - t0,
+            "run_steps_started": first - row["elapsed_s"],
+            "first_step_done": first,
+        },
+    }
+
+
+def run_bare(setup: dict, work: Path, repeat: int) -> dict:
+    out = work / "runs" / f"bare-{repeat}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    config = {
+        "model": str(setup["model"]), "batch": str(setup["batch"]), "seed": setup["seed"],
+        "threads": setup["threads"], "optimizer": setup["optimizer"], "output": str(out / "result.json"),
+        "lora": _lora(),
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    cmd = [sys.executable, str(BENCH / "bare_first_step.py"), str(out / "config.json")]
+    with (out / "bench.log").open("w") as log:
+        t0 = time.time()
+        rc = subprocess.run(cmd, env=thread_env(setup["threads"]), cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
+        wall = time.time() - t0
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {rc}; see {out / 'bench.log'}")
+    r = json.loads((out / "result.json").read_text())
+    return {
+        "arm": "bare", "repeat": repeat, "first_step_s": r["t_first_step"] - t0, "wall_s": wall, "loss": r["loss"],
+        "exact": True,
+        "milestones": {
+            "script_started": r["t_start"] - t0,
+            "imported": r["t_imported"] - t0,
+            "model_loaded": r["t_loaded"] - t0,
+            "first_step_done": r["t_first_step"] - t0,
+        },
+    }
+
+
+def _lora() -> dict:
+    from bench.bench_cpu import LORA
+
+    return LORA
+
+
+# --------------------------------------------------------------------------- in-process phase replays
+
+
+# Named in a phase when it first appears in sys.modules during that phase: where the import time goes.
+HEAVY_MODULES = ("numpy", "yaml", "pydantic", "torch", "pyarrow", "datasets", "transformers", "peft", "accelerate",
+                 "bitsandbytes", "deepspeed", "psutil", "rich")
+
+
+class Clock:
+    """Phase timer of a replay process. `spawned_at` is the parent's time.time() right before it started
+    this process, so the first phase is the interpreter's start-up (and this file's few stdlib imports)."""
+
+    def __init__(self, spawned_at: float):
+        self.phases: dict[str, float] = {"python start-up to the script's first line": T_FIRST_LINE - spawned_at}
+        self.last = T_FIRST_LINE
+        self.loaded = {m for m in HEAVY_MODULES if m in sys.modules}
+
+    def mark(self, name: str) -> None:
+        now = time.time()
+        new = [m for m in HEAVY_MODULES if m in sys.modules and m not in self.loaded]
+        self.loaded.update(new)
+        self.phases[name + (f" [imports {', '.join(new)}]" if new else "")] = now - self.last
+        self.last = now
+
+    def dump(self) -> None:
+        print(json.dumps({"phases": self.phases}), flush=True)
+
+
+def replay_launcher(spawned_at: float, job: str, scratch: str) -> None:
+    """What `sharpen run JOB` does before the elastic agent starts the ranks, step by step."""
+    clock = Clock(spawned_at)
+    import launcher.cli  # noqa: F401  (the console script's module: cluster.doctor, launcher.export, ...)
+
+    clock.mark("import launcher.cli")
+    from launcher.jobfile import load_job
+
+    spec = load_job(job)
+    clock.mark("load_job (YAML + validation)")
+    from launcher.plan import build_plan
+    from launcher.resume import prepare_resume
+    from training.data import prepare_dataset
+
+    clock.mark("import launcher.plan, launcher.resume, training.data")
+    # launcher/prepare.py prepare_run, step by step, for a fresh run dir
+    run_dir = Path(scratch)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plan, _ = build_plan(spec, run_dir)
+    clock.mark("build_plan (strategy, batch, memory estimate)")
+    prepare_resume(run_dir, None, plan)
+    clock.mark("prepare_resume")
+    cache = prepare_dataset(
+        spec.data, spec.method.kind, spec.model.tokenizer or spec.model.path,
+        trust_remote_code=spec.model.trust_remote_code, train_on=getattr(spec.method, "train_on", "all"),
+    )
+    clock.mark("prepare_dataset (cache key, cache hit)")
+    plan.model_copy(update={"data_cache": str(Path(cache).resolve())}).write(run_dir)
+    clock.mark("plan.json written")
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch  # noqa: F401
+
+    from cluster.local import launch  # noqa: F401
+
+    clock.mark("import cluster.local + torch.distributed.launcher (the agent)")
+    clock.dump()
+
+
+def replay_worker(spawned_at: float, run_dir: str) -> None:
+    """training/worker.py main() on RUN_DIR, timed call by call, through the end of the first step."""
+    clock = Clock(spawned_at)
+    import torch
+
+    clock.mark("import torch")
+    from training import worker
+
+    clock.mark("import training.worker (transformers, strategies, ...)")
+    from launcher.plan import Plan
+
+    plan = Plan.read(Path(run_dir))
+    spec = plan.spec
+    env = worker.setup_distributed(plan)
+    torch.manual_seed(spec.train.seed)
+    from training.data import load_prepared, load_prepared_eval, step_batches
+
+    clock.mark("Plan.read, setup_distributed, import training.data")
+    tokenizer = worker.load_tokenizer(spec)
+    clock.mark("load_tokenizer")
+    model = worker.load_model(spec, plan.compute_dtype, env.device)
+    clock.mark("load_model (from_pretrained + LoRA)")
+    strategy = worker.build_strategy(plan, env, model)
+    clock.mark("build_strategy (setup, optimizer, scheduler)")
+    dataset = load_prepared(Path(plan.data_cache))
+    load_prepared_eval(Path(plan.data_cache))
+    batches = step_batches(
+        dataset, global_batch_size=plan.global_batch_size, micro_batch_size=plan.micro_batch_size,
+        grad_accum=plan.grad_accum, rank=env.rank, world_size=env.world_size, seed=spec.train.seed,
+        shuffle=spec.data.shuffle, padding_free=spec.data.padding_free, attention=spec.model.attention,
+        pad_token_id=tokenizer.pad_token_id or 0,
+    )
+    clock.mark("load_prepared + step_batches")
+    from training.flops import matmul_params, measured_peak_flops
+
+    model_ = strategy.unwrap()
+    matmul_params(model_)
+    columns = dataset.column_names
+    if "length" in columns:
+        dataset["length"]
+    if "num_segments" in columns:
+        dataset["num_segments"]
+    clock.mark("flops_figures: FLOPs per token (reads the length column)")
+    measured_peak_flops(env.device, worker.TORCH_DTYPES[plan.compute_dtype])
+    clock.mark("flops_figures: measured_peak_flops (a timed matmul loop)")
+    from training.metrics import WandbRun  # noqa: F401
+
+    method = worker.make_method(plan, strategy, Path(run_dir), dataset, None, False, tokenizer.pad_token_id or 0)
+    clock.mark("make_method")
+    step_batch = next(batches)
+    micro = step_batch.micro_batches[0].to(env.device, dtype=strategy.options.compute_dtype)
+    clock.mark("first batch (sample, collate, block-causal mask)")
+    with strategy.accumulate(True):
+        with strategy.forward_context():
+            out = method(strategy.model, micro)
+        strategy.backward(out.loss_sum * (1 / getattr(step_batch, method.normaliser)))
+    clock.mark("first forward + backward")
+    strategy.step()
+    float(strategy.all_reduce_sum(out.loss_sum.detach().double()))
+    clock.mark("first optimizer step (+ the logging sync)")
+    clock.dump()
+
+
+def run_replay(kind: str, args: list[str], threads: int) -> dict[str, float]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), f"_replay-{kind}"]
+    spawned_at = time.time()
+    proc = subprocess.run([*cmd, repr(spawned_at), *args], env=thread_env(threads), cwd=REPO,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith('{"phases"')][-1]
+    return json.loads(line)["phases"]
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def med(values: list[float]) -> str:
+    values = [v for v in values if v == v]
+    if not values:
+        return "-"
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def report(results: list[dict], replays: dict[str, list[dict]], setup: dict, repeats: int) -> tuple[str, dict]:
+    ours = [r for r in results if r["arm"] == "sharpen"]
+    bare = [r for r in results if r["arm"] == "bare"]
+    s_first = statistics.median(r["first_step_s"] for r in ours)
+    b_first = statistics.median(r["first_step_s"] for r in bare)
+    pairs = [a["first_step_s"] / b["first_step_s"] for a, b in zip(ours, bare, strict=True)]
+    lines = [
+        f"{'':<14}{'to end of step 1, s':>24}{'process wall, s':>24}{'step-1 loss':>14}",
+        "-" * 76,
+        f"{'sharpen run':<14}{med([r['first_step_s'] for r in ours]):>24}{med([r['wall_s'] for r in ours]):>24}"
+        f"{statistics.median(r['loss'] for r in ours):>14.5f}",
+        f"{'bare script':<14}{med([r['first_step_s'] for r in bare]):>24}{med([r['wall_s'] for r in bare]):>24}"
+        f"{statistics.median(r['loss'] for r in bare):>14.5f}",
+        "",
+        f"median of {repeats} interleaved repeats (min-max); first batch {setup['first_batch']['samples']} samples, "
+        f"{setup['first_batch']['tokens']} tokens, {setup['first_batch']['label_tokens']} label tokens",
+        f"sharpen / bare, time to the end of step 1: {s_first / b_first:.2f}x  "
+        f"(per repeat pair {min(pairs):.2f}-{max(pairs):.2f}x; target <= 1.2x)",
+        f"step-1 loss, max |sharpen - bare| / bare: "
+        f"{max(abs(a['loss'] - b['loss']) / abs(b['loss']) for a in ours for b in bare):.1e}",
+    ]
+    if not all(r["exact"] for r in ours):
+        lines.append("note: in some sharpen runs step 2 was written before the poll saw step 1; that run's "
+                     "end of step 1 is the poll time (late by up to a step)")
+
+    # sharpen's milestones, as intervals
+    names = [
+        ("plan_written", "launcher: interpreter, CLI imports, load_job, plan, data-cache hit, plan.json"),
+        ("worker_created", "launcher: elastic agent import + rendezvous, worker process spawned"),
+        ("rank_log_opened", "worker: interpreter + module imports (torch, transformers, peft...), Plan.read"),
+        ("run_steps_started", "worker: tokenizer, model + LoRA, strategy, data, FLOPs + peak matmul, method"),
+        ("first_step_done", "worker: step 1 (batch, fwd, bwd, optimizer, log row; metrics elapsed_s)"),
+    ]
+    lines += ["", "sharpen, from `sharpen run` to the end of step 1 (seconds, median (min-max) over repeats):", ""]
+    prev = None
+    for key, label in names:
+        values = [r["milestones"][key] - (r["milestones"][prev] if prev else 0.0) for r in ours]
+        lines.append(f"  {med(values):>20}  {label}")
+        prev = key
+    lines.append(f"  {med([r['first_step_s'] for r in ours]):>20}  total")
+    lines += ["", "bare script (seconds):", ""]
+    prev = None
+    for key, label in (
+        ("script_started", "interpreter start-up to the script's first line"),
+        ("imported", "import torch, transformers, peft"),
+        ("model_loaded", "from_pretrained + get_peft_model"),
+        ("first_step_done", "batch load, forward, backward, clip, AdamW step"),
+    ):
+        values = [r["milestones"][key] - (r["milestones"][prev] if prev else 0.0) for r in bare]
+        lines.append(f"  {med(values):>20}  {label}")
+        prev = key
+    lines.append(f"  {med([r['first_step_s'] for r in bare]):>20}  total")
+    summary = {
+        "sharpen_first_step_s": s_first, "bare_first_step_s": b_first, "ratio": s_first / b_first,
+        "ratio_per_pair": {"min": min(pairs), "max": max(pairs)},
+    }
+    for kind, runs in replays.items():
+        if not runs:
+            continue
+        title = {"launcher": "launcher replay (`sharpen run` before the agent; fresh process each)",
+                 "worker": "worker replay (training/worker.py main() call by call; fresh process each)"}[kind]
+        lines += ["", f"{title}, seconds, median (min-max) of {len(runs)}:", ""]
+        keys = list(runs[0])
+        for k in keys:
+            lines.append(f"  {med([r[k] for r in runs]):>20}  {k}")
+        total = [sum(r[k] for k in keys) for r in runs]
+        lines.append(f"  {med(total):>20}  total")
+        summary[f"{kind}_replay"] = {k: statistics.median(r[k] for r in runs) for k in keys}
+    return "\n".join(lines), summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_replay-launcher":
+        replay_launcher(float(argv[1]), argv[2], argv[3])
+        return 0
+    if argv and argv[0] == "_replay-worker":
+        replay_worker(float(argv[1]), argv[2])
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved runs per arm (median reported)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in both arms (1 on a shared machine)")
+    parser.add_argument("--phase-repeats", type=int, default=3, help="in-process replays of each side of sharpen")
+    parser.add_argument("--json-out", type=Path, help="write the summary and every run's milestones here")
+    parser.add_argument(
+        "--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "sharpen-bench-startup",
+        help="model, tokenized data and run dirs (the model is built once and reused)",
+    )
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    work = args.work_dir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"preparing in {work} ...", flush=True)
+    setup = prepare(work, args.threads)
+    from datetime import datetime, timezone
+
+    from bench import harness
+
+    started, load = datetime.now(timezone.utc), os.getloadavg()[0]
+    results = []
+    for repeat in range(args.repeats):
+        for name, run in (("sharpen", run_sharpen), ("bare", run_bare)):
+            r = run(setup, work, repeat)
+            results.append(r)
+            print(f"  repeat {repeat + 1}/{args.repeats} {name:<8} step 1 at {r['first_step_s']:5.2f} s, "
+                  f"exit at {r['wall_s']:5.2f} s", flush=True)
+    replays: dict[str, list[dict]] = {"launcher": [], "worker": []}
+    last_run = work / "runs" / f"sharpen-{args.repeats - 1}"
+    for i in range(args.phase_repeats):
+        scratch = work / "runs" / f"replay-launcher-{i}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        replays["launcher"].append(run_replay("launcher", [str(setup["job"]), str(scratch)], args.threads))
+        replays["worker"].append(run_replay("worker", [str(last_run)], args.threads))
+        print(f"  replay {i + 1}/{args.phase_repeats} done", flush=True)
+    text, summary = report(results, replays, setup, args.repeats)
+    print()
+    print(text)
+    if args.json_out:
+        harness.write_json(args.json_out, {
+            "bench": "startup", "date": started.isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+            "machine": harness.machine(), "load_avg_1m_at_start": round(load, 2), "threads": args.threads,
+            "repeats": args.repeats, "summary": summary, "runs": results, "replays": replays,
+        })
+        print(f"wrote {args.json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
