@@ -51,3 +51,11 @@ def test_report_summary_uses_steady_state_medians():
     assert figures["tokens_per_s"] == 110.0  # the start-up interval (10 tok/s) is left out
     assert figures["mfu"] == pytest.approx(0.011)
     assert (figures["first_loss"], figures["final_loss"], figures["final_eval_loss"]) == (4.0, 1.0, 1.5)
+
+
+def test_measuring_the_peak_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    measured_peak_flops(torch.device("cpu"), torch.float32, seconds=0.01)
+    assert torch.equal(torch.rand(3), expected)

@@ -39,10 +39,13 @@ def train_flops_per_token(trainable: int, frozen: int, num_layers: int, hidden: 
 
 
 def measured_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
-    """Dense matmul FLOP/s this device reaches in `dtype`, measured (no vendor table to go stale)."""
+    """Dense matmul FLOP/s this device reaches in `dtype`, measured (no vendor table to go stale).
+    Its random operands come from a generator of its own: the run's RNG state (restored from a
+    checkpoint, driving dropout) must not move."""
     n = 4096 if device.type == "cuda" else 512
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
     for _ in range(2):
         a @ b  # warm-up: kernels picked, clocks up
     _sync(device)
