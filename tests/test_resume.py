@@ -52,7 +52,8 @@ def assert_same_losses(got: list[float], want: list[float], rel: float = 1e-6) -
 
 @pytest.mark.parametrize(
     "finetune,strategy",
-    [("full", "ddp"), ("full", "fsdp"), ("full", "zero2"), ("full", "zero3"), ("lora", "fsdp"), ("lora", "zero3")],
+    # fsdp full is resumed (from a kill mid-save) and compared the same way below.
+    [("full", "ddp"), ("full", "zero2"), ("full", "zero3"), ("lora", "fsdp"), ("lora", "zero3")],
 )
 def test_resume_after_kill_equals_uninterrupted_run(tiny_model, tmp_path, finetune, strategy):
     """kill -9 of every rank after step 3 (checkpoint at 2); `sharpen resume` ends with the same losses,
