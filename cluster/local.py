@@ -103,13 +103,21 @@ def wait_for_endpoint(endpoint: str, timeout_s: float) -> None:
     )
 
 
+def _blame_order(failure) -> tuple[int, float]:
+    """Which failure to show first. A rank killed by a signal (other than the agent's own SIGTERM) is
+    usually the cause, and the others fail on their broken connections; it has no error file, so torch
+    stamps it with the time the agent noticed, which can be later than theirs."""
+    killed = failure.exitcode < 0 and failure.signal_name() != "SIGTERM"
+    return (0 if killed else 1, failure.timestamp or 0)
+
+
 def report_failure(run_dir: Path, exc) -> None:
     """Name the first failed rank, its exit code, the last lines of its log, and where the whole log is."""
     failures = getattr(exc, "failures", {}) or {}
     if not failures:
         print(f"error: the run failed ({exc})", file=sys.stderr)
         return
-    first_rank = min(failures, key=lambda r: failures[r].timestamp or 0)
+    first_rank = min(failures, key=lambda r: _blame_order(failures[r]))
     failure = failures[first_rank]
     reason = f"exit code {failure.exitcode}"
     if failure.signal_name() not in ("", "<N/A>", None):
@@ -123,6 +131,9 @@ def report_failure(run_dir: Path, exc) -> None:
             message = ""
     log_path = run_dir / "logs" / f"rank-{first_rank}.log"
     print(f"error: rank {first_rank} failed ({reason}); the other ranks were stopped", file=sys.stderr)
+    others = sorted(r for r in failures if r != first_rank)
+    if others:
+        print(f"  also failed after it: rank(s) {', '.join(map(str, others))}", file=sys.stderr)
     if message:
         print(f"  {message.strip().splitlines()[-1]}", file=sys.stderr)
     if log_path.is_file():
