@@ -6,7 +6,7 @@ The job: a ~4M-parameter Llama (examples/make_tiny_model.py --size bench), LoRA 
 linear layer, fp32, 1 rank, micro = global batch 8, 60 steps, examples/data/alpaca_tiny.jsonl (19-56
 tokens a sample), loss on completions only. Both arms start from the same weights and adapter init,
 see the same samples in the same order (sharpen's world-size invariant order, checked against
-training.data.step_batches), use AdamW with the same LR schedule and clipping, and the same torch
+training.sampler.step_batches), use AdamW with the same LR schedule and clipping, and the same torch
 thread count. sharpen lays each batch end to end (padding-free, block-causal mask); the Trainer pads
 with DataCollatorForSeq2Seq, as HF-based tools do. See bench/README.md for what each column means.
 """
@@ -78,7 +78,7 @@ def build_model(work: Path) -> Path:
 
 def sharpen_order(dataset, spec) -> list[list[int]]:
     """Row indices of each step, in the order sharpen feeds them (1 rank, no accumulation)."""
-    from training.data import deal, epoch_order
+    from training.sampler import deal, epoch_order
 
     lengths = np.asarray(dataset.with_format("arrow")["length"]).astype(np.int64)
     per_epoch = len(lengths) // MICRO_BATCH
@@ -93,7 +93,7 @@ def sharpen_order(dataset, spec) -> list[list[int]]:
 
 def check_same_samples(dataset, spec, order: list[list[int]], pad_token_id: int) -> None:
     """The rows given to HF are exactly the tokens and labels of sharpen's step_batches, step by step."""
-    from training.data import step_batches
+    from training.sampler import step_batches
 
     batches = step_batches(
         dataset, global_batch_size=MICRO_BATCH, micro_batch_size=MICRO_BATCH, grad_accum=1, rank=0,

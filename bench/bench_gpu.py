@@ -164,7 +164,8 @@ class Prepared:
         import yaml
 
         from launcher.jobfile import load_job
-        from training.data import deal, epoch_order, load_prepared, prepare_dataset
+        from training.data import load_prepared, prepare_dataset
+        from training.sampler import deal, epoch_order
 
         self.path = work / f"{spec_dict['name']}.yaml"
         self.path.write_text(yaml.safe_dump(spec_dict, sort_keys=False))

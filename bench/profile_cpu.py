@@ -69,11 +69,12 @@ def profile_sharpen(bench: CpuBench, work: Path) -> Window:
 
     from launcher.plan import build_plan
     from strategies import DistEnv
-    from training.data import load_prepared, prepare_dataset, step_batches
+    from training.data import load_prepared, prepare_dataset
     from training.loop import LoopConfig, run_steps
     from training.methods import create_method
     from training.metrics import WandbRun
     from training.model import load_model, load_tokenizer
+    from training.sampler import step_batches
     from training.worker import build_strategy
 
     spec, run_dir = bench.spec, work / "profile-sharpen"

@@ -62,8 +62,9 @@ def prepare(work: Path, threads: int) -> dict:
 
     from bench import bench_cpu
     from launcher.jobfile import load_job
-    from training.data import load_prepared, prepare_dataset, step_batches
+    from training.data import load_prepared, prepare_dataset
     from training.loop import lr_lambda
+    from training.sampler import step_batches
 
     model = bench_cpu.build_model(work)
     job = bench_cpu.job_file(model, work / "tokenized")
@@ -303,7 +304,8 @@ def replay_worker(spawned_at: float, run_dir: str) -> None:
     spec = plan.spec
     env = worker.setup_distributed(plan)
     torch.manual_seed(spec.train.seed)
-    from training.data import load_prepared, load_prepared_eval, step_batches
+    from training.data import load_prepared, load_prepared_eval
+    from training.sampler import step_batches
 
     clock.mark("Plan.read, setup_distributed, import training.data")
     tokenizer = worker.load_tokenizer(spec)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from launcher.errors import UserError
 from launcher.spec import DataSpec
 from training import data as D
+from training import sampler as S
 from training.formats import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
 from training.packing import best_fit_decreasing, collate
 from training.tiny import CHAT_TEMPLATE, build_tiny_llama, corpus_from_jsonl
@@ -254,7 +255,7 @@ def alpaca_ds(model_dir, tmp_path_factory):
     return prepared(model_dir, tmp_path_factory.mktemp("cache"), EXAMPLES / "alpaca_tiny.jsonl", max_length=128)
 
 
-def samples_of(step: D.StepBatch) -> list[tuple[int, ...]]:
+def samples_of(step: S.StepBatch) -> list[tuple[int, ...]]:
     """The samples of a step batch, recovered from the rows by where position_ids restart."""
     out = []
     for mb in step.micro_batches:
@@ -267,7 +268,7 @@ def samples_of(step: D.StepBatch) -> list[tuple[int, ...]]:
 def global_batches(ds, world_size, grad_accum, steps, global_batch_size=8, **kw):
     micro = global_batch_size // (world_size * grad_accum)
     ranks = [
-        D.step_batches(ds, global_batch_size=global_batch_size, micro_batch_size=micro, grad_accum=grad_accum,
+        S.step_batches(ds, global_batch_size=global_batch_size, micro_batch_size=micro, grad_accum=grad_accum,
                        rank=r, world_size=world_size, seed=3, **kw)
         for r in range(world_size)
     ]
@@ -304,10 +305,10 @@ def test_start_step_resumes_exactly(alpaca_ds):
     ds = alpaca_ds.select(range(100))  # 6 steps per epoch
     kw = dict(global_batch_size=16, micro_batch_size=4, grad_accum=2, rank=1, world_size=2, seed=7)
     start = 4  # the resumed range crosses an epoch boundary
-    stream = D.step_batches(ds, **kw)
+    stream = S.step_batches(ds, **kw)
     for _ in range(start):
         next(stream)
-    resumed = D.step_batches(ds, start_step=start, **kw)
+    resumed = S.step_batches(ds, start_step=start, **kw)
     for _ in range(4):
         a, b = next(stream), next(resumed)
         assert (a.epoch, a.step, a.global_label_tokens, a.global_tokens) == (b.epoch, b.step, b.global_label_tokens, b.global_tokens)
@@ -320,7 +321,7 @@ def test_start_step_resumes_exactly(alpaca_ds):
 def test_too_few_rows_for_one_global_batch(model_dir, tmp_path):
     ds = prepared(model_dir, tmp_path / "c", write_jsonl(tmp_path / "a.jsonl", ALPACA))
     with pytest.raises(UserError, match="3 rows, fewer than train.global_batch_size"):
-        next(D.step_batches(ds, global_batch_size=4, micro_batch_size=1, grad_accum=4, rank=0, world_size=1, seed=0))
+        next(S.step_batches(ds, global_batch_size=4, micro_batch_size=1, grad_accum=4, rank=0, world_size=1, seed=0))
 
 
 # ---------------------------------------------------------------- cache

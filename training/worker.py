@@ -147,7 +147,8 @@ def main(run_dir: str) -> int:
     env = setup_distributed(plan)
     torch.manual_seed(spec.train.seed)
 
-    from training.data import load_prepared, load_prepared_eval, step_batches
+    from training.data import load_prepared, load_prepared_eval
+    from training.sampler import step_batches
 
     tokenizer = load_tokenizer(spec)
     model = load_model(spec, plan.compute_dtype, env.device)
