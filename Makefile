@@ -6,6 +6,7 @@ setup:
 
 demo: setup
 	.venv/bin/python examples/make_tiny_model.py examples/tiny-llama
+	rm -rf runs/quickstart  # a fresh demo each time (an existing run dir would be resumed)
 	.venv/bin/sharpen run examples/quickstart.yaml --output-dir runs/quickstart
 
 test: setup
