@@ -12,6 +12,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
+ALPACA = EXAMPLES / "data" / "alpaca_tiny.jsonl"
 
 
 def write_job(path: Path, job: dict) -> Path:

@@ -6,22 +6,10 @@ import json
 import math
 from pathlib import Path
 
-import pytest
 import torch
-from e2e import EXAMPLES, assert_ok, base_job, metrics, sharpen, write_job
+from e2e import ALPACA, assert_ok, base_job, metrics, sharpen, write_job
 
 from training.data import load_prepared_eval
-
-ALPACA = EXAMPLES / "data" / "alpaca_tiny.jsonl"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from training.tiny import build_tiny_llama, corpus_from_jsonl
-
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    build_tiny_llama(out, corpus_from_jsonl(ALPACA), vocab_size=512)
-    return out
 
 
 def test_sft_eval_loss_and_perplexity_are_logged_and_exact(tiny_model, tmp_path):

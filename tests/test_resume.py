@@ -8,21 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e import EXAMPLES, assert_ok, base_job, losses, metrics, sharpen, write_job
+from e2e import ALPACA, assert_ok, base_job, losses, metrics, sharpen, write_job
 
 pytestmark = pytest.mark.slow
 
-ALPACA = EXAMPLES / "data" / "alpaca_tiny.jsonl"
 STEPS = 6
 
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from training.tiny import build_tiny_llama, corpus_from_jsonl
-
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    build_tiny_llama(out, corpus_from_jsonl(ALPACA), vocab_size=512)
-    return out
 
 
 def job_for(model: Path, finetune: str, strategy: str, ranks: int = 2, **extra) -> dict:

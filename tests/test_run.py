@@ -8,20 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from e2e import EXAMPLES, assert_ok, base_job, losses, metrics, sharpen, write_job
+from e2e import ALPACA, assert_ok, base_job, losses, metrics, sharpen, write_job
 
 pytestmark = pytest.mark.slow
 
-ALPACA = EXAMPLES / "data" / "alpaca_tiny.jsonl"
 
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    from training.tiny import build_tiny_llama, corpus_from_jsonl
-
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    build_tiny_llama(out, corpus_from_jsonl(ALPACA), vocab_size=512)
-    return out
 
 
 def run_job(tmp_path: Path, name: str, job: dict, env: dict | None = None) -> Path:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e import EXAMPLES, assert_ok, base_job, losses, sharpen, write_job
+from e2e import ALPACA, assert_ok, base_job, losses, sharpen, write_job
 from slurm_cluster import slurm_cluster_fixture
 
 from cluster import slurm
@@ -24,7 +24,6 @@ from launcher.plan import build_plan
 from launcher.spec import JobSpec
 
 GOLDEN = Path(__file__).parent / "golden"
-ALPACA = EXAMPLES / "data" / "alpaca_tiny.jsonl"
 STEPS = 120  # 15-70 ms each here: long enough to signal the job mid-run, short enough for a quick test
 SECRET = "wandb-key-that-must-never-be-written"
 JOB_TIMEOUT_S = 300
@@ -81,14 +80,6 @@ def test_cpu_jobs_ask_for_no_gpus_and_bad_extra_options_are_refused():
 
 # -- against the real cluster ---------------------------------------------------------------------------
 
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from training.tiny import build_tiny_llama, corpus_from_jsonl
-
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    build_tiny_llama(out, corpus_from_jsonl(ALPACA), vocab_size=512)
-    return out
 
 
 @pytest.fixture(scope="module")
