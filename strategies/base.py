@@ -138,8 +138,23 @@ class Strategy(ABC):
         if self.env.world_size > 1:
             dist.barrier()
 
-    def teardown(self) -> None:  # noqa: B027 - an optional hook: most strategies hold nothing to free
-        """Free what setup took (engines, process groups it made)."""
+    def teardown(self) -> None:
+        """Free what setup took (engines, process groups it made). Subclasses that hold more call this."""
+        self.release_process_group()
+
+    _own_process_group = False
+
+    def ensure_process_group(self) -> None:
+        """DDP and DeepSpeed need a process group even on one rank, where the launcher starts none: make a
+        world of one on an in-memory store (no rendezvous), which teardown destroys."""
+        if self.env.world_size == 1 and not dist.is_initialized():
+            dist.init_process_group(self.env.backend, store=dist.HashStore(), rank=0, world_size=1)
+            self._own_process_group = True
+
+    def release_process_group(self) -> None:
+        if self._own_process_group:
+            dist.destroy_process_group()
+            self._own_process_group = False
 
 
 def trainable_parameters(model: nn.Module) -> Iterator[nn.Parameter]:

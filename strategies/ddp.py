@@ -25,6 +25,7 @@ class DDPStrategy(SingleStrategy):
     def setup(
         self, model: nn.Module, make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory
     ) -> None:
+        self.ensure_process_group()
         module = self._place(model)
         device_ids = None  # CPU: DDP replicates on the module's own device
         if self.env.device.type == "cuda":

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from strategies import deepspeed_universal
@@ -61,7 +60,6 @@ class DeepSpeedStrategy(Strategy):
         self.name = f"zero{stage}"
         self.engine: Any = None
         self._last_backward_at_boundary = False
-        self._own_process_group = False
 
     def deepspeed_config(self, hidden_size: int | None = None) -> dict[str, Any]:
         """The DeepSpeed JSON, generated: nothing a user writes by hand.
@@ -104,11 +102,8 @@ class DeepSpeedStrategy(Strategy):
             enable_gradient_checkpointing(model)
         if self.options.compute_dtype == torch.float32:
             upcast_trainable_to_fp32(model)  # with bf16 DeepSpeed casts the module and keeps fp32 masters
-        # The caller owns the process group; with one already initialised this only wraps it. DeepSpeed
-        # needs one even on a single rank, where a launcher starts none: then this strategy makes it.
-        if self.env.world_size == 1 and not dist.is_initialized():
-            dist.init_process_group(self.env.backend, store=dist.HashStore(), rank=0, world_size=1)
-            self._own_process_group = True
+        # The caller owns the process group; with one already initialised this only wraps it.
+        self.ensure_process_group()
         deepspeed.init_distributed(dist_backend=self.env.backend, dist_init_required=False)
         # DeepSpeed picks its device from the LOCAL_RANK variable (and asserts it is set), whatever
         # launcher started us: make it say what DistEnv says.
@@ -263,9 +258,7 @@ class DeepSpeedStrategy(Strategy):
         if self.engine is not None:
             self.engine.destroy()
             self.engine = None
-        if self._own_process_group:
-            dist.destroy_process_group()
-            self._own_process_group = False
+        self.release_process_group()
 
 
 def _values(container: Any) -> list[Any]:

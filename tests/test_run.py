@@ -53,6 +53,12 @@ def test_two_ranks_reproduce_single_rank_losses(tiny_model, reference_losses, tm
         assert math.isclose(g, w, rel_tol=1e-4), f"step {step}: {strategy} {g} vs single {w}"
 
 
+def test_ddp_on_one_rank_is_single(tiny_model, reference_losses, tmp_path):
+    """A launcher starts no process group for a world of one; DDP (like DeepSpeed) makes its own."""
+    job = base_job(tiny_model, ALPACA, finetune={"type": "lora", "r": 8, "alpha": 16}, strategy={"name": "ddp"})
+    assert losses(run_job(tmp_path, "ddp-1", job)) == pytest.approx(reference_losses["lora"], rel=1e-6)
+
+
 def test_accumulation_and_micro_batch_do_not_change_the_losses(tiny_model, tmp_path):
     """Same global batch, split 1×8 or 8×1: identical losses at every step. Normalising per micro-batch
     (the 2024 transformers accumulation bug) would make step 2 onwards differ."""
