@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     payload: dict = {
         "bench": "gpu", "date": started.isoformat(timespec="seconds"), "command": " ".join(sys.argv),
         "machine": {**harness.machine(), "gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda},
-        "bf16_matmul_flops": peak, "model": {**MODEL_1B, "params": weights["total_params"]}, "args": vars(args),
+        "bf16_matmul_flops": peak, "model": {**MODEL_1B, "params": weights["total_params"]}, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
     texts = [f"model: {weights['total_params'] / 1e9:.2f}B parameters ({weights['base'] / 1e9:.2f}B in matmuls); "
              f"{torch.cuda.get_device_name()}, bf16 matmul {peak / 1e12:.0f} TFLOP/s measured"]
