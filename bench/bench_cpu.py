@@ -7,7 +7,7 @@ linear layer, fp32, 1 rank, micro = global batch 8, 60 steps, examples/data/alpa
 tokens a sample), loss on completions only. Both arms start from the same weights and adapter init,
 see the same samples in the same order (sharpen's world-size invariant order, checked against
 training.sampler.step_batches), use AdamW with the same LR schedule and clipping, and the same torch
-thread count. sharpen lays each batch end to end (padding-free, block-causal mask); the Trainer pads
+thread count. sharpen lays each batch end to end (padding-free, sdpa per sample); the Trainer pads
 with DataCollatorForSeq2Seq, as HF-based tools do. See bench/README.md for what each column means.
 """
 

@@ -69,6 +69,7 @@ def profile_sharpen(bench: CpuBench, work: Path) -> Window:
 
     from launcher.plan import build_plan
     from strategies import DistEnv
+    from training.attention import collate_attention
     from training.data import load_prepared, prepare_dataset
     from training.loop import LoopConfig, run_steps
     from training.methods import create_method
@@ -89,7 +90,7 @@ def profile_sharpen(bench: CpuBench, work: Path) -> Window:
     batches = step_batches(
         load_prepared(cache), global_batch_size=MICRO_BATCH, micro_batch_size=MICRO_BATCH, grad_accum=1,
         rank=0, world_size=1, seed=spec.train.seed, shuffle=spec.data.shuffle, padding_free=spec.data.padding_free,
-        attention=spec.model.attention, pad_token_id=tokenizer.pad_token_id or 0,
+        attention=collate_attention(spec.model.attention, env.device), pad_token_id=tokenizer.pad_token_id or 0,
     )
     window = Window()
 

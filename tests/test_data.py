@@ -6,7 +6,6 @@ import json
 import multiprocessing as mp
 import os
 from collections import Counter
-from dataclasses import replace
 from itertools import accumulate, pairwise
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from launcher.errors import UserError
 from launcher.spec import DataSpec
 from training import data as D
 from training import sampler as S
+from training.attention import PER_SAMPLE_SDPA, kernel_name
 from training.formats import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
 from training.packing import best_fit_decreasing, collate
 from training.tiny import CHAT_TEMPLATE, build_tiny_llama, corpus_from_jsonl
@@ -184,35 +184,46 @@ def test_truncation_right_and_drop(model_dir, tmp_path):
 
 def logits(model, mb):
     with torch.no_grad():
-        return model(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=mb.attention_mask).logits
+        return model(**mb.model_inputs()).logits
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_padding_free_row_equals_samples_run_alone(model_dir, tmp_path, attention):
+def load_with(model_dir, attention: str):
+    """The tiny model under transformers' `attention`, or sharpen's per-sample sdpa for the job's `sdpa`."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention).eval()
+    kernel = kernel_name("sdpa") if attention == PER_SAMPLE_SDPA else attention
+    return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=kernel).eval()
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager", PER_SAMPLE_SDPA])
+def test_padding_free_row_equals_samples_run_alone(model_dir, tmp_path, attention):
+    model = load_with(model_dir, attention)
     rows = list(prepared(model_dir, tmp_path / "c", write_jsonl(tmp_path / "a.jsonl", ALPACA)))
+    rows.append(rows[0])  # two samples of one length: the per-sample kernel runs them as one batched call
     packed = collate(rows, padding_free=True, attention=attention)
     assert packed.input_ids.shape == (1, sum(r["length"] for r in rows))
-    assert packed.attention_mask.shape == (1, 1, packed.input_ids.shape[1], packed.input_ids.shape[1])
+    if attention == PER_SAMPLE_SDPA:  # no [T, T] mask: the sample lengths instead
+        assert packed.attention_mask is None and packed.segments.lengths == tuple(r["length"] for r in rows)
+    else:
+        assert packed.attention_mask.shape == (1, 1, packed.input_ids.shape[1], packed.input_ids.shape[1])
     together = logits(model, packed)[0]
     start = 0
     for row in rows:
         alone = logits(model, collate([row], attention=attention))[0]
         torch.testing.assert_close(together[start : start + row["length"]], alone, atol=1e-5, rtol=0)
         start += row["length"]
-    # Without the block mask, the later samples attend to the earlier ones (so the check above can fail).
-    unmasked = logits(model, replace(packed, attention_mask=None))[0]
+    # Without the block mask or segments, the later samples attend to the earlier ones (so the check above
+    # can fail). With use_cache=False transformers would find the samples from position_ids; it makes a
+    # cache by default, which turns that off.
+    with torch.no_grad():
+        unmasked = model(input_ids=packed.input_ids, position_ids=packed.position_ids).logits[0]
     assert (unmasked[rows[0]["length"]:] - together[rows[0]["length"]:]).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", PER_SAMPLE_SDPA])
 @pytest.mark.parametrize("packing", [False, True])
 def test_padding_free_loss_equals_padded_loss(model_dir, tmp_path, attention, packing):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention).eval()
+    model = load_with(model_dir, attention)
     ds = prepared(model_dir, tmp_path / "c", EXAMPLES / "alpaca_tiny.jsonl", max_length=96, packing=packing)
     rows = [r for r in ds if r["num_segments"] > 1][-5:] + [ds[0]] if packing else list(ds.select(range(6)))
     losses = []

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.attention import collate_attention
 from training.methods import IGNORE_INDEX, LossOutput, takes_logits_to_keep
 
 log = logging.getLogger("sharpen")
@@ -48,13 +49,7 @@ def sequence_logps(model: nn.Module, batch, slice_logits: bool) -> tuple[torch.T
     if slice_logits:
         columns = (labels != IGNORE_INDEX).nonzero().flatten()
         labels, sequences, keep = labels[columns], sequences[columns], {"logits_to_keep": columns}
-    out = model(
-        input_ids=batch.input_ids,
-        position_ids=batch.position_ids,
-        attention_mask=batch.attention_mask,
-        use_cache=False,
-        **keep,
-    )
+    out = model(**batch.model_inputs(), **keep)
     logits = out.logits[0]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits up to fp32, never down
     token_logps = -F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none").double()
@@ -255,7 +250,7 @@ def build_reference(strategy, spec, plan, run_dir: Path, train_ds, eval_ds, resu
         rows,
         eval_ds,
         micro_batch_size=plan.micro_batch_size,
-        attention=spec.model.attention,
+        attention=collate_attention(spec.model.attention, strategy.env.device),
         pad_token_id=pad_token_id,
     )
     if strategy.env.is_main:

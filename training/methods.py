@@ -60,13 +60,7 @@ class CausalLMLoss:
             # Columns where any row has a label: one row when padding-free, every label position of it.
             columns = (labels != IGNORE_INDEX).any(dim=0).nonzero().flatten()
             labels, keep = labels[:, columns], {"logits_to_keep": columns}
-        out = model(
-            input_ids=batch.input_ids,
-            position_ids=batch.position_ids,
-            attention_mask=batch.attention_mask,
-            use_cache=False,
-            **keep,
-        )
+        out = model(**batch.model_inputs(), **keep)
         if out.logits.shape[:-1] != labels.shape:
             raise RuntimeError(f"logits of shape {tuple(out.logits.shape)} for labels of shape {tuple(labels.shape)}")
         return LossOutput(token_loss_sum(out.logits, labels))

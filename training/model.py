@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from launcher.spec import JobSpec
+from training.attention import kernel_name
 
 log = logging.getLogger("sharpen")
 
@@ -56,7 +57,7 @@ def load_model(spec: JobSpec, compute_dtype: str, device: torch.device) -> nn.Mo
     reward = spec.method.kind == "reward"
     compute = TORCH_DTYPES[compute_dtype]
     kwargs: dict = {
-        "attn_implementation": spec.model.attention,
+        "attn_implementation": kernel_name(spec.model.attention),
         "trust_remote_code": spec.model.trust_remote_code,
         "revision": spec.model.revision,
     }

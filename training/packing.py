@@ -3,7 +3,8 @@
 A row is a list of segments (original samples) laid end to end. Attention must never cross a segment
 boundary, and with transformers 5.24 position_ids alone do not ensure that for sdpa or eager: the model
 builds a DynamicCache by default (config.use_cache), which turns off its packed-sequence detection. So
-rows with several segments get an explicit 4D block-causal mask, which create_causal_mask returns as is.
+rows with several segments get an explicit 4D block-causal mask, which create_causal_mask returns as is;
+or, for the per-sample sdpa kernel (training/attention.py), no mask but the segment lengths.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from training.attention import PER_SAMPLE_SDPA, SEGMENTS_KWARG, PackedSegments
+
 IGNORE_INDEX = -100
-ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
+ATTENTIONS = ("sdpa", "eager", "flash_attention_2", PER_SAMPLE_SDPA)
 # A stored row: its tokens, shifted labels, the lengths of the samples laid in it, and per-row counts that
 # let the sampler know every step's token and label totals without reading the token lists.
 COLUMNS = ("input_ids", "labels", "segment_lengths", "length", "num_label_tokens", "num_segments")
@@ -127,6 +130,20 @@ class MicroBatch:
     # The dataset rows laid in this micro-batch, in order: keys of per-row data computed elsewhere
     # (precomputed DPO reference log-probabilities). Set by the sampler, None from collate alone.
     row_ids: list[int] | None = None
+    # Sample lengths of a packed padding-free row, for the per-sample kernel (instead of attention_mask).
+    segments: PackedSegments | None = None
+
+    def model_inputs(self) -> dict:
+        """Keyword arguments of the model's forward for this micro-batch."""
+        inputs = {
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+            "attention_mask": self.attention_mask,
+            "use_cache": False,
+        }
+        if self.segments is not None:
+            inputs[SEGMENTS_KWARG] = self.segments
+        return inputs
 
     def to(self, device, dtype: torch.dtype | None = None) -> MicroBatch:
         """Move to `device`; `dtype` recasts an additive (eager) mask to the compute dtype, keeping it finite."""
@@ -176,7 +193,8 @@ def collate(
     """Rows (input_ids, labels, segment_lengths) → one MicroBatch.
 
     padding_free: every segment end to end in one [1, T] row, position_ids restarting per segment;
-    block mask for sdpa/eager, None for flash_attention_2 (which splits on position_ids itself).
+    block mask for sdpa/eager, None for flash_attention_2 (which splits on position_ids itself), and
+    for sdpa_per_sample None with the segment lengths in `segments`.
     Otherwise: right-padded [rows, T_max] with a 2D 0/1 mask; packed rows (several segments) need a 4D
     block mask there too, where the padding tail is one more segment so no query row is fully masked.
     """
@@ -204,10 +222,13 @@ def collate(
         padded_2d = torch.tensor([[1] * n + [0] * (t_max - n) for n in lengths], dtype=torch.long)
         if not packed:
             positions = [list(range(t_max)) for _ in rows]
+    per_sample = None
     if not packed:
         mask = padded_2d  # None when padding-free: one causal sequence needs no mask
     elif attention == "flash_attention_2":
         mask = None
+    elif attention == PER_SAMPLE_SDPA and padding_free:
+        mask, per_sample = None, PackedSegments(seg_lengths)
     else:
         mask = block_causal_mask(torch.tensor(segments), attention)
     return MicroBatch(
@@ -218,4 +239,5 @@ def collate(
         num_samples=num_samples,
         num_tokens=sum(lengths),
         num_label_tokens=num_label_tokens,
+        segments=per_sample,
     )

@@ -68,12 +68,7 @@ class RewardLoss:
         """(reward of every sequence [num_sequences], the model's own pooled output)."""
         pad_token_id = self._prepare(model)
         self._scores.clear()
-        out = model(
-            input_ids=batch.input_ids,
-            position_ids=batch.position_ids,
-            attention_mask=batch.attention_mask,
-            use_cache=False,
-        )
+        out = model(**batch.model_inputs())
         (scores,) = self._scores  # [1, T, 1]
         self._scores.clear()
         ends = sequence_ends(batch.input_ids, batch.position_ids, pad_token_id, batch.num_samples)

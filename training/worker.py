@@ -19,6 +19,7 @@ from cluster.environment import from_environment
 from launcher.plan import Plan
 from strategies import DistEnv, StrategyOptions, create_strategy
 from training import checkpoint
+from training.attention import collate_attention
 from training.loop import LoopConfig, lr_lambda, run_steps
 from training.methods import create_method
 from training.metrics import WandbRun
@@ -173,7 +174,7 @@ def main(run_dir: str) -> int:
         seed=spec.train.seed,
         shuffle=spec.data.shuffle,
         padding_free=spec.data.padding_free,
-        attention=spec.model.attention,
+        attention=collate_attention(spec.model.attention, env.device),
         start_step=start_step,
         pad_token_id=tokenizer.pad_token_id or 0,
     )
@@ -198,7 +199,7 @@ def main(run_dir: str) -> int:
             cfg.evaluate = Evaluator(
                 strategy, method, eval_dataset, spec.train.eval_every, spec.train.max_steps,
                 micro_batch_size=plan.micro_batch_size, padding_free=spec.data.padding_free,
-                attention=spec.model.attention, pad_token_id=tokenizer.pad_token_id or 0, row_offset=len(dataset),
+                attention=collate_attention(spec.model.attention, env.device), pad_token_id=tokenizer.pad_token_id or 0, row_offset=len(dataset),
             )
         last = run_steps(cfg, strategy, method, batches, start_step, run_dir, console, wandb_run, state)
         final_state = {**cfg.checkpoint_meta, "tokens_seen": last.get("tokens", 0), "wandb_id": wandb_run.id}
