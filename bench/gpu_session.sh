@@ -7,8 +7,9 @@
 set -u
 OUT=${OUT:-/tmp/sharpen-gpu-out}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+WHEELS=${WHEELS:-.whl}  # run from a copy of the tree: WHEELS=../.whl
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
     >"$OUT/pip.log" 2>&1 || { tail -5 "$OUT/pip.log"; exit 1; }
   export PYTHONPATH=/tmp/site
 fi

@@ -164,6 +164,8 @@ def choose_strategy(
             c for c in candidates if (c.strategy, c.offload) == (name, offload)
         ), "set in the job file"
     allowed = [c for c in candidates if offload == "none" or c.offload == offload]
+    if spec.model.compile:  # DeepSpeed's per-module hooks and torch.compile do not mix (spec.py refuses zero*)
+        allowed = [c for c in allowed if not c.strategy.startswith("zero")]
     for i, c in enumerate(allowed):
         if not c.fits:
             continue

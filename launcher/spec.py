@@ -31,6 +31,13 @@ class ModelSpec(Section):
         False,
         description="Recompute activations in the backward pass: much less memory, about a third more compute",
     )
+    compile: bool = Field(
+        False,
+        description=(
+            "torch.compile each decoder layer (they share code, so it compiles once): fused kernels for the "
+            "norms, rotary, MLP and LoRA arithmetic; the first steps wait for the compiler. Not with zero1-3"
+        ),
+    )
     trust_remote_code: bool = Field(
         False, description="Run model code shipped with the checkpoint (transformers' trust_remote_code)"
     )
@@ -382,6 +389,9 @@ class JobSpec(Section):
                         f"{why}; use auto (the compute dtype) or the same dtype as model.dtype",
                     )
                 )
+        if self.model.compile and strategy.name.startswith("zero"):
+            why = f"is not supported with DeepSpeed ({strategy.name}), whose ZeRO hooks run inside every layer"
+            add(("model.compile", f"{why}; use strategy.name fsdp, ddp or single, or set model.compile: false"))
         method = self.method
         if isinstance(method, DPOMethod) and method.label_smoothing and method.loss != "sigmoid":
             why = f"applies to loss sigmoid only, not {method.loss!r}"

@@ -275,6 +275,13 @@ def test_auto_picks_the_fastest_strategy_that_fits_and_the_largest_micro_batch(l
     assert double.strategy == "zero2" and not double.chosen["fits"]
 
 
+def test_auto_with_compile_skips_deepspeed(llama8b):
+    """model.compile runs under single, ddp and fsdp only: auto passes over zero1 (80 GB) for fsdp."""
+    plan = plan_for(llama8b, 8, 80, model={"dtype": "bf16", "gradient_checkpointing": True, "compile": True})
+    assert plan.strategy == "fsdp" and plan.chosen["fits"]
+    assert any(c["strategy"] == "zero1" and c["fits"] for c in plan.candidates)
+
+
 def test_unknown_gpu_memory_is_unlimited_but_still_estimated(llama8b):
     plan, notices = build_plan(
         job(CONFIGS / "llama3-8b", strategy={"name": "auto"}, resources={"gpus_per_node": 2},

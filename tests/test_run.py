@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,20 @@ def test_ddp_on_one_rank_is_single(tiny_model, reference_losses, tmp_path):
     """A launcher starts no process group for a world of one; DDP (like DeepSpeed) makes its own."""
     job = base_job(tiny_model, ALPACA, finetune={"type": "lora", "r": 8, "alpha": 16}, strategy={"name": "ddp"})
     assert losses(run_job(tmp_path, "ddp-1", job)) == pytest.approx(reference_losses["lora"], rel=1e-6)
+
+
+@pytest.mark.parametrize("strategy,ranks", [("single", 1), ("fsdp", 2)])
+def test_compiled_layers_train_to_the_same_losses(tiny_model, reference_losses, tmp_path, strategy, ranks):
+    """model.compile: each decoder layer compiled in place (inductor on CPU), under FSDP2 too."""
+    job = base_job(
+        tiny_model, ALPACA, model={"path": str(tiny_model), "compile": True},
+        finetune={"type": "lora", "r": 8, "alpha": 16}, strategy={"name": strategy},
+        resources={"gpus_per_node": ranks},
+    )
+    run_dir = run_job(tmp_path, f"compiled-{strategy}", job)
+    assert losses(run_dir) == pytest.approx(reference_losses["lora"], rel=1e-4)
+    graphs = re.search(r"^\| compiled_graphs \| (\d+) \|$", (run_dir / "report.md").read_text(), re.MULTILINE)
+    assert graphs and int(graphs.group(1)) >= 1, "nothing was compiled"
 
 
 def test_accumulation_and_micro_batch_do_not_change_the_losses(tiny_model, tmp_path):

@@ -51,6 +51,7 @@ class PackedSegments:
         return block_causal_mask(ids[None], "sdpa").to(device)
 
 
+@torch.compiler.disable  # a Python loop over data-dependent lengths: under model.compile it runs eagerly
 def per_sample_sdpa(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: PackedSegments,
     dropout: float = 0.0, scale: float | None = None,

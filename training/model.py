@@ -99,7 +99,22 @@ def load_model(spec: JobSpec, compute_dtype: str, device: torch.device) -> nn.Mo
             # With a frozen embedding nothing upstream of the adapters needs a gradient, so checkpointed
             # blocks would see no grad-requiring input and the adapters would get none.
             model.enable_input_require_grads()
+    if spec.model.compile:
+        compile_layers(model)
     return model
+
+
+def compile_layers(model: nn.Module) -> int:
+    """Regional compilation: `Module.compile` on every decoder layer, in place, so parameter names, state
+    dicts and checkpoints stay those of the eager model, and the strategies wrap it as usual (FSDP2's
+    hooks run outside the compiled region: dynamo skips them). The layers share one code object, so
+    dynamo compiles one graph and reuses it; a new micro-batch length recompiles once, then shapes are
+    treated as dynamic. Returns the number of layers compiled."""
+    layers = [m for m in model.modules() if isinstance(m, decoder_layer_classes(model))]
+    for layer in layers:
+        layer.compile()
+    log.info("model.compile: %d decoder layers compiled on first use", len(layers))
+    return len(layers)
 
 
 def apply_lora(model: nn.Module, spec: JobSpec) -> nn.Module:

@@ -218,6 +218,10 @@ def main(run_dir: str) -> int:
         extra = {"peak_tflops_per_rank": cfg.peak_flops_per_rank / 1e12}
         if env.device.type == "cuda":
             extra["peak_memory_gib"] = torch.cuda.max_memory_allocated(env.device) / 1024**3
+        if spec.model.compile:
+            from torch._dynamo.utils import counters
+
+            extra["compiled_graphs"] = counters["stats"]["unique_graphs"]
         write_report(run_dir, plan.model_dump(), extra)
     if last and env.is_main:
         notice(console, f"done: step {last['step']}, loss {last['loss']:.4f}; output in {run_dir / 'final'}")
