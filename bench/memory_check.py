@@ -165,6 +165,11 @@ def available(name: str) -> str | None:
             import flash_attn  # noqa: F401
         except ImportError:
             return "flash-attn is not installed"
+    if JOBS[name][1] == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            return "bitsandbytes is not installed"
     return None
 
 
