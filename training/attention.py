@@ -51,7 +51,17 @@ class PackedSegments:
         return block_causal_mask(ids[None], "sdpa").to(device)
 
 
-@torch.compiler.disable  # a Python loop over data-dependent lengths: under model.compile it runs eagerly
+_EAGER: list = []
+
+
+def _eager_per_sample_sdpa():
+    """per_sample_sdpa kept out of torch.compile (model.compile): a Python loop over data-dependent lengths.
+    Wrapped on first use, not at import: torch.compiler.disable imports dynamo (~0.8 s of start-up)."""
+    if not _EAGER:
+        _EAGER.append(torch.compiler.disable(per_sample_sdpa))
+    return _EAGER[0]
+
+
 def per_sample_sdpa(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: PackedSegments,
     dropout: float = 0.0, scale: float | None = None,
@@ -104,7 +114,7 @@ def sdpa_per_sample_forward(
         return sdpa_attention_forward(module, query, key, value, mask, dropout, scaling, is_causal, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    return per_sample_sdpa(query, key, value, segments, dropout, scaling), None
+    return _eager_per_sample_sdpa()(query, key, value, segments, dropout, scaling), None
 
 
 def _per_sample_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
