@@ -15,16 +15,21 @@ before it starts the arm's process):
   (logging.every=1: the row is written and flushed right after the step's optimizer step and its one
   host sync). That row's `elapsed_s` (training/metrics.py Throughput, started when run_steps begins)
   splits off the step itself. Earlier milestones, watched from outside every 10 ms: plan.json's mtime
-  (the launcher has validated, planned and found the tokenized data); the worker's process creation
+  (the launcher has validated, planned and found the tokenized data); the rank's process creation
   (psutil; taken relative to the launcher's own creation time, so /proc's 1-second boot-time rounding
-  cancels); RUN/logs/rank-0.log appearing (the worker has imported its modules and read plan.json).
+  cancels; one CPU rank is forked from the launcher, more are spawned by the elastic agent);
+  RUN/logs/rank-0.log appearing (the rank has imported its modules and read plan.json).
 - bare: the script's own time.time() stamps at its first line, after imports, after model load + LoRA,
   and after the optimizer step.
 
-Then `--phase-repeats` in-process replays of each side of sharpen, in fresh processes with the same
-threads, time the launcher's and the worker's steps one by one with sharpen's own functions (the
-worker's as training/worker.py main() calls them, up to and including the first step), so the outside
-milestones can be split further.
+Then `--phase-repeats` replays of `sharpen run`, each in a fresh process with the same threads, time its
+steps one by one with sharpen's own functions: the launcher's, then the rank's as training/worker.py
+main() calls them, up to and including the first step, in the same process (the rank is forked from the
+launcher, so it inherits the launcher's modules), so the outside milestones can be split further.
+
+sharpen's caches are warm in every arm run, as on any run after a machine's first: the tokenized data, and
+the measured matmul peak (training/flops.py peak_flops, ~/.cache/sharpen/peak_flops.json), which `prepare`
+measures once for the bench's thread count if it is not there yet.
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ def prepare(work: Path, threads: int) -> dict:
         attention=spec.model.attention, pad_token_id=pad_id,
     )
     first = next(batches).micro_batches[0]
+    warm_peak_flops_cache(threads)
     batch_path = work / "first_batch.pt"
     torch.save(
         {"input_ids": first.input_ids, "position_ids": first.position_ids, "labels": first.labels,
@@ -98,6 +104,18 @@ def prepare(work: Path, threads: int) -> dict:
                       "max_grad_norm": t.max_grad_norm},
         "first_batch": {"samples": first.num_samples, "tokens": first.num_tokens, "label_tokens": first.num_label_tokens},
     }
+
+
+def warm_peak_flops_cache(threads: int) -> None:
+    """Measure the CPU's fp32 matmul peak at `threads` into sharpen's cache, unless it is there already."""
+    import torch
+
+    from training.flops import peak_flops
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    peak_flops(torch.device("cpu"), torch.float32)
+    torch.set_num_threads(saved)
 
 
 def thread_env(threads: int) -> dict[str, str]:
@@ -144,7 +162,8 @@ def run_sharpen(setup: dict, work: Path, repeat: int) -> dict:
                 if "worker" not in marks:
                     for child in _children(proc):
                         try:
-                            if "training.worker" in " ".join(child.cmdline()):
+                            # spawned by the agent (python -m training.worker), or forked (one CPU rank)
+                            if "training.worker" in " ".join(child.cmdline()) or child.cmdline() == proc.cmdline():
                                 marks["worker"] = t0 + (child.create_time() - launcher_created)
                                 break
                         except psutil.Error:
@@ -252,9 +271,17 @@ class Clock:
         print(json.dumps({"phases": self.phases}), flush=True)
 
 
-def replay_launcher(spawned_at: float, job: str, scratch: str) -> None:
-    """What `sharpen run JOB` does before the elastic agent starts the ranks, step by step."""
+def replay_run(spawned_at: float, job: str, scratch: str) -> None:
+    """`sharpen run JOB` up to the end of step 1, call by call, in one process: the launcher's calls, then
+    training/worker.py main()'s, as the rank forked from the launcher makes them (one CPU rank)."""
     clock = Clock(spawned_at)
+    replay_launcher(clock, job, Path(scratch))
+    replay_worker(clock, Path(scratch))
+    clock.dump()
+
+
+def replay_launcher(clock: Clock, job: str, run_dir: Path) -> None:
+    """What `sharpen run JOB` does before it starts the rank, step by step."""
     import launcher.cli  # noqa: F401  (the console script's module: cluster.doctor, launcher.export, ...)
 
     clock.mark("import launcher.cli")
@@ -268,7 +295,6 @@ def replay_launcher(spawned_at: float, job: str, scratch: str) -> None:
 
     clock.mark("import launcher.plan, launcher.resume, training.data")
     # launcher/prepare.py prepare_run, step by step, for a fresh run dir
-    run_dir = Path(scratch)
     run_dir.mkdir(parents=True, exist_ok=True)
     plan, _ = build_plan(spec, run_dir)
     clock.mark("build_plan (strategy, batch, memory estimate)")
@@ -281,26 +307,21 @@ def replay_launcher(spawned_at: float, job: str, scratch: str) -> None:
     clock.mark("prepare_dataset (cache key, cache hit)")
     plan.model_copy(update={"data_cache": str(Path(cache).resolve())}).write(run_dir)
     clock.mark("plan.json written")
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch  # noqa: F401
-
     from cluster.local import launch  # noqa: F401
 
-    clock.mark("import cluster.local + torch.distributed.launcher (the agent)")
-    clock.dump()
+    clock.mark("import cluster.local")
 
 
-def replay_worker(spawned_at: float, run_dir: str) -> None:
+def replay_worker(clock: Clock, run_dir: Path) -> None:
     """training/worker.py main() on RUN_DIR, timed call by call, through the end of the first step."""
-    clock = Clock(spawned_at)
     import torch
 
-    clock.mark("import torch")
     from training import worker
 
     clock.mark("import training.worker (transformers, strategies, ...)")
     from launcher.plan import Plan
 
-    plan = Plan.read(Path(run_dir))
+    plan = Plan.read(run_dir)
     spec = plan.spec
     env = worker.setup_distributed(plan)
     torch.manual_seed(spec.train.seed)
@@ -323,7 +344,7 @@ def replay_worker(spawned_at: float, run_dir: str) -> None:
         pad_token_id=tokenizer.pad_token_id or 0,
     )
     clock.mark("load_prepared + step_batches")
-    from training.flops import matmul_params, measured_peak_flops
+    from training.flops import matmul_params, peak_flops
 
     model_ = strategy.unwrap()
     matmul_params(model_)
@@ -333,11 +354,11 @@ def replay_worker(spawned_at: float, run_dir: str) -> None:
     if "num_segments" in columns:
         dataset["num_segments"]
     clock.mark("flops_figures: FLOPs per token (reads the length column)")
-    measured_peak_flops(env.device, worker.TORCH_DTYPES[plan.compute_dtype])
-    clock.mark("flops_figures: measured_peak_flops (a timed matmul loop)")
+    peak_flops(env.device, worker.TORCH_DTYPES[plan.compute_dtype])
+    clock.mark("flops_figures: peak_flops (the matmul peak, cached per machine)")
     from training.metrics import WandbRun  # noqa: F401
 
-    method = worker.make_method(plan, strategy, Path(run_dir), dataset, None, False, tokenizer.pad_token_id or 0)
+    method = worker.make_method(plan, strategy, run_dir, dataset, None, False, tokenizer.pad_token_id or 0)
     clock.mark("make_method")
     step_batch = next(batches)
     micro = step_batch.micro_batches[0].to(env.device, dtype=strategy.options.compute_dtype)
@@ -350,7 +371,6 @@ def replay_worker(spawned_at: float, run_dir: str) -> None:
     strategy.step()
     float(strategy.all_reduce_sum(out.loss_sum.detach().double()))
     clock.mark("first optimizer step (+ the logging sync)")
-    clock.dump()
 
 
 def run_replay(kind: str, args: list[str], threads: int) -> dict[str, float]:
@@ -402,10 +422,10 @@ def report(results: list[dict], replays: dict[str, list[dict]], setup: dict, rep
     # sharpen's milestones, as intervals
     names = [
         ("plan_written", "launcher: interpreter, CLI imports, load_job, plan, data-cache hit, plan.json"),
-        ("worker_created", "launcher: elastic agent import + rendezvous, worker process spawned"),
-        ("rank_log_opened", "worker: interpreter + module imports (torch, transformers, peft...), Plan.read"),
-        ("run_steps_started", "worker: tokenizer, model + LoRA, strategy, data, FLOPs + peak matmul, method"),
-        ("first_step_done", "worker: step 1 (batch, fwd, bwd, optimizer, log row; metrics elapsed_s)"),
+        ("worker_created", "launcher: the rank's process started (forked from the launcher)"),
+        ("rank_log_opened", "rank: imports not yet made by the launcher (training.worker...), Plan.read"),
+        ("run_steps_started", "rank: tokenizer, model + LoRA (peft), strategy, data, FLOPs + peak, method"),
+        ("first_step_done", "rank: step 1 (batch, fwd, bwd, optimizer, log row; metrics elapsed_s)"),
     ]
     lines += ["", "sharpen, from `sharpen run` to the end of step 1 (seconds, median (min-max) over repeats):", ""]
     prev = None
@@ -433,8 +453,7 @@ def report(results: list[dict], replays: dict[str, list[dict]], setup: dict, rep
     for kind, runs in replays.items():
         if not runs:
             continue
-        title = {"launcher": "launcher replay (`sharpen run` before the agent; fresh process each)",
-                 "worker": "worker replay (training/worker.py main() call by call; fresh process each)"}[kind]
+        title = {"run": "replay of `sharpen run`: the launcher, then the rank's main() (fresh process each)"}[kind]
         lines += ["", f"{title}, seconds, median (min-max) of {len(runs)}:", ""]
         keys = list(runs[0])
         for k in keys:
@@ -447,16 +466,13 @@ def report(results: list[dict], replays: dict[str, list[dict]], setup: dict, rep
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "_replay-launcher":
-        replay_launcher(float(argv[1]), argv[2], argv[3])
-        return 0
-    if argv and argv[0] == "_replay-worker":
-        replay_worker(float(argv[1]), argv[2])
+    if argv and argv[0] == "_replay-run":
+        replay_run(float(argv[1]), argv[2], argv[3])
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="interleaved runs per arm (median reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in both arms (1 on a shared machine)")
-    parser.add_argument("--phase-repeats", type=int, default=3, help="in-process replays of each side of sharpen")
+    parser.add_argument("--phase-repeats", type=int, default=3, help="in-process replays of `sharpen run`")
     parser.add_argument("--json-out", type=Path, help="write the summary and every run's milestones here")
     parser.add_argument(
         "--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "sharpen-bench-startup",
@@ -481,13 +497,11 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
             print(f"  repeat {repeat + 1}/{args.repeats} {name:<8} step 1 at {r['first_step_s']:5.2f} s, "
                   f"exit at {r['wall_s']:5.2f} s", flush=True)
-    replays: dict[str, list[dict]] = {"launcher": [], "worker": []}
-    last_run = work / "runs" / f"sharpen-{args.repeats - 1}"
+    replays: dict[str, list[dict]] = {"run": []}
     for i in range(args.phase_repeats):
-        scratch = work / "runs" / f"replay-launcher-{i}"
+        scratch = work / "runs" / f"replay-{i}"
         shutil.rmtree(scratch, ignore_errors=True)
-        replays["launcher"].append(run_replay("launcher", [str(setup["job"]), str(scratch)], args.threads))
-        replays["worker"].append(run_replay("worker", [str(last_run)], args.threads))
+        replays["run"].append(run_replay("run", [str(setup["job"]), str(scratch)], args.threads))
         print(f"  replay {i + 1}/{args.phase_repeats} done", flush=True)
     text, summary = report(results, replays, setup, args.repeats)
     print()

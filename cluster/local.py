@@ -1,10 +1,12 @@
-"""Start this node's ranks through torch.distributed's elastic agent (the engine under torchrun)."""
+"""Start this node's ranks through torch.distributed's elastic agent (the engine under torchrun); a lone
+local CPU rank is forked from the launcher instead, which has already imported what it needs."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import signal
 import sys
 import uuid
 from pathlib import Path
@@ -43,11 +45,14 @@ def launch(
     c10d rendezvous rather than static: the node hosting the endpoint runs the store, the others join
     it, and the agent's exit barrier does not trip when nodes finish at different times.
     """
+    run_dir = Path(run_dir).resolve()
+    if nnodes == 1 and nproc_per_node == 1 and rdzv_endpoint is None and device == "cpu":
+        return run_one_rank(run_dir, device)
+
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    run_dir = Path(run_dir).resolve()
     endpoint = rdzv_endpoint or f"127.0.0.1:{free_port()}"
     if node_rank > 0:
         default = float(os.environ.get("SHARPEN_RDZV_CONNECT_TIMEOUT_S", "30"))
@@ -76,6 +81,81 @@ def launch(
         report_failure(run_dir, exc)
         return 1
     return 0
+
+
+def rank_environment(run_id: str, error_file: Path) -> dict[str, str]:
+    """What the elastic agent tells a worker it starts (a one-rank world here): torchrun's names."""
+    env = {"RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0", "ROLE_RANK": "0", "ROLE_NAME": "default"}
+    env.update({name: "1" for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE")})
+    env.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        TORCHELASTIC_RUN_ID=run_id,
+        TORCHELASTIC_RESTART_COUNT="0",
+        TORCHELASTIC_MAX_RESTARTS="0",
+        TORCHELASTIC_USE_AGENT_STORE="False",
+        TORCHELASTIC_ERROR_FILE=str(error_file),
+    )
+    return env
+
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+def run_one_rank(run_dir: Path, device: str) -> int:
+    """One local CPU rank: forked from this process instead of spawned by the elastic agent.
+
+    Planning has already imported torch and transformers here; a spawned worker imports them again
+    (2.5 s of the bench job's 7 s to its first step, docs/BENCHMARKS.md). The rank is still a process of its own,
+    so a crash or a kill -9 of it is reported as the agent reports one, and the signals the agent passes on
+    to its workers are passed on to it. CPU only: on a GPU the plan's device check has initialised CUDA in
+    this process, which a forked child cannot use."""
+    import multiprocessing
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    error_file = run_dir / "logs" / "agent" / "rank-0-error.json"
+    error_file.parent.mkdir(parents=True, exist_ok=True)
+    error_file.unlink(missing_ok=True)
+    env = {**worker_environment(device, 1), **rank_environment(uuid.uuid4().hex[:12], error_file)}
+    rank = multiprocessing.get_context("fork").Process(target=_rank_main, args=(run_dir, env), name="sharpen-rank-0")
+
+    def forward(signum, _frame) -> None:
+        os.kill(rank.pid, signum)
+
+    # Blocked across the fork: a signal arriving before the handlers are in place waits for them, in
+    # both processes, instead of killing this one and leaving the rank behind.
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+    try:
+        rank.start()
+        previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
+    try:
+        rank.join()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if rank.exitcode == 0:
+        return 0
+    failure = ProcessFailure(local_rank=0, pid=rank.pid, exitcode=rank.exitcode, error_file=str(error_file))
+    report_failure(run_dir, ChildFailedError(WORKER_MODULE, {0: failure}))
+    return 1
+
+
+def _rank_main(run_dir: Path, env: dict[str, str]) -> None:
+    """The forked rank: the signal handlers, variables and thread count a spawned worker starts with."""
+    import torch
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    for s in FORWARDED_SIGNALS:
+        signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
+    os.environ.update(env)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # this process's torch read it before it was set
+    from training.worker import main
+
+    sys.exit(record(main)(str(run_dir)))
 
 
 def wait_for_endpoint(endpoint: str, timeout_s: float) -> None:

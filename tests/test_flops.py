@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from training.flops import matmul_params, measured_peak_flops, train_flops_per_token
+from training.flops import matmul_params, measured_peak_flops, peak_flops, train_flops_per_token
 from training.report import summary
 
 
@@ -59,3 +61,26 @@ def test_measuring_the_peak_leaves_the_global_rng_alone():
     torch.manual_seed(123)
     measured_peak_flops(torch.device("cpu"), torch.float32, seconds=0.01)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_the_peak_is_measured_once_per_machine_and_thread_count(tmp_path, monkeypatch):
+    """The 0.3 s matmul loop runs before a run's first step only when the cache has no figure for this
+    device, dtype and thread count."""
+    import training.flops
+
+    calls = []
+    monkeypatch.setattr(training.flops, "measured_peak_flops", lambda device, dtype: calls.append(dtype) or 5e10)
+    cache = tmp_path / "peak_flops.json"
+    threads = torch.get_num_threads()
+    try:
+        assert peak_flops(torch.device("cpu"), torch.float32, cache) == 5e10
+        assert peak_flops(torch.device("cpu"), torch.float32, cache) == 5e10
+        assert len(calls) == 1
+        torch.set_num_threads(threads + 1)
+        peak_flops(torch.device("cpu"), torch.float32, cache)
+        assert len(calls) == 2 and len(json.loads(cache.read_text())) == 2
+    finally:
+        torch.set_num_threads(threads)
+    cache.write_text("not json")
+    assert peak_flops(torch.device("cpu"), torch.float32, cache) == 5e10  # a damaged file is measured over
+    assert len(json.loads(cache.read_text())) == 1

@@ -77,6 +77,49 @@ def test_one_rank_killed_stops_the_run_quickly(tiny_model, tmp_path):
     assert "Traceback" not in result.stderr.split("last lines of its log")[0]
 
 
+def test_one_rank_killed_is_reported_and_resumes(tiny_model, tmp_path):
+    """One CPU rank is forked from the launcher rather than spawned by the agent: a kill -9 of it is still
+    reported by rank with its signal, exit 1, and `sharpen resume` ends with the uninterrupted losses."""
+    job = job_for(tiny_model, "lora", "single", ranks=1)
+    straight_dir, result = run(tmp_path, "straight", job)
+    assert_ok(result)
+    crashed_dir, result = run(tmp_path, "crashed", job, fault="kill-after-step:3")
+    assert result.returncode == 1
+    assert "rank 0 failed (killed by SIGKILL)" in result.stderr and "Traceback" not in result.stderr
+    assert [r["step"] for r in metrics(crashed_dir)] == [1, 2, 3]
+    assert_ok(sharpen("resume", str(crashed_dir)))
+    assert_same_losses(losses(crashed_dir), losses(straight_dir))
+
+
+def test_sigterm_to_the_launcher_stops_its_one_rank(tiny_model, tmp_path):
+    """SIGTERM to `sharpen run` (a scheduler, `kill`): passed on to the rank as the agent does, reported
+    without a traceback, exit 1, and no process left behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+    from e2e import REPO
+
+    job = job_for(tiny_model, "lora", "single", ranks=1, train={"max_steps": 100_000, "save_every": 0})
+    job_file, run_dir = write_job(tmp_path / "long.yaml", job), tmp_path / "long"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", "run", str(job_file), "--output-dir", str(run_dir)],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (run_dir / "metrics.jsonl").is_file() and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    ranks = psutil.Process(launcher.pid).children(recursive=True)
+    assert len(ranks) == 1
+    launcher.send_signal(signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode == 1, stderr
+    assert "rank 0 failed (killed by SIGTERM)" in stderr and "Traceback" not in stderr
+    assert not ranks[0].is_running()
+
+
 def test_kill_during_save_resumes_from_the_previous_checkpoint(tiny_model, tmp_path):
     job = job_for(tiny_model, "full", "fsdp")
     straight_dir, result = run(tmp_path, "straight", job)

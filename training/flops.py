@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -58,6 +61,43 @@ def measured_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
             return 2 * n**3 * count / elapsed
+
+
+PEAK_CACHE = Path("~/.cache/sharpen/peak_flops.json")
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, cache: Path = PEAK_CACHE) -> float:
+    """measured_peak_flops, measured once per machine and kept in `cache` (keyed by the device's name, the
+    dtype, torch's thread count and version): its 0.3 s loop would otherwise come before every run's first
+    step. Delete the file to measure again, e.g. after changing hardware under the same name."""
+    key = f"{_device_name(device)} | {dtype} | threads {torch.get_num_threads()} | torch {torch.__version__}"
+    path = cache.expanduser()
+    known = {}
+    try:
+        known = json.loads(path.read_text())
+        return float(known[key])
+    except (OSError, ValueError, KeyError, TypeError):
+        known = known if isinstance(known, dict) else {}
+    peak = measured_peak_flops(device, dtype)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({**known, key: peak}, indent=1) + "\n")
+        os.replace(tmp, path)  # ranks measuring at once each write a whole file; the last one stays
+    except OSError:
+        pass  # a read-only home: measured again next run
+    return peak
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"cpu {model or os.uname().machine} x{os.cpu_count()}"
 
 
 def _sync(device: torch.device) -> None:

@@ -125,7 +125,7 @@ def make_method(plan: Plan, strategy, run_dir: Path, dataset, eval_dataset, resu
 
 def flops_figures(strategy, dataset, compute_dtype: torch.dtype) -> dict[str, float]:
     """FLOPs per token of this model on this data, and this rank's measured matmul peak (for MFU)."""
-    from training.flops import matmul_params, measured_peak_flops, train_flops_per_token
+    from training.flops import matmul_params, peak_flops, train_flops_per_token
 
     model = strategy.unwrap()
     config = model.config
@@ -136,7 +136,7 @@ def flops_figures(strategy, dataset, compute_dtype: torch.dtype) -> dict[str, fl
     segments = dataset["num_segments"] if "num_segments" in columns else [1] * len(lengths)
     mean_len = sum(lengths) / max(1, sum(segments))
     per_token = train_flops_per_token(trainable, frozen, config.num_hidden_layers, config.hidden_size, mean_len)
-    return {"flops_per_token": per_token, "peak_flops_per_rank": measured_peak_flops(strategy.env.device, compute_dtype)}
+    return {"flops_per_token": per_token, "peak_flops_per_rank": peak_flops(strategy.env.device, compute_dtype)}
 
 
 def main(run_dir: str) -> int:
