@@ -497,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.repeats, report=lambda s: print(s, flush=True),
             )
             text, summary = lora_report(runs, args.skip, per_token, peak)
+        print(text, flush=True)  # now, not only at the end: a run stopped by a time limit keeps this part
         texts.append(text)
         payload[part] = summary
         all_runs += runs
