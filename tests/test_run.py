@@ -74,6 +74,26 @@ def test_compiled_layers_train_to_the_same_losses(tiny_model, reference_losses, 
     assert graphs and int(graphs.group(1)) >= 1, "nothing was compiled"
 
 
+def test_the_model_is_loaded_in_training_mode(tiny_model):
+    """from_pretrained hands back an eval-mode model; in it LoRA dropout is a no-op and transformers skips
+    gradient checkpointing. load_model must give the strategies a model in training mode."""
+    from launcher.spec import JobSpec
+    from training.model import load_model
+
+    job = base_job(
+        tiny_model, ALPACA, model={"path": str(tiny_model), "gradient_checkpointing": True},
+        finetune={"type": "lora", "r": 8, "alpha": 16, "dropout": 0.5},
+    )
+    model = load_model(JobSpec.model_validate(job), "fp32", torch.device("cpu"))
+    assert all(m.training for m in model.modules())
+    with torch.no_grad():  # LoRA's B starts at zero, which would hide its dropout
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    ids = torch.arange(1, 17)[None]
+    assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits), "dropout did not run"
+
+
 def test_accumulation_and_micro_batch_do_not_change_the_losses(tiny_model, tmp_path):
     """Same global batch, split 1×8 or 8×1: identical losses at every step. Normalising per micro-batch
     (the 2024 transformers accumulation bug) would make step 2 onwards differ."""

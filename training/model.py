@@ -99,6 +99,9 @@ def load_model(spec: JobSpec, compute_dtype: str, device: torch.device) -> nn.Mo
             # With a frozen embedding nothing upstream of the adapters needs a gradient, so checkpointed
             # blocks would see no grad-requiring input and the adapters would get none.
             model.enable_input_require_grads()
+    # from_pretrained returns the model in eval mode: without this, dropout (LoRA's too) never ran, and
+    # transformers checkpoints a layer only while training, so gradient_checkpointing saved nothing.
+    model.train()
     if spec.model.compile:
         compile_layers(model)
     return model
