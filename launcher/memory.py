@@ -260,7 +260,19 @@ class ModelShape:
 
 
 def activation_bytes(counts: ParamCounts, s: Setting) -> tuple[int, list[str]]:
-    """Peak bytes of activations of one micro-batch in a Llama-style decoder: what autograd saves for the
+    """Peak bytes of activations of one micro-batch (the larger of activation_phases')."""
+    (at_loss, in_layers), notes = activation_phases(counts, s)
+    return max(at_loss, in_layers), notes
+
+
+def activation_phases(counts: ParamCounts, s: Setting) -> tuple[tuple[int, int], list[str]]:
+    """((at the loss, in the layers' backward), notes): activation bytes at the two moments a step can
+    peak. At the loss: everything the layers saved plus the loss over the vocabulary. In the layers'
+    backward: what the layers saved plus one layer's backward temporaries (with checkpointing: the kept
+    layer inputs plus one recomputed layer). The strategy adds what it holds at each moment
+    (launcher/memory_model.py: no gradients yet at the loss without accumulation, no gathered FSDP2 groups).
+
+    Peak bytes of activations of one micro-batch in a Llama-style decoder: what autograd saves for the
     backward, the attention mask, and the loss (fp32 log-softmax over batch x length x vocab).
 
     Worst case: every sample max_length tokens. Padding-free batches lay a micro-batch end to end in one row
@@ -305,9 +317,11 @@ def activation_bytes(counts: ParamCounts, s: Setting) -> tuple[int, list[str]]:
     rows, seq = (1, tokens) if s.padding_free else (s.micro_batch_size, s.max_length)
     several = s.micro_batch_size > 1 or s.packing or pairs
     flash = s.attention == "flash_attention_2"
-    masked = not flash and (several if s.padding_free else True)
-    # transformers expands k and v to every head when a mask is given
-    repeat_kv = s.attention == "eager" or masked
+    # On the CPU, sdpa runs padding-free rows per sample (training/attention.py collate_attention): no mask
+    per_sample = s.attention == "sdpa" and s.device == "cpu" and s.padding_free and several
+    masked = not flash and not per_sample and (several if s.padding_free else True)
+    # transformers expands k and v to every head when a mask is given (the per-sample kernel does too)
+    repeat_kv = s.attention == "eager" or masked or per_sample
     kv_width = a * d if repeat_kv else shape.kv_heads * d
 
     norm = 4 * h + 4 + (residual * h if full else 0)  # fp32 input for the variance, rsqrt, normed pre-weight
@@ -316,7 +330,8 @@ def activation_bytes(counts: ParamCounts, s: Setting) -> tuple[int, list[str]]:
     per_token += h * saved_input(residual, consumers("gate_proj", "up_proj"))
     per_token += c * (a * d + 2 * kv_width + a * d)  # q, k, v and the output saved by attention
     o_copy = consumers("o_proj") and (dropout or autocast and lora)
-    per_token += c * a * d * (bool(o_copy) + (s.attention == "eager"))  # eager's output is a new tensor
+    # eager's output is a new tensor; so is the per-sample kernel's (the samples' outputs concatenated)
+    per_token += c * a * d * (bool(o_copy) + (s.attention == "eager" or per_sample))
     per_token += 4 * a if s.attention != "eager" else 0  # log-sum-exp of flash / memory-efficient kernels
     per_token += 3 * linear_out * i  # gate, silu(gate), up
     per_token += i * saved_input(linear_out, consumers("down_proj"))
@@ -352,10 +367,10 @@ def activation_bytes(counts: ParamCounts, s: Setting) -> tuple[int, list[str]]:
         transient = max(transient, square_grads - after_attention * tokens)
     if s.gradient_checkpointing:  # each layer keeps its input; the rest is recomputed one layer at a time
         kept = layers * residual * h * tokens
-        return kept + misc + max(loss, layer + transient), notes
+        return (kept + misc + loss, kept + misc + layer + transient), notes
     if lora:  # the first layer's input (frozen embeddings) needs no grad: its first norm saves nothing
         misc -= (4 * h + 4) * tokens
-    return layers * layer + misc + max(loss, transient), notes
+    return (layers * layer + misc + loss, layers * layer + misc + transient), notes
 
 
 def human_bytes(n: float) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import ceil
 
-from launcher.memory import DTYPE_BYTES, ParamCounts, Setting, TensorInfo, activation_bytes, nf4_bytes
+from launcher.memory import DTYPE_BYTES, ParamCounts, Setting, TensorInfo, activation_phases, nf4_bytes
 from launcher.spec import JobSpec
 
 DEEPSPEED_DEFAULT_BUCKET = 500_000_000  # elements, when the hidden size is unknown
@@ -39,10 +39,10 @@ class MemoryEstimate:
     activations: int  # saved for backward at the peak, logits and loss included
     offloaded: int
     step: int  # device peak during the optimizer step: params + grads + optimizer + the step's temporaries
-
-    @property
-    def backward(self) -> int:
-        return self.params + self.grads + self.optimizer + self.buffers + self.activations
+    # Device peak over forward and backward. Not always the sum of the columns (each at its most within a
+    # step): at the loss, where activations peak, single and fsdp hold no gradients yet without
+    # accumulation, and FSDP2 has every group resharded (see estimate()).
+    backward: int
 
     @property
     def total(self) -> int:
@@ -211,12 +211,41 @@ def buffer_bytes(counts: ParamCounts, s: Setting) -> tuple[int, int, list[str]]:
     return buffers, (step if s.offload == "none" else 0), notes
 
 
+def held_in_backward(counts: ParamCounts, s: Setting, grads: int, buffers: int) -> tuple[int, int]:
+    """(at the loss, in the layers' backward): gradient and buffer bytes the strategy holds at the two
+    moments activation_phases describes; `grads` and `buffers` are their most within a step.
+
+    single: gradients are set to None after each step and made by the backward, the output head's first
+    (then each layer's as its activations are freed), so without accumulation none exist at the loss and
+    only the layers' (non-layer) tensors' ones when the layers' backward starts. With accumulation the
+    earlier micro-steps' are all there. ddp: gradients are views of the all-reduce buckets, which DDP
+    allocates once. fsdp (FSDP2): the root group reshards after the forward like every other, and is
+    gathered again by the first gradient reaching the head, after the loss's backward: at the loss only
+    the accumulated unsharded gradients of earlier micro-steps are held; sharded gradients come from the
+    reduce-scatters, the root's last. DeepSpeed: every column at both moments.
+    (H200, bench/memory_check.py: single full x1.15 and fsdp full x1.11/x1.19 over, with these counted.)"""
+    tensors = counts.tensors or _aggregate_tensors(counts)
+    if s.strategy == "single":
+        if s.grad_accum > 1:
+            return grads + buffers, grads + buffers
+        outside = 4 * sum(t.numel for t in tensors if t.trainable and not t.in_layer)
+        return buffers, min(grads, outside) + buffers
+    if s.strategy == "fsdp":
+        n_train = sum(t.numel for t in tensors if t.trainable)
+        accumulated = 4 * n_train if s.grad_accum > 1 else 0
+        return accumulated, buffers
+    return grads + buffers, grads + buffers
+
+
 def estimate(counts: ParamCounts, s: Setting) -> tuple[MemoryEstimate, list[str]]:
     """The memory of one rank under `s`, and notes worth showing the user."""
     state = state_bytes(counts, s)
     buffers, step_extra, notes = buffer_bytes(counts, s)
-    activations, act_notes = activation_bytes(counts, s)
+    (act_loss, act_layers), act_notes = activation_phases(counts, s)
+    activations = max(act_loss, act_layers)
     held = state["params"] + state["grads"] + state["optimizer"]
+    at_loss, in_layers = held_in_backward(counts, s, state["grads"], buffers)
+    backward = state["params"] + state["optimizer"] + max(at_loss + act_loss, in_layers + act_layers)
     result = MemoryEstimate(
         params=state["params"],
         grads=state["grads"],
@@ -225,6 +254,7 @@ def estimate(counts: ParamCounts, s: Setting) -> tuple[MemoryEstimate, list[str]
         activations=activations,
         offloaded=state["offloaded"],
         step=held + step_extra,
+        backward=backward,
     )
     return result, notes + act_notes
 

@@ -13,7 +13,7 @@ import torch
 
 from launcher.errors import UserError
 from launcher.memory import ParamCounts, Setting, activation_bytes, count_parameters
-from launcher.memory_model import GIB, state_bytes
+from launcher.memory_model import GIB, estimate, state_bytes
 from launcher.plan import Plan, build_plan
 from launcher.spec import JobSpec
 
@@ -176,18 +176,26 @@ def test_zero_paper_numbers_for_llama3_8b_on_8_gpus(llama8b, strategy, gb):
 
 
 # -- activations: predicted == the peak autograd and the loss really take (CPU allocator) -------------
-def measured_peak(model, ids, mask, tmp_path: Path) -> int:
-    """Peak bytes the CPU allocator hands out during forward, loss and backward (grads already allocated)."""
+def measured_peak(
+    model, ids, mask, tmp_path: Path, grads_allocated: bool = True, autocast: bool = False
+) -> int:
+    """Peak bytes the CPU allocator hands out during forward, loss and backward (by default with the grads
+    already allocated; else set to None, as the strategies' step leaves them)."""
+    import contextlib
+
     from torch.profiler import ProfilerActivity, profile
 
     def step():
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        loss = torch.nn.functional.cross_entropy(logits[0].float(), ids[0], reduction="sum")
+        context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with context:
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            loss = torch.nn.functional.cross_entropy(logits[0].float(), ids[0], reduction="sum")
         del logits
         loss.backward()
 
     step()
-    model.zero_grad(set_to_none=False)  # gradients stay allocated: the profiled peak is activations only
+    # grads_allocated: gradients stay allocated, the profiled peak is activations only
+    model.zero_grad(set_to_none=not grads_allocated)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     prof.export_chrome_trace(str(tmp_path / "trace.json"))
@@ -238,6 +246,80 @@ def test_activation_model_matches_the_measured_peak(tmp_path, finetune, dtype, s
         gradient_checkpointing=checkpointing, lora_r=8,
     )  # fmt: skip
     assert activation_bytes(counts, setting)[0] == pytest.approx(got, rel=0.06)
+
+
+def test_single_holds_no_gradients_at_the_loss_without_accumulation(tmp_path):
+    """The single strategy (autocast over fp32 weights) sets gradients to None after each step, and the
+    backward makes them after the loss's peak: the peak over forward and backward, measured with the
+    gradients unallocated, is the estimate's backward less params and optimizer, not that plus the grads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=4000, hidden_size=128, intermediate_size=344, num_hidden_layers=2)
+    config = LlamaConfig(**shape, num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config)  # fp32 weights, bf16 autocast: single's forward_context
+    got = measured_peak(model, torch.randint(0, 4000, (1, 256)), None, tmp_path, False, autocast=True)
+    config.save_pretrained(tmp_path / "model")
+    counts = count_parameters(job(tmp_path / "model", finetune={"type": "full"}))
+    setting = Setting(strategy="single", compute_dtype="bf16", max_length=256, device="cpu")
+    memory = estimate(counts, setting)[0]
+    above_state = memory.backward - memory.params - memory.optimizer
+    assert above_state == pytest.approx(got, rel=0.06)
+    assert memory.buffers + memory.activations == above_state  # no gradients at the peak
+    accumulating = estimate(counts, replace(setting, grad_accum=2))[0]  # the first micro-step's are held
+    assert accumulating.backward == memory.backward + memory.grads
+
+
+BENCH_SHAPE = dict(  # bench/memory_check.py's Llama-3-shaped model
+    vocab_size=128256, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
+    num_key_value_heads=4,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "strategy,micro,accum,length,attention,h200_gib",
+    [
+        # checked on an H200 (2026-11-24), bench/memory_check.py; gradient checkpointing was configured for
+        # the last four but did not run (the model was in eval mode), so they are planned without it here
+        ("single", 1, 1, 2048, "sdpa", 16.57),  # the optimizer step's peak, not params+grads+...+activations
+        ("single", 2, 2, 2048, "sdpa", 24.15),
+        ("fsdp", 1, 1, 4096, "sdpa", 18.59),  # at the loss: no gradients, no gathered group
+        ("fsdp", 1, 2, 2048, "sdpa", 17.58),  # at the loss: the accumulated unsharded grads, once
+        ("zero2", 1, 2, 4096, "sdpa", 21.89),
+    ],
+)
+def test_full_fine_tuning_peaks_measured_on_an_h200(
+    tmp_path, strategy, micro, accum, length, attention, h200_gib
+):
+    from transformers import LlamaConfig
+
+    LlamaConfig(**BENCH_SHAPE, tie_word_embeddings=False).save_pretrained(tmp_path)
+    counts = count_parameters(job(tmp_path, finetune={"type": "full"}))
+    setting = Setting(
+        strategy=strategy, compute_dtype="bf16", micro_batch_size=micro, grad_accum=accum, max_length=length,
+        attention=attention,
+    )  # fmt: skip
+    memory = estimate(counts, setting)[0]
+    assert memory.total / GIB == pytest.approx(h200_gib, rel=0.03)
+    columns = memory.params + memory.grads + memory.optimizer + memory.buffers + memory.activations
+    if strategy == "fsdp" or accum == 1:  # the sum of the columns counts what is never held at once
+        assert columns / GIB > 1.07 * h200_gib
+
+
+def test_cpu_sdpa_packed_rows_have_no_mask():
+    """On the CPU, sdpa runs a padding-free row per sample (training/attention.py): no T x T block mask,
+    neither the bool mask nor each layer's float copy of it."""
+    counts = ParamCounts(0, 0, 0, 0, 2, 256, 1000, 688, 8, 2, 32)
+    cuda = Setting(strategy="zero2", compute_dtype="fp32", micro_batch_size=2, max_length=512)
+    cpu = replace(cuda, device="cpu")
+    tokens = 2 * 512
+    mask = 2 * tokens * tokens * 4 + tokens * tokens  # each layer's fp32 mask, the bool mask once
+    # the per-sample kernel's output is concatenated (one more tensor per layer); k and v are repeated as with a mask
+    concatenated = 2 * tokens * 8 * 32 * 4
+    assert activation_bytes(counts, cuda)[0] - activation_bytes(counts, cpu)[0] == mask - concatenated
+    assert activation_bytes(counts, replace(cpu, micro_batch_size=1, max_length=1024)) == activation_bytes(
+        counts, replace(cuda, micro_batch_size=1, max_length=1024)
+    )  # one sample: no mask on either
 
 
 # -- choices ---------------------------------------------------------------------------------------------
