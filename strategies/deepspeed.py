@@ -58,6 +58,7 @@ class DeepSpeedStrategy(Strategy):
             )
         self.stage = stage
         self.name = f"zero{stage}"
+        self.gathers_params_in_module_hooks = stage == 3
         self.engine: Any = None
         self._last_backward_at_boundary = False
 

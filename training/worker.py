@@ -21,6 +21,7 @@ from strategies import DistEnv, StrategyOptions, create_strategy
 from training import checkpoint
 from training.attention import collate_attention
 from training.loop import LoopConfig, lr_lambda, run_steps
+from training.lora_fused import fuse_lora_linears
 from training.methods import create_method
 from training.metrics import WandbRun
 from training.model import TORCH_DTYPES, decoder_layer_classes, load_model, load_tokenizer
@@ -100,6 +101,8 @@ def build_strategy(plan: Plan, env: DistEnv, model):
         layer_classes=decoder_layer_classes(model),
     )
     strategy = create_strategy(plan.strategy, options, env)
+    if not spec.model.compile and not strategy.gathers_params_in_module_hooks:
+        fuse_lora_linears(model)  # a no-op for full fine-tuning and QLoRA (no plain LoRA linears)
 
     def make_optimizer(params):
         return torch.optim.AdamW(params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)

@@ -1,0 +1,108 @@
+"""LoRA linear layers as one autograd node: the base matmul, the adapter and their backward in one function.
+
+PEFT's `lora.Linear.forward` runs `base(x) + lora_B(lora_A(dropout(x))) * scaling` as separate modules:
+three linear calls, a scale, an add and a dtype cast, each an autograd node, plus Python checks on every
+call. On a CPU step of a small model that bookkeeping is a tenth of the time (docs/BENCHMARKS.md). Here
+the same math is one `torch.autograd.Function`: forward is two matmuls and an `addmm` that folds the
+scale and the add, backward computes exactly the gradients PEFT's graph would (input, A and B; the base
+weight's and bias's only if they require one) with the scale folded into the small rank-r products.
+
+It replaces the forward of each PEFT `lora.Linear` in place and keeps PEFT's modules, parameters, state
+dicts and `disable_adapter()` (DPO's reference model) untouched: any call it does not cover falls back
+to PEFT's own forward. Covered: one active adapter, plain LoRA (no DoRA or other variant), a plain
+`nn.Linear` base (not 4-bit), the input, base and adapter in one dtype, no autocast. So a CPU fp32 run
+gets it, and a bf16 GPU run (bf16 base, fp32 adapters, autocast) keeps PEFT's path, which is what the
+benchmarks measured there.
+
+Dropout draws the same mask PEFT's `nn.Dropout` would (`empty_like(x).bernoulli_(1 - p)`, the CPU
+path of `at::dropout`), so runs, and resumes from RNG state, are the same with and without this.
+
+Not for ZeRO-3 (DeepSpeed gathers a partitioned weight in the hook of the submodule that owns it, and
+this bypasses the submodules' calls) nor under `model.compile` (dynamo fuses PEFT's graph itself).
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class _LoraLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float):
+        in_shape = x.shape
+        x2 = x.reshape(-1, in_shape[-1])
+        noise = None
+        if dropout_p > 0:
+            noise = torch.empty_like(x2).bernoulli_(1 - dropout_p).div_(1 - dropout_p)
+            xd = x2 * noise
+        else:
+            xd = x2
+        xa = xd.mm(lora_a.t())  # [tokens, r]
+        out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2.mm(weight.t())
+        out.addmm_(xa, lora_b.t(), alpha=scaling)
+        ctx.scaling = scaling
+        ctx.in_shape = in_shape
+        ctx.save_for_backward(x2 if weight.requires_grad else None, xd, noise, xa, weight, lora_a, lora_b)
+        return out.view(*in_shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, xd, noise, xa, weight, lora_a, lora_b = ctx.saved_tensors
+        needs_x, needs_w, needs_bias, needs_a, needs_b = ctx.needs_input_grad[:5]
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        gb = g.mm(lora_b).mul_(ctx.scaling)  # [tokens, r]: the gradient reaching A's output, scaled
+        grad_x = grad_w = grad_bias = grad_a = grad_b = None
+        if needs_x:
+            grad_x = g.mm(weight)
+            if noise is None:
+                grad_x.addmm_(gb, lora_a)
+            else:
+                grad_x.add_(gb.mm(lora_a).mul_(noise))
+            grad_x = grad_x.view(ctx.in_shape)
+        if needs_w:
+            grad_w = g.t().mm(x2)
+        if needs_bias:
+            grad_bias = g.sum(0)
+        if needs_a:
+            grad_a = gb.t().mm(xd)
+        if needs_b:
+            grad_b = g.t().mm(xa).mul_(ctx.scaling)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
+
+
+def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """`lora.Linear.forward`, as one autograd node where it can be; PEFT's own forward otherwise."""
+    adapters = self.active_adapters
+    if args or kwargs or self.disable_adapters or self.merged or len(adapters) != 1:
+        return self._peft_forward(x, *args, **kwargs)
+    name = adapters[0]
+    base = self.base_layer
+    if name not in self.lora_A or name in self.lora_variant or type(base) is not nn.Linear:
+        return self._peft_forward(x, *args, **kwargs)
+    a, b = self.lora_A[name].weight, self.lora_B[name].weight
+    if not (x.dtype == base.weight.dtype == a.dtype == b.dtype) or torch.is_autocast_enabled(x.device.type):
+        return self._peft_forward(x, *args, **kwargs)
+    dropout = self.lora_dropout[name]
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    return _LoraLinearFunction.apply(x, base.weight, base.bias, a, b, float(self.scaling[name]), p)
+
+
+def fuse_lora_linears(model: nn.Module) -> int:
+    """Give every PEFT `lora.Linear` in `model` the fused forward; returns how many it changed."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    count = 0
+    for module in model.modules():
+        if type(module) is LoraLinear and not hasattr(module, "_peft_forward"):
+            module._peft_forward = module.forward
+            module.forward = types.MethodType(_fused_forward, module)
+            count += 1
+    if count:
+        log.info("LoRA: %d linear layers run as one fused autograd node each where they can", count)
+    return count
