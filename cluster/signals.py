@@ -58,39 +58,58 @@ def write_requeue_count(run_dir: Path, count: int) -> None:
     os.replace(tmp, path)
 
 
-def requeue(run_dir: Path) -> tuple[bool, str]:
-    """Requeue this SLURM job if the job allows it and max_requeues is not used up: (requeued, why)."""
+RESUBMIT = "continue with `sharpen submit JOB.yaml --output-dir RUN_DIR` (it resumes from the checkpoint)"
+
+
+def requeue_plan(run_dir: Path) -> tuple[str | None, str]:
+    """Whether this SLURM job may be requeued: (job id, what will happen) or (None, why not).
+    Counts the requeue against max_requeues (RUN/slurm/requeue_count) when it may."""
     from launcher.plan import Plan
 
     slurm = Plan.read(run_dir).spec.cluster.slurm
     job_id = os.environ.get("SLURM_JOB_ID")
     used = read_requeue_count(run_dir)
-    resubmit = "continue with `sharpen submit JOB.yaml --output-dir RUN_DIR` (it resumes from the checkpoint)"
     if job_id is None:
-        return False, "not inside a SLURM job"
+        return None, "not inside a SLURM job"
     if not slurm.requeue:
-        return False, f"cluster.slurm.requeue is false; {resubmit}"
+        return None, f"cluster.slurm.requeue is false; {RESUBMIT}"
     if used >= slurm.max_requeues:
-        return False, f"cluster.slurm.max_requeues ({slurm.max_requeues}) is used up; {resubmit}"
+        return None, f"cluster.slurm.max_requeues ({slurm.max_requeues}) is used up; {RESUBMIT}"
     write_requeue_count(run_dir, used + 1)
+    return job_id, f"requeueing job {job_id} ({used + 1} of {slurm.max_requeues})"
+
+
+def requeue(run_dir: Path, job_id: str) -> str | None:
+    """`scontrol requeue JOB`: None when SLURM took it, else why not (and the count is given back)."""
     try:
         result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as exc:
-        return False, f"`scontrol requeue {job_id}` failed: {exc}"
-    if result.returncode != 0:
-        write_requeue_count(run_dir, used)
-        return False, f"`scontrol requeue {job_id}` failed: {(result.stderr or result.stdout).strip()}"
-    return True, f"requeued job {job_id} ({used + 1} of {slurm.max_requeues})"
+        failure = str(exc)
+    else:
+        if result.returncode == 0:
+            return None
+        failure = (result.stderr or result.stdout).strip()
+    write_requeue_count(run_dir, read_requeue_count(run_dir) - 1)
+    return f"`scontrol requeue {job_id}` failed: {failure}; {RESUBMIT}"
 
 
 def stop_and_requeue(run_dir: Path, step: int, checkpoint: Path, is_main: bool, console: IO[str] | None) -> NoReturn:
-    """After the stop checkpoint: rank 0 requeues the job; every rank exits (SLURM ends the job on requeue)."""
+    """After the stop checkpoint: rank 0 requeues the job; every rank exits (SLURM ends the job on requeue).
+
+    The notice goes out before `scontrol requeue`: the requeue itself makes SLURM kill the job's steps,
+    this rank with them, and a line written after it can be lost."""
     if not is_main:
         raise SystemExit(0)
-    requeued, why = requeue(run_dir)
-    message = f"sharpen: stopped at step {step} before the allocation ends; checkpoint {checkpoint}; {why}"
-    log.warning(message)
-    if console is not None:
-        console.write(message + "\n")
-        console.flush()
-    raise SystemExit(0 if requeued else EXIT_STOPPED_EARLY)
+
+    def say(message: str) -> None:
+        log.warning(message)
+        if console is not None:
+            console.write(message + "\n")
+            console.flush()
+
+    job_id, what = requeue_plan(run_dir)
+    say(f"sharpen: stopped at step {step} before the allocation ends; checkpoint {checkpoint}; {what}")
+    failure = requeue(run_dir, job_id) if job_id is not None else None
+    if failure is not None:
+        say(f"sharpen: {failure}")
+    raise SystemExit(0 if job_id is not None and failure is None else EXIT_STOPPED_EARLY)

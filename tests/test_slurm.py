@@ -189,7 +189,7 @@ def test_usr2_checkpoints_requeues_and_resumes_to_the_same_losses(cluster, job_f
     finally:
         follow.kill()
 
-    stopped = re.search(r"stopped at step (\d+) .*requeued job (\d+) \(1 of 2\)", followed)
+    stopped = re.search(r"stopped at step (\d+) .*requeueing job (\d+) \(1 of 2\)", followed)
     assert stopped, followed
     step = int(stopped.group(1))
     assert 3 <= step < STEPS, f"the signal should land mid-run, got step {step}"
@@ -291,3 +291,14 @@ def test_run_on_two_machines_without_slurm(job_file, local_losses, tmp_path):
     assert_same_losses(losses(run_dir), local_losses)
     bad = sharpen(*args, "--node-rank", "1", "--master", "no-such-host.invalid:29500")
     assert bad.returncode == 2 and "cannot resolve 'no-such-host.invalid'" in bad.stderr
+
+
+@pytest.mark.slurm
+def test_a_refused_requeue_is_said_and_not_counted(cluster, tmp_path):
+    """`scontrol requeue` of a job SLURM does not know: the reason comes back, the count is given back."""
+    from cluster.signals import requeue, write_requeue_count
+
+    write_requeue_count(tmp_path, 1)
+    failure = requeue(tmp_path, "999999")
+    assert failure is not None and "`scontrol requeue 999999` failed" in failure and "sharpen submit" in failure
+    assert read_requeue_count(tmp_path) == 0

@@ -239,12 +239,14 @@ def main(run_dir: str) -> int:
 if __name__ == "__main__":
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    code = record(main)(sys.argv[1])  # None: main ended by sys.exit(0) (a stop request), which record swallows
-    # Everything is written, closed and the process group destroyed. Skip the interpreter's teardown, as a
-    # forked rank (multiprocessing) does: C++ threads torn down there can abort the finished rank (seen
-    # once in the suite: a 2-rank fsdp rank died of SIGABRT, "terminate called without an active
+    code = record(main)(sys.argv[1])
+    if code is None:  # main ended by sys.exit(0), which record() swallows: a stop request (cluster/signals.py)
+        sys.exit(0)
+    # A finished run: everything is written, closed and the process group destroyed. Skip the interpreter's
+    # teardown, as a forked rank (multiprocessing) does: C++ threads torn down there can abort the finished
+    # rank (seen once in the suite: a 2-rank fsdp rank died of SIGABRT, "terminate called without an active
     # exception", after its last checkpoint and final/ were written), which fails the whole run.
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0 if code is None else code)
+    os._exit(code)
