@@ -2,7 +2,7 @@
 
 PEFT's `lora.Linear.forward` runs `base(x) + lora_B(lora_A(dropout(x))) * scaling` as separate modules:
 three linear calls, a scale, an add and a dtype cast, each an autograd node, plus Python checks on every
-call. On a CPU step of a small model that bookkeeping is a tenth of the time (docs/BENCHMARKS.md). Here
+call. On the CPU bench job that bookkeeping is ~5% of a step (docs/BENCHMARKS.md, levers). Here
 the same math is one `torch.autograd.Function`: forward is two matmuls and an `addmm` that folds the
 scale and the add, backward computes exactly the gradients PEFT's graph would (input, A and B; the base
 weight's and bias's only if they require one) with the scale folded into the small rank-r products.

@@ -167,6 +167,7 @@ def main(run_dir: str) -> int:
 
     dataset = load_prepared(Path(plan.data_cache))
     eval_dataset = load_prepared_eval(Path(plan.data_cache))
+    attention = collate_attention(spec.model.attention, env.device)
     batches = step_batches(
         dataset,
         global_batch_size=plan.global_batch_size,
@@ -177,7 +178,7 @@ def main(run_dir: str) -> int:
         seed=spec.train.seed,
         shuffle=spec.data.shuffle,
         padding_free=spec.data.padding_free,
-        attention=collate_attention(spec.model.attention, env.device),
+        attention=attention,
         start_step=start_step,
         pad_token_id=tokenizer.pad_token_id or 0,
     )
@@ -202,7 +203,7 @@ def main(run_dir: str) -> int:
             cfg.evaluate = Evaluator(
                 strategy, method, eval_dataset, spec.train.eval_every, spec.train.max_steps,
                 micro_batch_size=plan.micro_batch_size, padding_free=spec.data.padding_free,
-                attention=collate_attention(spec.model.attention, env.device), pad_token_id=tokenizer.pad_token_id or 0, row_offset=len(dataset),
+                attention=attention, pad_token_id=tokenizer.pad_token_id or 0, row_offset=len(dataset),
             )
         last = run_steps(cfg, strategy, method, batches, start_step, run_dir, console, wandb_run, state)
         final_state = {**cfg.checkpoint_meta, "tokens_seen": last.get("tokens", 0), "wandb_id": wandb_run.id}
