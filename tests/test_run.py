@@ -60,6 +60,21 @@ def test_ddp_on_one_rank_is_single(tiny_model, reference_losses, tmp_path):
     assert losses(run_job(tmp_path, "ddp-1", job)) == pytest.approx(reference_losses["lora"], rel=1e-6)
 
 
+@pytest.mark.parametrize("engine", ["aten", "onednn"])
+def test_both_cpu_matmul_engines_train_to_the_same_losses(tiny_model, reference_losses, tmp_path, engine):
+    """training/cpu_gemm.py: every linear of a full fine-tune on oneDNN (chosen where it is faster, as on
+    AMD cores) or on aten's mm; the reference run took whichever this machine prefers."""
+    from training.cpu_gemm import onednn_available
+
+    if engine == "onednn" and not onednn_available():
+        pytest.skip("this torch has no oneDNN linear")
+    job = base_job(tiny_model, ALPACA, finetune={"type": "full"})
+    run_dir = run_job(tmp_path, engine, job, env={"SHARPEN_CPU_GEMM": engine})
+    assert losses(run_dir) == pytest.approx(reference_losses["full"], rel=1e-5)
+    log = (run_dir / "logs" / "rank-0.log").read_text()
+    assert ("matmuls on oneDNN" in log) == (engine == "onednn"), log
+
+
 @pytest.mark.parametrize("strategy,ranks", [("single", 1), ("fsdp", 2)])
 def test_compiled_layers_train_to_the_same_losses(tiny_model, reference_losses, tmp_path, strategy, ranks):
     """model.compile: each decoder layer compiled in place (inductor on CPU), under FSDP2 too."""

@@ -41,21 +41,22 @@ def train_flops_per_token(trainable: int, frozen: int, num_layers: int, hidden: 
     return 6 * trainable + 4 * frozen + 6 * num_layers * hidden * context
 
 
-def measured_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
-    """Dense matmul FLOP/s this device reaches in `dtype`, measured (no vendor table to go stale).
-    Its random operands come from a generator of its own: the run's RNG state (restored from a
-    checkpoint, driving dropout) must not move."""
+def measured_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.3, matmul=None) -> float:
+    """Dense matmul FLOP/s this device reaches in `dtype`, measured (no vendor table to go stale), by
+    `matmul(a, b)` (a product of two n x n matrices; default `a @ b`). Its random operands come from a
+    generator of its own: the run's RNG state (restored from a checkpoint, driving dropout) must not move."""
     n = 4096 if device.type == "cuda" else 512
+    matmul = matmul or torch.matmul
     generator = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
     for _ in range(2):
-        a @ b  # warm-up: kernels picked, clocks up
+        matmul(a, b)  # warm-up: kernels picked, clocks up
     _sync(device)
     count, start = 0, time.perf_counter()
     while True:
         for _ in range(4):
-            a @ b
+            matmul(a, b)
         count += 4
         _sync(device)
         elapsed = time.perf_counter() - start
@@ -66,27 +67,37 @@ def measured_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float
 PEAK_CACHE = Path("~/.cache/sharpen/peak_flops.json")
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype, cache: Path = PEAK_CACHE) -> float:
+def peak_flops(device: torch.device, dtype: torch.dtype, cache: Path | None = None) -> float:
     """measured_peak_flops, measured once per machine and kept in `cache` (keyed by the device's name, the
     dtype, torch's thread count and version): its 0.3 s loop would otherwise come before every run's first
-    step. Delete the file to measure again, e.g. after changing hardware under the same name."""
-    key = f"{_device_name(device)} | {dtype} | threads {torch.get_num_threads()} | torch {torch.__version__}"
-    path = cache.expanduser()
+    step. Delete the file to measure again, e.g. after changing hardware under the same name. An fp32 CPU
+    run's peak is that of the faster of its two matmul engines (training/cpu_gemm.py)."""
+    if device.type == "cpu" and dtype == torch.float32:
+        from training import cpu_gemm
+
+        return max(cpu_gemm.rates(cache).values())
+    return cached_measure(str(dtype), device, lambda: measured_peak_flops(device, dtype), cache)
+
+
+def cached_measure(label: str, device: torch.device, measure, cache: Path | None = None) -> float:
+    """`measure()`, or what it returned before on this device with this thread count and torch version."""
+    key = f"{_device_name(device)} | {label} | threads {torch.get_num_threads()} | torch {torch.__version__}"
+    path = (cache or PEAK_CACHE).expanduser()
     known = {}
     try:
         known = json.loads(path.read_text())
         return float(known[key])
     except (OSError, ValueError, KeyError, TypeError):
         known = known if isinstance(known, dict) else {}
-    peak = measured_peak_flops(device, dtype)
+    value = measure()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({**known, key: peak}, indent=1) + "\n")
+        tmp.write_text(json.dumps({**known, key: value}, indent=1) + "\n")
         os.replace(tmp, path)  # ranks measuring at once each write a whole file; the last one stays
     except OSError:
         pass  # a read-only home: measured again next run
-    return peak
+    return value
 
 
 def _device_name(device: torch.device) -> str:

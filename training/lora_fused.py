@@ -12,7 +12,8 @@ dicts and `disable_adapter()` (DPO's reference model) untouched: any call it doe
 to PEFT's own forward. Covered: one active adapter, plain LoRA (no DoRA or other variant), a plain
 `nn.Linear` base (not 4-bit), the input, base and adapter in one dtype, no autocast. So a CPU fp32 run
 gets it, and a bf16 GPU run (bf16 base, fp32 adapters, autocast) keeps PEFT's path, which is what the
-benchmarks measured there.
+benchmarks measured there. On a CPU where training/cpu_gemm.py picked oneDNN, the fp32 matmuls here go
+to it, the token dimension padded to a bucket once in forward and once in backward.
 
 Dropout draws the same mask PEFT's `nn.Dropout` would (`empty_like(x).bernoulli_(1 - p)`, the CPU
 path of `at::dropout`), so runs, and resumes from RNG state, are the same with and without this.
@@ -29,51 +30,58 @@ import types
 import torch
 from torch import nn
 
+from training.cpu_gemm import linear, pad_tokens, token_contraction
+
 log = logging.getLogger(__name__)
 
 
 class _LoraLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, dropout_p: float, onednn: bool):
         in_shape = x.shape
         x2 = x.reshape(-1, in_shape[-1])
+        tokens = x2.shape[0]
+        xp = pad_tokens(x2, onednn)  # oneDNN's token dimension in buckets (training/cpu_gemm.py); else x2
         noise = None
         if dropout_p > 0:
             noise = torch.empty_like(x2).bernoulli_(1 - dropout_p).div_(1 - dropout_p)
-            xd = x2 * noise
+            xdp = pad_tokens(x2 * noise, onednn)
         else:
-            xd = x2
-        xa = xd.mm(lora_a.t())  # [tokens, r]
-        out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2.mm(weight.t())
-        out.addmm_(xa, lora_b.t(), alpha=scaling)
-        ctx.scaling = scaling
+            xdp = xp
+        xa = linear(xdp, lora_a, onednn)  # [tokens (padded), r]; padded rows are zero
+        out = linear(xp, weight, onednn, bias)[:tokens]
+        out.addmm_(xa[:tokens], lora_b.t(), alpha=scaling)
+        ctx.scaling, ctx.onednn = scaling, onednn
         ctx.in_shape = in_shape
-        ctx.save_for_backward(x2 if weight.requires_grad else None, xd, noise, xa, weight, lora_a, lora_b)
+        ctx.save_for_backward(xp if weight.requires_grad else None, xdp, noise, xa, weight, lora_a, lora_b)
         return out.view(*in_shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, xd, noise, xa, weight, lora_a, lora_b = ctx.saved_tensors
+        xp, xdp, noise, xa, weight, lora_a, lora_b = ctx.saved_tensors
         needs_x, needs_w, needs_bias, needs_a, needs_b = ctx.needs_input_grad[:5]
         g = grad_out.reshape(-1, grad_out.shape[-1])
-        gb = g.mm(lora_b).mul_(ctx.scaling)  # [tokens, r]: the gradient reaching A's output, scaled
+        tokens, onednn = g.shape[0], ctx.onednn
+        gp = pad_tokens(g, onednn)
+        # [tokens, r]: the gradient reaching A's output, scaled (padded rows are zero)
+        gb = linear(gp, lora_b.t(), onednn).mul_(ctx.scaling)
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         if needs_x:
-            grad_x = g.mm(weight)
+            grad_x = linear(gp, weight.t(), onednn)[:tokens]
             if noise is None:
-                grad_x.addmm_(gb, lora_a)
+                grad_x.addmm_(gb[:tokens], lora_a)
             else:
-                grad_x.add_(gb.mm(lora_a).mul_(noise))
+                grad_x.add_(gb[:tokens].mm(lora_a).mul_(noise))
             grad_x = grad_x.view(ctx.in_shape)
         if needs_w:
-            grad_w = g.t().mm(x2)
+            grad_w = token_contraction(gp, xp, onednn)
         if needs_bias:
             grad_bias = g.sum(0)
         if needs_a:
-            grad_a = gb.t().mm(xd)
+            grad_a = gb[:tokens].t().mm(xdp[:tokens])  # [r, in]: aten's mm is the faster one here, either CPU
         if needs_b:
-            grad_b = g.t().mm(xa).mul_(ctx.scaling)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
+            grad_b = token_contraction(gp, xa, onednn).mul_(ctx.scaling)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -90,11 +98,13 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self._peft_forward(x, *args, **kwargs)
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    return _LoraLinearFunction.apply(x, base.weight, base.bias, a, b, float(self.scaling[name]), p)
+    onednn = self._sharpen_onednn and x.device.type == "cpu" and x.dtype == torch.float32
+    return _LoraLinearFunction.apply(x, base.weight, base.bias, a, b, float(self.scaling[name]), p, onednn)
 
 
-def fuse_lora_linears(model: nn.Module) -> int:
-    """Give every PEFT `lora.Linear` in `model` the fused forward; returns how many it changed."""
+def fuse_lora_linears(model: nn.Module, onednn: bool = False) -> int:
+    """Give every PEFT `lora.Linear` in `model` the fused forward; returns how many it changed. With
+    `onednn`, its fp32 CPU matmuls run on oneDNN (training/cpu_gemm.py)."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     count = 0
@@ -103,6 +113,8 @@ def fuse_lora_linears(model: nn.Module) -> int:
             module._peft_forward = module.forward
             module.forward = types.MethodType(_fused_forward, module)
             count += 1
+        if hasattr(module, "_peft_forward"):
+            module._sharpen_onednn = onednn
     if count:
         log.info("LoRA: %d linear layers run as one fused autograd node each where they can", count)
     return count
