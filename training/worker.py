@@ -109,8 +109,14 @@ def build_strategy(plan: Plan, env: DistEnv, model):
             changed = cpu_gemm.use_onednn_linears(model)
             log.info("fp32 CPU matmuls on oneDNN, faster than aten's here (%d plain linear layers)", changed)
 
+    # One kernel per tensor instead of ~10 ops each: on the CPU the default is the per-tensor Python loop
+    # (no foreach kernels there). -1 ms of a 39 ms step on the CPU bench job. GPUs keep the foreach default.
+    fused = env.device.type == "cpu"
+
     def make_optimizer(params):
-        return torch.optim.AdamW(params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(
+            params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay, fused=fused or None
+        )
 
     def make_scheduler(optimizer):
         factor = lr_lambda(t.lr_scheduler, t.warmup_steps, t.max_steps, t.min_lr_ratio)
