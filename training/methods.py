@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.last_layer import label_positions_kwargs, prunes_last_layer
+
 IGNORE_INDEX = -100
 
 
@@ -54,12 +56,15 @@ class CausalLMLoss:
 
     def __call__(self, model: nn.Module, batch) -> LossOutput:
         if id(model) not in self._slices:
-            self._slices[id(model)] = takes_logits_to_keep(model)
+            self._slices[id(model)] = (takes_logits_to_keep(model), prunes_last_layer(model))
         labels, keep = batch.labels, {}
-        if self._slices[id(model)]:
+        slices, prunes = self._slices[id(model)]
+        if slices:
             # Columns where any row has a label: one row when padding-free, every label position of it.
             columns = (labels != IGNORE_INDEX).any(dim=0).nonzero().flatten()
-            labels, keep = labels[:, columns], {"logits_to_keep": columns}
+            labels = labels[:, columns]
+            # A pruned last layer (training/last_layer.py) already returns only these positions.
+            keep = label_positions_kwargs(columns) if prunes else {"logits_to_keep": columns}
         out = model(**batch.model_inputs(), **keep)
         if out.logits.shape[:-1] != labels.shape:
             raise RuntimeError(f"logits of shape {tuple(out.logits.shape)} for labels of shape {tuple(labels.shape)}")

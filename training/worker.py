@@ -20,6 +20,7 @@ from launcher.plan import Plan
 from strategies import DistEnv, StrategyOptions, create_strategy
 from training import checkpoint, cpu_gemm
 from training.attention import collate_attention
+from training.last_layer import prune_last_layer
 from training.loop import LoopConfig, lr_lambda, run_steps
 from training.lora_fused import fuse_lora_linears
 from training.methods import create_method
@@ -105,6 +106,7 @@ def build_strategy(plan: Plan, env: DistEnv, model):
         # fp32 CPU linears on oneDNN where this machine runs it faster than aten's mm (training/cpu_gemm.py)
         onednn = cpu_gemm.engine(env.device, options.compute_dtype) == "onednn"
         fuse_lora_linears(model, onednn)  # a no-op for full fine-tuning and QLoRA (no plain LoRA linears)
+        prune_last_layer(model)  # the last layer's MLP at label positions only (SFT, pretraining)
         if onednn:
             changed = cpu_gemm.use_onednn_linears(model)
             log.info("fp32 CPU matmuls on oneDNN, faster than aten's here (%d plain linear layers)", changed)
