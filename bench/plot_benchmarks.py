@@ -26,7 +26,8 @@ def main() -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = json.loads(args.summary.read_text())["panels"]
+    summary = json.loads(args.summary.read_text())
+    panels = summary["panels"]
     cols = 3
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
@@ -51,7 +52,8 @@ def main() -> int:
         ax.set_ylim(0, top * 1.35 if top else 1)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle("sharpen, issue-7 benchmarks (2026-11-24; docs/BENCHMARKS.md has commands and machines)", fontsize=10)
+    title = f"sharpen, issue-7 benchmarks ({summary.get('date', '')}; docs/BENCHMARKS.md has commands and machines)"
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)
