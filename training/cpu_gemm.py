@@ -17,6 +17,7 @@ picks its own kernels) -- training/worker.py decides.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import types
@@ -68,8 +69,9 @@ def token_contraction(a: torch.Tensor, b: torch.Tensor, onednn: bool) -> torch.T
     return a.t().mm(b)
 
 
+@functools.cache
 def onednn_available() -> bool:
-    """Whether this torch has oneDNN's linear and it agrees with mm on a small product."""
+    """Whether this torch has oneDNN's linear and it agrees with mm on a small product (checked once)."""
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False
     generator = torch.Generator().manual_seed(0)
