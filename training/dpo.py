@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.attention import collate_attention
-from training.methods import IGNORE_INDEX, LossOutput, takes_logits_to_keep
+from training.methods import IGNORE_INDEX, LossOutput, label_columns, takes_logits_to_keep
 
 log = logging.getLogger("sharpen")
 
@@ -47,7 +47,7 @@ def sequence_logps(model: nn.Module, batch, slice_logits: bool) -> tuple[torch.T
     With `slice_logits` the output projection runs on label positions only, as CausalLMLoss does."""
     labels, sequences, keep = batch.labels[0], sequence_index(batch.position_ids), {}
     if slice_logits:
-        columns = (labels != IGNORE_INDEX).nonzero().flatten()
+        columns = label_columns(batch)  # one row: its label positions
         labels, sequences, keep = labels[columns], sequences[columns], {"logits_to_keep": columns}
     out = model(**batch.model_inputs(), **keep)
     logits = out.logits[0]
@@ -107,21 +107,25 @@ class PrecomputedReference:
     """Reference log-probabilities computed before training: a [rows, 2] (chosen, rejected) table."""
 
     def __init__(self, table: torch.Tensor):
-        self.table = table
+        self.table = table.cpu()
+        self.known = ~np.isnan(self.table.numpy()).any(axis=1)  # rows the table has, checked on the host
 
     def logps(self, model: nn.Module, batch) -> torch.Tensor:
         if batch.row_ids is None:
             raise ValueError(
                 "precomputed reference log-probabilities need micro-batches that name their rows"
             )
-        values = self.table[torch.as_tensor(batch.row_ids)]
-        if torch.isnan(values).any():
-            missing = [r for r, v in zip(batch.row_ids, values, strict=True) if torch.isnan(v).any()]
+        missing = [r for r in batch.row_ids if not self.known[r]]
+        if missing:
             raise RuntimeError(
                 f"no precomputed reference log-probabilities for rows {missing[:5]}: the run reads rows its "
                 "first start did not plan for (was train.max_steps raised on resume?)"
             )
-        return values.flatten().to(batch.input_ids.device)  # chosen₁ rejected₁ chosen₂ …
+        values = self.table[torch.as_tensor(batch.row_ids)].flatten()  # chosen₁ rejected₁ chosen₂ …
+        device = batch.input_ids.device
+        if device.type == "cuda":  # page-locked: an asynchronous copy the host does not wait for
+            values = values.pin_memory()
+        return values.to(device, non_blocking=True)
 
 
 class DPOLoss:

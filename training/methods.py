@@ -29,6 +29,16 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
+def label_columns(batch) -> torch.Tensor:
+    """Columns where any row has a label: one row when padding-free, every label position of it.
+
+    The collator finds them on the host; finding them on a CUDA device (nonzero) would make the host wait
+    for the device mid-step, so only batches made elsewhere (without them) pay that."""
+    if batch.label_columns is not None:
+        return batch.label_columns
+    return (batch.labels != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+
+
 def takes_logits_to_keep(model: nn.Module) -> bool:
     """Whether the outermost transformers model under `model`'s wrappers (DDP, PEFT, DeepSpeed) declares
     `logits_to_keep`, so the output projection can run on chosen positions only."""
@@ -46,7 +56,7 @@ class CausalLMLoss:
     Logits are computed only at the positions that carry a label (`logits_to_keep`): with loss on
     completions only, most positions are prompt, and the vocab projection and its backward there are
     pure waste (measured on the CPU bench job: 80% of positions, 10% of the step). The loss is the same
-    sum over the same tokens. On CUDA, picking the positions (nonzero) waits for the labels to arrive.
+    sum over the same tokens. The positions come from the collator, found on the host (label_columns).
     """
 
     normaliser = "global_label_tokens"
@@ -60,8 +70,7 @@ class CausalLMLoss:
         labels, keep = batch.labels, {}
         slices, prunes = self._slices[id(model)]
         if slices:
-            # Columns where any row has a label: one row when padding-free, every label position of it.
-            columns = (labels != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+            columns = label_columns(batch)
             labels = labels[:, columns]
             # A pruned last layer (training/last_layer.py) already returns only these positions.
             keep = label_positions_kwargs(columns) if prunes else {"logits_to_keep": columns}

@@ -132,6 +132,9 @@ class MicroBatch:
     row_ids: list[int] | None = None
     # Sample lengths of a packed padding-free row, for the per-sample kernel (instead of attention_mask).
     segments: PackedSegments | None = None
+    # The columns where any row has a label, found on the host when collated: on CUDA, finding them
+    # there (nonzero) would make the host wait for the device in the middle of every step.
+    label_columns: torch.Tensor | None = None
 
     def model_inputs(self) -> dict:
         """Keyword arguments of the model's forward for this micro-batch."""
@@ -145,20 +148,23 @@ class MicroBatch:
             inputs[SEGMENTS_KWARG] = self.segments
         return inputs
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensor fields by name (what `to` and `pin_memory` move)."""
+        names = ("input_ids", "position_ids", "labels", "attention_mask", "label_columns")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    def pin_memory(self) -> MicroBatch:
+        """Page-locked copies, so that `to(cuda)` is an asynchronous DMA the host does not wait for
+        (from pageable memory the driver copies through a staging buffer first)."""
+        return replace(self, **{name: t.pin_memory() for name, t in self.tensors().items()})
+
     def to(self, device, dtype: torch.dtype | None = None) -> MicroBatch:
         """Move to `device`; `dtype` recasts an additive (eager) mask to the compute dtype, keeping it finite."""
-        mask = self.attention_mask
-        if mask is not None:
-            mask = mask.to(device, non_blocking=True)
-            if mask.is_floating_point() and dtype is not None and mask.dtype != dtype:
-                mask = torch.zeros_like(mask, dtype=dtype).masked_fill_(mask != 0, torch.finfo(dtype).min)
-        return replace(
-            self,
-            input_ids=self.input_ids.to(device, non_blocking=True),
-            position_ids=self.position_ids.to(device, non_blocking=True),
-            labels=self.labels.to(device, non_blocking=True),
-            attention_mask=mask,
-        )
+        moved = {name: t.to(device, non_blocking=True) for name, t in self.tensors().items()}
+        mask = moved.get("attention_mask")
+        if mask is not None and mask.is_floating_point() and dtype is not None and mask.dtype != dtype:
+            moved["attention_mask"] = torch.zeros_like(mask, dtype=dtype).masked_fill_(mask != 0, torch.finfo(dtype).min)
+        return replace(self, **moved)
 
 
 def block_causal_mask(segment_ids: torch.Tensor, attention: str) -> torch.Tensor:
@@ -231,13 +237,15 @@ def collate(
         mask, per_sample = None, PackedSegments(seg_lengths)
     else:
         mask = block_causal_mask(torch.tensor(segments), attention)
+    labels = torch.tensor(labels, dtype=torch.long)
     return MicroBatch(
         input_ids=torch.tensor(ids, dtype=torch.long),
         position_ids=torch.tensor(positions, dtype=torch.long),
-        labels=torch.tensor(labels, dtype=torch.long),
+        labels=labels,
         attention_mask=mask,
         num_samples=num_samples,
         num_tokens=sum(lengths),
         num_label_tokens=num_label_tokens,
         segments=per_sample,
+        label_columns=(labels != IGNORE_INDEX).any(dim=0).nonzero().flatten(),
     )
