@@ -139,7 +139,7 @@ def job(name: str, model: Path, data: Path, cache: Path, *, full: bool, batch: i
         compile: bool = False) -> dict:
     return {
         "name": name,
-        "model": {"path": str(model), "dtype": "bf16", "attention": attention, "gradient_checkpointing": False,
+        "model": {"path": str(model), "dtype": "bf16", "attention": attention, "gradient_checkpointing": "none",
                   "compile": compile},
         "finetune": {"type": "full"} if full else {"type": "lora", **LORA},
         "method": {"kind": "pretrain"},

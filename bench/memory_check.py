@@ -36,18 +36,20 @@ MODEL = dict(
     vocab_size=128256, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
     num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=8192, rope_theta=500000.0,
 )  # fmt: skip
-# name: (strategy, finetune, attention, gradient checkpointing, micro batch, accumulation, max_length)
+# name: (strategy, finetune, attention, gradient_checkpointing, micro batch, accumulation, max_length)
 JOBS = {
-    "single-full": ("single", "full", "sdpa", False, 1, 1, 2048),
-    "single-full-packed": ("single", "full", "sdpa", True, 2, 2, 2048),  # 2 samples in a row: block mask
-    "single-lora": ("single", "lora", "sdpa", False, 2, 1, 2048),
-    "single-lora-eager": ("single", "lora", "eager", True, 2, 1, 1024),
-    "single-qlora": ("single", "qlora", "sdpa", True, 1, 2, 4096),
-    "zero2-full": ("zero2", "full", "sdpa", True, 1, 2, 4096),
-    "zero3-lora": ("zero3", "lora", "sdpa", False, 1, 1, 2048),
-    "fsdp-full": ("fsdp", "full", "sdpa", True, 1, 1, 4096),
-    "fsdp-full-accumulating": ("fsdp", "full", "sdpa", True, 1, 2, 2048),
-    "single-lora-flash": ("single", "lora", "flash_attention_2", False, 4, 1, 2048),  # needs flash-attn
+    "single-full": ("single", "full", "sdpa", "none", 1, 1, 2048),
+    "single-full-packed": ("single", "full", "sdpa", "full", 2, 2, 2048),  # 2 samples in a row: block mask
+    "single-lora": ("single", "lora", "sdpa", "none", 2, 1, 2048),
+    "single-lora-eager": ("single", "lora", "eager", "full", 2, 1, 1024),
+    "single-qlora": ("single", "qlora", "sdpa", "full", 1, 2, 4096),
+    "zero2-full": ("zero2", "full", "sdpa", "full", 1, 2, 4096),
+    "zero3-lora": ("zero3", "lora", "sdpa", "none", 1, 1, 2048),
+    "fsdp-full": ("fsdp", "full", "sdpa", "full", 1, 1, 4096),
+    "fsdp-full-accumulating": ("fsdp", "full", "sdpa", "full", 1, 2, 2048),
+    "single-lora-flash": ("single", "lora", "flash_attention_2", "none", 4, 1, 2048),  # needs flash-attn
+    "fsdp-full-selective": ("fsdp", "full", "sdpa", "selective", 1, 1, 4096),
+    "single-lora-selective": ("single", "lora", "sdpa", "selective", 2, 1, 2048),
 }
 
 

@@ -147,7 +147,7 @@ def build_model(spec) -> tuple[Any, Any]:
 
     if spec.finetune.type == "qlora":
         spec = spec.model_copy(update={"finetune": spec.finetune.model_copy(update={"type": "lora"})})
-    spec = spec.model_copy(update={"model": spec.model.model_copy(update={"gradient_checkpointing": False})})
+    spec = spec.model_copy(update={"model": spec.model.model_copy(update={"gradient_checkpointing": "none"})})
     try:
         model = load_model(spec, "fp32", torch.device("cpu"))
         tokenizer = load_tokenizer(spec)

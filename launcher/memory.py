@@ -17,6 +17,9 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 NF4_BLOCK = 64  # bitsandbytes 4-bit: one absmax per 64 weights
 NESTED_BLOCK = 256  # double quantisation: one fp32 absmax per 256 uint8 absmaxes
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Selective checkpointing recomputes a matmul whose output is this many times wider than its contraction
+# (strategies/activation_checkpointing.py's LOW_RANK; that module imports torch, the planner does not).
+LOW_RANK = 8
 
 
 @dataclass(frozen=True)
@@ -221,7 +224,7 @@ class Setting:
     grad_accum: int = 1
     max_length: int = 2048
     attention: str = "sdpa"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: str = "none"  # none | selective | full
     padding_free: bool = True
     packing: bool = False
     reshard_after_forward: bool = True
@@ -269,7 +272,8 @@ def activation_phases(counts: ParamCounts, s: Setting) -> tuple[tuple[int, int],
     """((at the loss, in the layers' backward), notes): activation bytes at the two moments a step can
     peak. At the loss: everything the layers saved plus the loss over the vocabulary. In the layers'
     backward: what the layers saved plus one layer's backward temporaries (with checkpointing: the kept
-    layer inputs plus one recomputed layer). The strategy adds what it holds at each moment
+    layer inputs, with selective also the other layers' kept matmul outputs, plus one recomputed layer). The
+    strategy adds what it holds at each moment
     (launcher/memory_model.py: no gradients yet at the loss without accumulation, no gathered FSDP2 groups).
 
     Peak bytes of activations of one micro-batch in a Llama-style decoder: what autograd saves for the
@@ -365,12 +369,37 @@ def activation_phases(counts: ParamCounts, s: Setting) -> tuple[tuple[int, int],
         )
         square_grads = rows * a * seq * seq * (8 if c == 4 else 6)
         transient = max(transient, square_grads - after_attention * tokens)
-    if s.gradient_checkpointing:  # each layer keeps its input; the rest is recomputed one layer at a time
+    if s.gradient_checkpointing != "none":  # each layer keeps its input, the rest is recomputed layer by layer
         kept = layers * residual * h * tokens
-        return (kept + misc + loss, kept + misc + layer + transient), notes
+        selective = 0
+        if s.gradient_checkpointing == "selective":  # and the outputs of its matmuls and attention
+            selective = selective_kept(shape, s, tokens, rows, seq, linear_out, targets)
+        # in its backward, a layer's own kept outputs are among what its recompute saves (`layer`)
+        at_loss = kept + layers * selective + misc + loss
+        return (at_loss, kept + (layers - 1) * selective + misc + layer + transient), notes
     if lora:  # the first layer's input (frozen embeddings) needs no grad: its first norm saves nothing
         misc -= (4 * h + 4) * tokens
     return (layers * layer + misc + loss, layers * layer + misc + transient), notes
+
+
+def selective_kept(
+    shape: ModelShape, s: Setting, tokens: int, rows: int, seq: int, linear_out: int, targets: set[str]
+) -> int:
+    """Bytes a decoder layer keeps beyond its input under selective checkpointing: the outputs of the ops
+    strategies/activation_checkpointing.py keeps. The seven projections; attention's output and log-sum-exp
+    (eager: its probabilities @ values, and the T^2 scores unless they are a low-rank product, T >= 8 x
+    head_dim); each adapter's A (rank r), and its B where that is no low-rank product (PEFT's linear; the
+    fused CPU one adds B into the base output, which keeps nothing more)."""
+    h, a, d, kv, i = shape.hidden, shape.heads, shape.head_dim, shape.kv_heads, shape.intermediate
+    c = DTYPE_BYTES[s.compute_dtype]
+    width = {"q_proj": a * d, "k_proj": kv * d, "v_proj": kv * d, "o_proj": h, "gate_proj": i, "up_proj": i,
+             "down_proj": h}  # fmt: skip
+    per_token = linear_out * sum(width.values()) + c * a * d
+    per_token += 4 * a if s.attention != "eager" else 0
+    if s.finetune != "full":
+        per_token += c * sum(s.lora_r + (width[t] if s.lora_r * LOW_RANK > width[t] else 0) for t in targets)
+    square = rows * a * seq * seq * c if s.attention == "eager" and d * LOW_RANK > seq else 0
+    return per_token * tokens + square
 
 
 def human_bytes(n: float) -> str:

@@ -24,7 +24,7 @@ from launcher.memory_model import (
     setting_for,
     usable_bytes,
 )
-from launcher.spec import JobSpec
+from launcher.spec import CHECKPOINTING, JobSpec
 
 PLAN_FILE = "plan.json"
 # Collectives that wait longer than this fail instead of hanging (torch's default is 30 minutes).
@@ -240,9 +240,10 @@ def no_fit_error(
         variants.append(
             ("train.micro_batch_size 1 (accumulation keeps the global batch)", spec_with(spec, train=one))
         )
-    if not spec.model.gradient_checkpointing:
-        checkpointing = spec_with(spec, train=one, model={"gradient_checkpointing": True})
-        variants.append(("model.gradient_checkpointing: true", checkpointing))
+    # each stronger checkpointing, the lighter recompute first: selective (no large matmul twice), then full
+    for mode in CHECKPOINTING[CHECKPOINTING.index(spec.model.gradient_checkpointing) + 1 :]:
+        checkpointing = spec_with(spec, train=one, model={"gradient_checkpointing": mode})
+        variants.append((f"model.gradient_checkpointing: {mode}", checkpointing))
     if spec.data.max_length > 512:
         half = spec.data.max_length // 2
         variants.append((f"data.max_length {half}", spec_with(spec, train=one, data={"max_length": half})))

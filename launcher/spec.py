@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+
+Checkpointing = Literal["none", "selective", "full"]
+CHECKPOINTING: tuple[str, ...] = get_args(Checkpointing)  # from the least recompute to the most
 
 
 class Section(BaseModel):
@@ -27,9 +30,15 @@ class ModelSpec(Section):
         "sdpa",
         description="Attention kernel: sdpa (PyTorch), eager, or flash_attention_2 (CUDA only, needs flash-attn)",
     )
-    gradient_checkpointing: bool = Field(
-        False,
-        description="Recompute activations in the backward pass: much less memory, about a third more compute",
+    gradient_checkpointing: Checkpointing = Field(
+        "none",
+        description=(
+            "Recompute activations in the backward pass. full: each decoder layer keeps only its input (least "
+            "memory, about a third more compute); selective: it also keeps its matmul and attention outputs and "
+            "recomputes only the cheap ops (norms, rotary, SiLU): about half the activations of none, no large "
+            "matmul run twice (on a CPU, torch's per-op bookkeeping makes it slower than full). "
+            "true and false mean full and none"
+        ),
     )
     compile: bool = Field(
         False,
@@ -42,6 +51,14 @@ class ModelSpec(Section):
         False, description="Run model code shipped with the checkpoint (transformers' trust_remote_code)"
     )
     revision: str | None = Field(None, description="Hub branch, tag or commit of model.path (default: main)")
+
+    @field_validator("gradient_checkpointing", mode="before", json_schema_input_type=Checkpointing | bool)
+    @classmethod
+    def _checkpointing_from_bool(cls, v: Any) -> Any:
+        """true and false, the field's values before selective existed, still mean full and none."""
+        if isinstance(v, bool):
+            return "full" if v else "none"
+        return v
 
 
 class FinetuneSpec(Section):

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from strategies.activation_checkpointing import checkpoint_kwargs
+
 OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
 """Builds the optimizer from parameters (or param groups) *after* the strategy has wrapped the model."""
 
@@ -50,7 +52,7 @@ class StrategyOptions:
     offload_optimizer: bool = False
     offload_params: bool = False
     reshard_after_forward: bool = True  # FSDP2: free gathered params after forward (ZeRO-3 like)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: str = "none"  # none | selective | full (strategies/activation_checkpointing.py)
     # Classes of the model's repeated blocks (decoder layers): FSDP2 shards each of these on its own.
     layer_classes: tuple[type, ...] = ()
 
@@ -212,15 +214,13 @@ def upcast_trainable_to_fp32(model: nn.Module) -> None:
             param.data = param.data.float()
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant activation checkpointing on a transformers (or PEFT) model; idempotent.
-
-    Non-reentrant, because the reentrant variant needs inputs that require grad (it breaks LoRA on
-    frozen embeddings) and re-runs hooks that FSDP2 and ZeRO-3 use to gather parameters."""
+def enable_gradient_checkpointing(model: nn.Module, mode: str) -> None:
+    """Activation checkpointing of every decoder layer of a transformers (or PEFT) model, `full` or
+    `selective` (strategies/activation_checkpointing.py); idempotent."""
     enable = getattr(model, "gradient_checkpointing_enable", None)
     if enable is None:
         raise TypeError(f"{type(model).__name__} has no gradient_checkpointing_enable()")
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable(gradient_checkpointing_kwargs=checkpoint_kwargs(mode))
 
 
 def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float | None) -> torch.Tensor:

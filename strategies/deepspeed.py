@@ -99,8 +99,8 @@ class DeepSpeedStrategy(Strategy):
     ) -> None:
         import deepspeed
 
-        if self.options.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
+        if self.options.gradient_checkpointing != "none":
+            enable_gradient_checkpointing(model, self.options.gradient_checkpointing)
         if self.options.compute_dtype == torch.float32:
             upcast_trainable_to_fp32(model)  # with bf16 DeepSpeed casts the module and keeps fp32 masters
         # The caller owns the process group; with one already initialised this only wraps it.

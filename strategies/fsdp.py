@@ -50,8 +50,8 @@ class FSDPStrategy(Strategy):
             raise ValueError(
                 f"fsdp: compute dtype {self.options.compute_dtype} is not supported (fp32, bf16)"
             )
-        if self.options.gradient_checkpointing:
-            enable_gradient_checkpointing(model)  # before sharding: it only flips module flags
+        if self.options.gradient_checkpointing != "none":  # before sharding: it only flips module flags
+            enable_gradient_checkpointing(model, self.options.gradient_checkpointing)
         upcast_trainable_to_fp32(model)
         mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
         shard_kwargs = {

@@ -46,8 +46,8 @@ class SingleStrategy(Strategy):
 
     def _place(self, model: nn.Module) -> nn.Module:
         """Shared by single and ddp: checkpointing, fp32 trainable params, move to the device."""
-        if self.options.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
+        if self.options.gradient_checkpointing != "none":
+            enable_gradient_checkpointing(model, self.options.gradient_checkpointing)
         upcast_trainable_to_fp32(model)
         return model.to(self.env.device)
 

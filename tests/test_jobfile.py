@@ -168,7 +168,7 @@ def test_overrides_are_yaml_values_at_key_paths():
             "name=run-3",  # the last one wins
         ],
     )
-    assert (spec.train.lr, spec.model.gradient_checkpointing, spec.model.tokenizer) == (1e-4, True, None)
+    assert (spec.train.lr, spec.model.gradient_checkpointing, spec.model.tokenizer) == (1e-4, "full", None)
     assert (spec.finetune.target_modules, spec.train.betas) == (["q_proj", "v_proj"], (0.8, 0.9))
     assert (spec.logging.wandb.project, spec.name) == ("tuning", "run-3")
     assert spec.data.eval[0].path == str(GOOD / "data" / "chat.jsonl") and spec.data.eval[0].format == "chat"
@@ -229,6 +229,25 @@ def test_the_cli_prints_one_message_and_exits_2(capsys: pytest.CaptureFixture[st
     assert "  train.learning_rate: unknown key; did you mean 'lr'? (line 9)" in problems
     assert "  --set train.seed=x: expected a whole number, got the string 'x'" in problems
     assert hint.startswith("  hint: `sharpen schema` lists every key")
+
+
+def test_gradient_checkpointing_takes_a_mode_or_the_old_booleans(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    from launcher.cli import main
+
+    modes = {True: "full", False: "none", "selective": "selective", "none": "none", "full": "full"}
+    for given, mode in modes.items():
+        spec = load_job(GOOD / "minimal.yaml", [f"model.gradient_checkpointing={str(given).lower()}"])
+        assert spec.model.gradient_checkpointing == mode
+    job = _write(tmp_path, {**MINIMAL, "model": {"path": "example-org/m", "gradient_checkpointing": "partial"}})
+    assert main(["plan", str(job)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    assert err.splitlines()[1] == (
+        "  model.gradient_checkpointing: 'partial' is not one of: none, selective, full (line 3)"
+    )
+    assert "'sellective' is not one of: none, selective, full; did you mean 'selective'?" in _error(
+        GOOD / "minimal.yaml", ["model.gradient_checkpointing=sellective"]
+    )
 
 
 # ---- errors outside the schema -----------------------------------------------------------------------------

@@ -211,10 +211,13 @@ def measured_peak(
 @pytest.mark.parametrize(
     "finetune,dtype,samples,checkpointing",
     [
-        ("full", "fp32", 1, False),
-        ("full", "fp32", 2, False),
-        ("lora", "bf16", 2, False),
-        ("full", "bf16", 1, True),
+        ("full", "fp32", 1, "none"),
+        ("full", "fp32", 2, "none"),
+        ("lora", "bf16", 2, "none"),
+        ("full", "bf16", 1, "full"),
+        ("full", "fp32", 2, "selective"),
+        ("full", "bf16", 1, "selective"),
+        ("lora", "bf16", 2, "selective"),  # LoRA's B is recomputed (a low-rank product)
     ],
 )
 def test_activation_model_matches_the_measured_peak(tmp_path, finetune, dtype, samples, checkpointing):
@@ -222,12 +225,14 @@ def test_activation_model_matches_the_measured_peak(tmp_path, finetune, dtype, s
     row (a block mask when there are two), cross-entropy over every position."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from strategies.base import enable_gradient_checkpointing
+
     torch.manual_seed(0)
     shape = dict(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=2)
     config = LlamaConfig(**shape, num_attention_heads=8, num_key_value_heads=2, attn_implementation="sdpa")
     model = LlamaForCausalLM(config).to(torch.float32 if dtype == "fp32" else torch.bfloat16)
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing != "none":
+        enable_gradient_checkpointing(model, checkpointing)
     if finetune == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -395,8 +400,21 @@ def test_a_job_that_fits_nothing_says_by_how_much_and_what_would_fit(llama8b):
         "the job fits no strategy on GPUs of 16.00 GiB (14.20 GiB usable): the closest, "
     )
     assert "zero3 + offload params at micro batch 2" in message and message.endswith("more")
-    assert "model.gradient_checkpointing: true: zero3 + offload params needs" in hint
+    assert "model.gradient_checkpointing: full: zero3 + offload params needs" in hint
+    assert "selective" not in hint  # it keeps each layer's matmul outputs: still too much here
     assert "GPUs:" not in hint  # more GPUs shard the state, not the activations
+
+
+def test_the_hint_offers_selective_checkpointing_before_full(llama8b):
+    """On a 24 GB GPU both fit: selective (it runs no large matmul twice) is named first, then full."""
+    with pytest.raises(UserError) as error:
+        plan_for(
+            llama8b, 1, 24, model={"dtype": "bf16", "gradient_checkpointing": False}, data={"max_length": 4096},
+            train={"micro_batch_size": 2, "global_batch_size": 8},
+        )  # fmt: skip
+    hint = error.value.hint
+    selective, full = hint.find("model.gradient_checkpointing: selective: "), hint.find("gradient_checkpointing: full: ")
+    assert 0 < selective < full, hint
 
 
 def test_the_example_plans_fit_as_documented(capsys):

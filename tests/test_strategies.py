@@ -163,9 +163,11 @@ VARIANTS = {
     "fsdp-keep-gathered": Job("fsdp", options={"reshard_after_forward": False}),
     "zero2-offload": Job("zero2", options={"offload_optimizer": True}),
     "zero3-offload": Job("zero3", options={"offload_params": True, "offload_optimizer": True}),
-    "ddp-checkpointing": Job("ddp", options={"gradient_checkpointing": True}),
-    "fsdp-checkpointing": Job("fsdp", options={"gradient_checkpointing": True}),
-    "zero3-checkpointing": Job("zero3", options={"gradient_checkpointing": True}),
+    "ddp-checkpointing": Job("ddp", options={"gradient_checkpointing": "full"}),
+    "fsdp-checkpointing": Job("fsdp", options={"gradient_checkpointing": "full"}),
+    "zero3-checkpointing": Job("zero3", options={"gradient_checkpointing": "full"}),
+    "fsdp-selective-checkpointing": Job("fsdp", options={"gradient_checkpointing": "selective"}),
+    "zero3-selective-checkpointing": Job("zero3", options={"gradient_checkpointing": "selective"}),
 }
 BF16 = ("ddp", "fsdp", "zero2", "zero3")
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from launcher.spec import JobSpec
+from strategies.base import enable_gradient_checkpointing
 from training.attention import kernel_name
 
 log = logging.getLogger("sharpen")
@@ -85,17 +86,15 @@ def load_model(spec: JobSpec, compute_dtype: str, device: torch.device) -> nn.Mo
     if ft.type == "qlora":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=spec.model.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif spec.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Checkpointing is enabled below, as for the other types (PEFT's would only make the same call).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    checkpointing = spec.model.gradient_checkpointing != "none"
+    if checkpointing:
+        enable_gradient_checkpointing(model, spec.model.gradient_checkpointing)
 
     if ft.type in ("lora", "qlora"):
         model = apply_lora(model, spec)
-        if spec.model.gradient_checkpointing:
+        if checkpointing:
             # With a frozen embedding nothing upstream of the adapters needs a gradient, so checkpointed
             # blocks would see no grad-requiring input and the adapters would get none.
             model.enable_input_require_grads()
