@@ -33,7 +33,6 @@ from training.last_layer import prune_last_layer
 from training.loop import LoopConfig, run_steps
 from training.methods import create_method
 from training.metrics import WandbRun
-from training.prefetch import Prefetcher
 from training.sampler import step_batches
 
 PREFS = EXAMPLES / "data" / "preference_tiny.jsonl"
@@ -182,7 +181,7 @@ def test_no_host_device_sync_in_a_step_that_does_not_log(case, tiny_model, tmp_p
                      evaluate=lambda step: watch.events.append(("step", step)))
     (tmp_path / "run").mkdir()
     with ExplicitDevice(watch), watch:
-        last = run_steps(cfg, strategy, method, Prefetcher(batches), 0, tmp_path / "run", None,
+        last = run_steps(cfg, strategy, method, batches, 0, tmp_path / "run", None,
                          WandbRun(tmp_path / "run", None, {}), {})
     assert last["step"] == STEPS and torch.isfinite(torch.tensor(last["loss"]))
 
@@ -191,3 +190,18 @@ def test_no_host_device_sync_in_a_step_that_does_not_log(case, tiny_model, tmp_p
     assert not in_steps, f"{case}: the host waits for the device inside steps 1-{STEPS - 1}: {in_steps}"
     logging = [what for kind, what in watch.events[boundary:] if kind == "sync"]
     assert any("loop.py" in what for what in logging), "the watch saw no sync at all, even where the loop logs"
+
+
+def test_a_stop_request_is_read_one_step_later_on_every_rank(tmp_path, monkeypatch):
+    """The SLURM stop poll reduces this step's flag and returns the previous step's: a request made after
+    step k stops the run after step k + 1, and a run that saw none goes on."""
+    from cluster.signals import slurm_stop_request
+    from cluster.slurm import STOP_FILE
+
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    should_stop = slurm_stop_request(SingleStrategy(StrategyOptions(), DistEnv()), tmp_path)
+    assert [should_stop(), should_stop()] == [False, False]
+    (tmp_path / STOP_FILE).parent.mkdir(parents=True)
+    (tmp_path / STOP_FILE).touch()
+    assert should_stop() is False  # this step's flag is on its way
+    assert should_stop() is True

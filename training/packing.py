@@ -149,14 +149,9 @@ class MicroBatch:
         return inputs
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The tensor fields by name (what `to` and `pin_memory` move)."""
+        """The tensor fields by name (what `to` moves)."""
         names = ("input_ids", "position_ids", "labels", "attention_mask", "label_columns")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
-
-    def pin_memory(self) -> MicroBatch:
-        """Page-locked copies, so that `to(cuda)` is an asynchronous DMA the host does not wait for
-        (from pageable memory the driver copies through a staging buffer first)."""
-        return replace(self, **{name: t.pin_memory() for name, t in self.tensors().items()})
 
     def to(self, device, dtype: torch.dtype | None = None) -> MicroBatch:
         """Move to `device`; `dtype` recasts an additive (eager) mask to the compute dtype, keeping it finite."""
