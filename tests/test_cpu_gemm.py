@@ -68,6 +68,23 @@ def test_onednn_linears_give_nn_linear_outputs_and_gradients(tokens):
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+
+@needs_onednn
+def test_onednn_linears_keep_no_more_for_backward_than_nn_linear():
+    """Each keeps its input (shared with the input's other users), not the padded copy it multiplies:
+    backward pads again. Only outputs that something keeps may carry the padded rows (37 -> 64 tokens)."""
+    from test_lora_fused import saved_for_backward_bytes
+
+    torch.manual_seed(0)
+    aten = Net()
+    onednn = copy.deepcopy(aten)
+    use_onednn_linears(onednn)
+    for tokens, pad_rows in [(64, 0), (37, 27)]:
+        x = torch.randn(tokens, 24)
+        # relu keeps its output: up's (40 wide) and down's (24) outputs, each with the padded rows
+        allowed = saved_for_backward_bytes(aten, x) + pad_rows * 4 * (40 + 24)
+        assert saved_for_backward_bytes(onednn, x) <= allowed, tokens
+
 @needs_onednn
 def test_onednn_linears_leave_other_dtypes_and_autocast_to_aten():
     torch.manual_seed(0)

@@ -123,3 +123,41 @@ def test_zero3_keeps_peft_forward_other_strategies_fuse():
     assert create_strategy("zero3", options, env).gathers_params_in_module_hooks
     for name in ("single", "ddp", "fsdp", "zero1", "zero2"):
         assert not create_strategy(name, options, env).gathers_params_in_module_hooks, name
+
+
+def saved_for_backward_bytes(model, x: torch.Tensor, seed: int = 0) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward of one forward (not the parameters)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    torch.manual_seed(seed)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x.clone().requires_grad_(True)).sum()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("onednn", ENGINES)
+def test_fused_keeps_no_more_for_backward_than_peft(onednn):
+    """The fused linear keeps its input (a view its consumers share), a 1-byte dropout mask and A's
+    output: no flattened, padded or dropped copies, which it makes again in backward. PEFT keeps a dropped
+    copy and a mask per adapter; without dropout, the same tensors as the fused one. (64 tokens: a whole
+    oneDNN bucket, so no padded rows in the outputs either.)"""
+    tokens = 64
+    x = torch.randn(tokens, 24)
+    inputs = tokens * (24 + 40 + 24)  # input elements of the three adapted linears
+    for dropout in (0.0, 0.3):
+        peft, fused = peft_pair(dropout, onednn=onednn)
+        got, want = saved_for_backward_bytes(fused, x), saved_for_backward_bytes(peft, x)
+        assert got <= (want - 4 * inputs if dropout else want), (dropout, got, want)
+    # 37 tokens: oneDNN pads them to 64 for its kernels, and only the matmul outputs that something keeps
+    # (A's outputs; the `down` output its transposing consumer keeps) may carry those 27 rows
+    peft, fused = peft_pair(0.0, onednn=onednn)
+    x = torch.randn(37, 24)
+    pad_rows = (64 - 37) * 4 * (3 * 4 + 24) if onednn else 0
+    assert saved_for_backward_bytes(fused, x) <= saved_for_backward_bytes(peft, x) + pad_rows
