@@ -136,11 +136,11 @@ def write_text_data(work: Path, model: Path, docs: int, lo: int, hi: int, seed: 
 
 
 def job(name: str, model: Path, data: Path, cache: Path, *, full: bool, batch: int, steps: int, attention: str,
-        compile: bool = False) -> dict:
+        compile: bool = False, checkpointing: str = "none") -> dict:
     return {
         "name": name,
-        "model": {"path": str(model), "dtype": "bf16", "attention": attention, "gradient_checkpointing": "none",
-                  "compile": compile},
+        "model": {"path": str(model), "dtype": "bf16", "attention": attention,
+                  "gradient_checkpointing": checkpointing, "compile": compile},
         "finetune": {"type": "full"} if full else {"type": "lora", **LORA},
         "method": {"kind": "pretrain"},
         "data": {
@@ -441,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc-tokens", type=int, nargs=2, metavar=("LO", "HI"), default=(2600, 3400),
                         help="synthetic document lengths in tokens before re-tokenizing (default: longer than a row)")
     parser.add_argument("--compile", action="store_true", help="sharpen's model.compile (the HF arm stays eager)")
+    parser.add_argument("--checkpointing", choices=["none", "selective", "full"], default="none",
+                        help="(a)'s model.gradient_checkpointing: what selective costs beside full (b has HF's arm: none)")
     parser.add_argument("--keep-runs", action="store_true", help="keep run dirs (a full run's checkpoint is ~14 GB)")
     parser.add_argument("--json-out", type=Path, help="write the summary and every run's curves here")
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "sharpen-bench-gpu",
@@ -479,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         full = part == "full"
         batch = args.full_batch if full else args.lora_batch
         prepared = Prepared(work, job(f"bench-gpu-{part}", model, data, cache, full=full, batch=batch,
-                                      steps=args.steps, attention=args.attention, compile=args.compile))
+                                      steps=args.steps, attention=args.attention, compile=args.compile,
+                                      checkpointing=args.checkpointing if full else "none"))
         if not (prepared.rows_full and prepared.one_segment) and args.doc_tokens[0] > SEQ:
             raise SystemExit("the packed rows are not all one 2048-token document: raise --doc-tokens")
         per_token = flops_per_token(weights, prepared.mean_s_plus_1, full)
