@@ -29,6 +29,7 @@ from launcher.spec import JobSpec
 from strategies import DistEnv, StrategyOptions
 from strategies.single import SingleStrategy
 from training.data import load_prepared, prepare_dataset
+from training.fused_loss import fuse_frozen_head_loss
 from training.last_layer import prune_last_layer
 from training.loop import LoopConfig, run_steps
 from training.methods import create_method
@@ -166,6 +167,7 @@ def test_no_host_device_sync_in_a_step_that_does_not_log(case, tiny_model, tmp_p
     strategy.setup(model, lambda params: torch.optim.AdamW(params, lr=1e-3),
                    lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
     prune_last_layer(strategy.model)  # as the worker does (SFT only; a no-op otherwise)
+    fuse_frozen_head_loss(strategy.model)  # as the worker does (LoRA)
     reference = None
     if spec.method.kind == "dpo":
         reference = (AdapterDisabledReference(strategy.model) if spec.finetune.type == "lora"

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.fused_loss import LABELS as FUSED_LABELS
+from training.fused_loss import fuses_frozen_head_loss
 from training.last_layer import label_positions_kwargs, prunes_last_layer
 
 IGNORE_INDEX = -100
@@ -57,6 +59,8 @@ class CausalLMLoss:
     completions only, most positions are prompt, and the vocab projection and its backward there are
     pure waste (measured on the CPU bench job: 80% of positions, 10% of the step). The loss is the same
     sum over the same tokens. The positions come from the collator, found on the host (label_columns).
+    Where the output projection is frozen (LoRA, QLoRA) the model computes the loss itself, in chunks that
+    never hold the logits of every position at once (training/fused_loss.py).
     """
 
     normaliser = "global_label_tokens"
@@ -66,14 +70,17 @@ class CausalLMLoss:
 
     def __call__(self, model: nn.Module, batch) -> LossOutput:
         if id(model) not in self._slices:
-            self._slices[id(model)] = (takes_logits_to_keep(model), prunes_last_layer(model))
+            self._slices[id(model)] = (takes_logits_to_keep(model), prunes_last_layer(model),
+                                       fuses_frozen_head_loss(model))
         labels, keep = batch.labels, {}
-        slices, prunes = self._slices[id(model)]
+        slices, prunes, fused = self._slices[id(model)]
         if slices:
             columns = label_columns(batch)
             labels = labels[:, columns]
             # A pruned last layer (training/last_layer.py) already returns only these positions.
             keep = label_positions_kwargs(columns) if prunes else {"logits_to_keep": columns}
+        if fused:  # the model returns the summed loss and no logits (training/fused_loss.py)
+            return LossOutput(model(**batch.model_inputs(), **keep, **{FUSED_LABELS: labels}).loss)
         out = model(**batch.model_inputs(), **keep)
         if out.logits.shape[:-1] != labels.shape:
             raise RuntimeError(f"logits of shape {tuple(out.logits.shape)} for labels of shape {tuple(labels.shape)}")

@@ -20,6 +20,7 @@ from launcher.plan import Plan
 from strategies import DistEnv, StrategyOptions, create_strategy
 from training import checkpoint, cpu_gemm
 from training.attention import collate_attention
+from training.fused_loss import fuse_frozen_head_loss
 from training.last_layer import prune_last_layer
 from training.loop import LoopConfig, lr_lambda, run_steps
 from training.lora_fused import fuse_lora_linears
@@ -102,9 +103,12 @@ def build_strategy(plan: Plan, env: DistEnv, model):
         layer_classes=decoder_layer_classes(model),
     )
     strategy = create_strategy(plan.strategy, options, env)
+    onednn = cpu_gemm.engine(env.device, options.compute_dtype) == "onednn"
+    if not strategy.gathers_params_in_module_hooks:
+        # no full logits for the loss where the output projection is frozen (LoRA, QLoRA: SFT, pretraining)
+        fuse_frozen_head_loss(model, onednn)
     if not spec.model.compile and not strategy.gathers_params_in_module_hooks:
         # fp32 CPU linears on oneDNN where this machine runs it faster than aten's mm (training/cpu_gemm.py)
-        onednn = cpu_gemm.engine(env.device, options.compute_dtype) == "onednn"
         fuse_lora_linears(model, onednn)  # a no-op for full fine-tuning and QLoRA (no plain LoRA linears)
         prune_last_layer(model)  # the last layer's MLP at label positions only (SFT, pretraining)
         if onednn:

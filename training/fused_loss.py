@@ -1,0 +1,126 @@
+"""Cross-entropy through a frozen output projection, a chunk of tokens at a time: no full logits kept.
+
+A causal LM's loss projects each label position's hidden state onto the vocabulary, upcasts the logits to
+fp32 and takes cross-entropy. Autograd then keeps those logits and their fp32 copy for the backward, and
+the backward makes their gradient: ~12 bytes per token per vocabulary entry, 25 GB for 16k tokens of a
+128k vocabulary, the largest activation of a LoRA step on such a model. When the projection is frozen
+(LoRA, QLoRA: its weight needs no gradient) the only gradient the loss sends back is the hidden states'.
+So this computes it in the forward, chunk by chunk -- logits, log-sum-exp, softmax minus the one-hot
+label, times the weight -- keeps that [tokens, hidden] gradient and frees every chunk's logits: the same
+loss and gradient, from the same matmuls in the same dtypes, in a hidden state's worth of memory.
+(Liger Kernel's fused linear cross-entropy does this with Triton kernels; this is plain torch, on any
+device.)
+
+How: the outermost causal LM's forward is replaced (Llama, Mistral, Qwen2, Qwen3: the ones whose forward
+is `lm_head(hidden)` and nothing more). Given the keyword LABELS it runs the decoder, keeps the hidden
+states at `logits_to_keep` and returns the summed loss as `loss`, with no logits. Called through the
+model's own forward, so DDP's, FSDP2's and PEFT's wrappers see an ordinary call. Not under ZeRO-3: it
+gathers a weight in its module's hook, and this reads lm_head.weight without calling lm_head.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.cpu_gemm import linear, pad_tokens
+
+log = logging.getLogger(__name__)
+
+LABELS = "sharpen_labels"
+IGNORE_INDEX = -100
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# Logit elements of one chunk: 2^25 fp32 values are 128 MiB (256 tokens of a 128k vocabulary).
+CHUNK_ELEMENTS = 1 << 25
+_MARK = "_sharpen_fused_loss"
+
+
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """sum over tokens of cross_entropy(hidden @ weight.T + bias, label), ignoring IGNORE_INDEX, for a
+    frozen weight: the hidden states' gradient is computed in the forward and scaled in the backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, compute_dtype, onednn):
+        w = weight.to(compute_dtype)
+        b = None if bias is None else bias.to(compute_dtype)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        step = max(1, CHUNK_ELEMENTS // w.shape[0])
+        for start in range(0, hidden.shape[0], step):
+            h = hidden[start : start + step].to(compute_dtype)
+            y = labels[start : start + step]
+            logits = linear(pad_tokens(h, onednn), w, onednn, b)[: h.shape[0]].float()
+            total += F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
+            if grad is None:
+                continue
+            # d(sum of cross-entropy)/d(logits): softmax minus the one-hot label, 0 on ignored rows
+            dlogits = torch.softmax(logits, dim=-1)
+            valid = y != IGNORE_INDEX
+            dlogits.scatter_add_(1, y.clamp(min=0)[:, None], valid[:, None].to(dlogits.dtype).neg())
+            dlogits.mul_(valid[:, None])
+            g = linear(pad_tokens(dlogits.to(compute_dtype), onednn), w.t(), onednn)[: h.shape[0]]
+            grad[start : start + step] = g
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None, None, None
+
+
+def frozen_head_loss_sum(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, onednn: bool = False):
+    """Summed cross-entropy of `head(hidden)` against `labels` ([tokens, hidden], [tokens]), in the dtype an
+    autocast region would use for the projection (else the hidden states')."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    with torch.autocast(device, enabled=False):
+        return _FrozenHeadCrossEntropy.apply(hidden, head.weight, head.bias, labels, dtype, onednn)
+
+
+def _fused_forward(self, *args, logits_to_keep=0, **kwargs):
+    labels = kwargs.pop(LABELS, None)
+    if labels is None:
+        return self._sharpen_full_forward(*args, logits_to_keep=logits_to_keep, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.modeling_utils import slice_logits_to_keep
+
+    if self.lm_head.weight.requires_grad:  # unfrozen since: the plain loss, with its logits
+        out = self._sharpen_full_forward(*args, logits_to_keep=logits_to_keep, **kwargs)
+        flat = out.logits.reshape(-1, out.logits.shape[-1]).float()
+        out.loss = F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        return out
+    if args or kwargs.pop("labels", None) is not None:
+        raise TypeError(f"{LABELS} is for keyword calls without `labels`")
+    hidden = slice_logits_to_keep(self.model(**kwargs).last_hidden_state, logits_to_keep)
+    if hidden.shape[:-1] != labels.shape:
+        raise RuntimeError(f"hidden states of shape {tuple(hidden.shape)} for labels of shape {tuple(labels.shape)}")
+    onednn = getattr(self, "_sharpen_onednn", False) and hidden.device.type == "cpu"
+    loss = frozen_head_loss_sum(hidden.reshape(-1, hidden.shape[-1]), self.lm_head, labels.reshape(-1), onednn)
+    return CausalLMOutputWithPast(loss=loss)
+
+
+def fuse_frozen_head_loss(model: nn.Module, onednn: bool = False) -> bool:
+    """Install the fused loss in `model` (any wrapper of a supported causal LM whose lm_head is frozen);
+    returns whether it applies. The loss asks `fuses_frozen_head_loss` before passing LABELS."""
+    for module in model.modules():
+        if type(module).__name__ in SUPPORTED and type(getattr(module, "lm_head", None)) is nn.Linear:
+            if module.lm_head.weight.requires_grad:
+                return False
+            if not hasattr(module, "_sharpen_full_forward"):
+                module._sharpen_full_forward = module.forward
+                module.forward = types.MethodType(_fused_forward, module)
+            module._sharpen_onednn = onednn
+            setattr(model, _MARK, True)
+            log.info("loss: cross-entropy through the frozen output projection in chunks, no full logits kept")
+            return True
+    return False
+
+
+def fuses_frozen_head_loss(model: nn.Module) -> bool:
+    """Whether `model`, or a module it wraps, had fuse_frozen_head_loss applied."""
+    return any(getattr(module, _MARK, False) for module in model.modules())
