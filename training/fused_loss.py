@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.cpu_gemm import linear, pad_tokens
+from training.packing import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
 LABELS = "sharpen_labels"
-IGNORE_INDEX = -100
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 # Logit elements of one chunk: 2^25 fp32 values are 128 MiB (256 tokens of a 128k vocabulary).
 CHUNK_ELEMENTS = 1 << 25
