@@ -39,7 +39,7 @@ from bench.bench_cpu import (  # noqa: E402
     sharpen_executable,
     thread_env,
 )
-from bench.harness import RunResult  # noqa: E402
+from bench.harness import RunResult, allocated_during  # noqa: E402
 
 MODES = ("none", "selective", "full")
 MEMORY_STEPS = 10
@@ -90,7 +90,6 @@ class CheckpointingBench:
     def held_for_backward(self, mode: str) -> list[int]:
         """Bytes held at the end of the forward and loss of each of the first MEMORY_STEPS steps."""
         import torch
-        from torch.profiler import ProfilerActivity, profile
 
         from launcher.plan import build_plan
         from strategies import DistEnv
@@ -106,7 +105,7 @@ class CheckpointingBench:
         plan = build_plan(spec, self.work / "runs" / "unused", device="cpu")[0]
         torch.manual_seed(spec.train.seed)
         strategy = build_strategy(plan, DistEnv(), load_model(plan.spec, plan.compute_dtype, torch.device("cpu")))
-        loss_fn, trace, held = CausalLMLoss(), self.work / "trace.json", []
+        loss_fn, held = CausalLMLoss(), []
         batches = step_batches(  # as training/worker.py asks for them on one CPU rank
             self.dataset, global_batch_size=plan.global_batch_size, micro_batch_size=plan.micro_batch_size,
             grad_accum=plan.grad_accum, rank=0, world_size=1, seed=spec.train.seed, shuffle=spec.data.shuffle,
@@ -115,15 +114,15 @@ class CheckpointingBench:
         )
         for step in range(MEMORY_STEPS + 1):  # step 0 warms up (lazy initialisations, oneDNN kernels)
             micro = next(batches).micro_batches[0]
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            def forward_and_loss(micro=micro):
                 with strategy.forward_context():
-                    loss = loss_fn(strategy.model, micro).loss_sum
+                    return loss_fn(strategy.model, micro).loss_sum
+
+            loss, allocated = allocated_during(forward_and_loss)
             strategy.backward(loss)
             strategy.model.zero_grad(set_to_none=True)
             if step:
-                prof.export_chrome_trace(str(trace))
-                events = [e["args"] for e in json.loads(trace.read_text())["traceEvents"] if e.get("name") == "[memory]"]
-                held.append(events[-1]["Total Allocated"] - (events[0]["Total Allocated"] - events[0]["Bytes"]))
+                held.append(allocated[-1])
         strategy.teardown()
         return held
 

@@ -15,7 +15,6 @@ import copy
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -51,16 +50,9 @@ def step(model, batch, tokens: int) -> float:
 
 def peak_bytes(model, batch, tokens: int) -> int:
     """Most CPU memory allocated at once during one step, above what was allocated before it."""
-    from torch.profiler import ProfilerActivity, profile
+    from bench.harness import allocated_during
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(model, batch, tokens)
-    with tempfile.TemporaryDirectory() as tmp:
-        trace = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(trace))
-        events = [e["args"] for e in json.loads(trace.read_text())["traceEvents"] if e.get("name") == "[memory]"]
-    before = events[0]["Total Allocated"] - events[0]["Bytes"]
-    return max(e["Total Allocated"] for e in events) - before
+    return max(allocated_during(lambda: step(model, batch, tokens))[1])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,6 @@ checkpoint function itself. Adapters have dropout, so the recompute must draw th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -81,26 +80,22 @@ def test_selective_gives_the_loss_and_gradients_of_none_and_full(tiny_model, var
             torch.testing.assert_close(grad, want[name], rtol=1e-6, atol=1e-8, msg=f"{mode}: {name}")
 
 
-def held_for_backward(model: torch.nn.Module, tmp_path: Path) -> int:
+def held_for_backward(model: torch.nn.Module) -> int:
     """Bytes the CPU allocator holds at the end of the forward and loss that it did not before: what the
     graph keeps for the backward. Counted by the allocator, since checkpointing keeps its tensors out of
     reach of saved-tensor hooks (its own hooks replace them inside a layer, and its cache is its own)."""
-    from torch.profiler import ProfilerActivity, profile
+    from bench.harness import allocated_during
 
     loss_and_grads(model)  # once before: lazy initialisations (oneDNN kernels, grads) are not counted
     micro = batch()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        loss = CausalLMLoss()(model, micro).loss_sum
-    prof.export_chrome_trace(str(tmp_path / "trace.json"))
-    events = [e["args"] for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
-              if e.get("name") == "[memory]"]  # fmt: skip
+    loss, allocated = allocated_during(lambda: CausalLMLoss()(model, micro).loss_sum)
     loss.backward()
-    return events[-1]["Total Allocated"] - (events[0]["Total Allocated"] - events[0]["Bytes"])
+    return allocated[-1]
 
 
 @pytest.mark.parametrize("variant", ["full", "lora", "lora-fused"])
-def test_selective_keeps_less_than_none_and_more_than_full(tiny_model, variant, tmp_path):
-    held = {mode: held_for_backward(build(tiny_model, variant, mode), tmp_path) for mode in MODES}
+def test_selective_keeps_less_than_none_and_more_than_full(tiny_model, variant):
+    held = {mode: held_for_backward(build(tiny_model, variant, mode)) for mode in MODES}
     assert held["none"] > held["selective"] > held["full"] > 0, held
 
 

@@ -10,6 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from test_attention import LENGTHS, tiny_llama
 from test_last_layer import completion_rows
+from test_lora_fused import saved_storage_bytes
 
 from training import fused_loss
 from training.attention import PER_SAMPLE_SDPA, kernel_name
@@ -84,18 +85,8 @@ def test_no_logits_are_kept_for_the_backward():
     batch = collate(completion_rows(LENGTHS), padding_free=True, attention=PER_SAMPLE_SDPA)
     labelled = int((batch.labels != -100).any(dim=0).sum())
 
-    def kept(model) -> int:  # distinct storages autograd keeps, parameters aside
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        storages: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            if t.untyped_storage().data_ptr() not in params:
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            CausalLMLoss()(model, batch)
-        return sum(storages.values())
+    def kept(model) -> int:
+        return saved_storage_bytes(lambda: CausalLMLoss()(model, batch), model.parameters())
 
     assert kept(fused) <= kept(plain) - labelled * 96 * 4 + labelled * 64 * 4
 

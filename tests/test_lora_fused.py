@@ -125,21 +125,27 @@ def test_zero3_keeps_peft_forward_other_strategies_fuse():
         assert not create_strategy(name, options, env).gathers_params_in_module_hooks, name
 
 
-def saved_for_backward_bytes(model, x: torch.Tensor, seed: int = 0) -> int:
-    """Bytes of the distinct storages autograd keeps for the backward of one forward (not the parameters)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+def saved_storage_bytes(run, params) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward while `run()` builds its graph,
+    leaving out the storages of `params`."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
+        if storage.data_ptr() not in skip:
             storages[storage.data_ptr()] = storage.nbytes()
         return t
 
-    torch.manual_seed(seed)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x.clone().requires_grad_(True)).sum()
+        run()
     return sum(storages.values())
+
+
+def saved_for_backward_bytes(model, x: torch.Tensor, seed: int = 0) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward of one forward (not the parameters)."""
+    torch.manual_seed(seed)
+    return saved_storage_bytes(lambda: model(x.clone().requires_grad_(True)).sum(), model.parameters())
 
 
 @pytest.mark.parametrize("onednn", ENGINES)

@@ -177,13 +177,13 @@ def test_zero_paper_numbers_for_llama3_8b_on_8_gpus(llama8b, strategy, gb):
 
 # -- activations: predicted == the peak autograd and the loss really take (CPU allocator) -------------
 def measured_peak(
-    model, ids, mask, tmp_path: Path, grads_allocated: bool = True, autocast: bool = False
+    model, ids, mask, grads_allocated: bool = True, autocast: bool = False
 ) -> int:
     """Peak bytes the CPU allocator hands out during forward, loss and backward (by default with the grads
     already allocated; else set to None, as the strategies' step leaves them)."""
     import contextlib
 
-    from torch.profiler import ProfilerActivity, profile
+    from bench.harness import allocated_during
 
     def step():
         context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
@@ -196,16 +196,7 @@ def measured_peak(
     step()
     # grads_allocated: gradients stay allocated, the profiled peak is activations only
     model.zero_grad(set_to_none=not grads_allocated)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    prof.export_chrome_trace(str(tmp_path / "trace.json"))
-    events = [
-        e["args"]
-        for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
-        if e.get("name") == "[memory]"
-    ]
-    start = events[0]["Total Allocated"] - events[0]["Bytes"]
-    return max(e["Total Allocated"] for e in events) - start
+    return max(allocated_during(step)[1])
 
 
 @pytest.mark.parametrize(
@@ -220,7 +211,7 @@ def measured_peak(
         ("lora", "bf16", 2, "selective"),  # LoRA's B is recomputed (a low-rank product)
     ],
 )
-def test_activation_model_matches_the_measured_peak(tmp_path, finetune, dtype, samples, checkpointing):
+def test_activation_model_matches_the_measured_peak(finetune, dtype, samples, checkpointing):
     """A Llama layer stack in the compute dtype (as fsdp/zero run it), `samples` sequences in one padding-free
     row (a block mask when there are two), cross-entropy over every position."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -242,9 +233,7 @@ def test_activation_model_matches_the_measured_peak(tmp_path, finetune, dtype, s
     tokens, length = 256, 256 // samples
     segment = torch.arange(tokens) // length
     mask = (segment[:, None] == segment) & (torch.arange(tokens)[:, None] >= torch.arange(tokens))
-    got = measured_peak(
-        model, torch.randint(0, 1000, (1, tokens)), mask[None, None] if samples > 1 else None, tmp_path
-    )
+    got = measured_peak(model, torch.randint(0, 1000, (1, tokens)), mask[None, None] if samples > 1 else None)
     counts = ParamCounts(0, 0, 0, 0, 2, 256, 1000, 688, 8, 2, 32)
     setting = Setting(
         strategy="zero2", compute_dtype=dtype, finetune=finetune, micro_batch_size=samples, max_length=length,
@@ -263,7 +252,7 @@ def test_single_holds_no_gradients_at_the_loss_without_accumulation(tmp_path):
     shape = dict(vocab_size=4000, hidden_size=128, intermediate_size=344, num_hidden_layers=2)
     config = LlamaConfig(**shape, num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
     model = LlamaForCausalLM(config)  # fp32 weights, bf16 autocast: single's forward_context
-    got = measured_peak(model, torch.randint(0, 4000, (1, 256)), None, tmp_path, False, autocast=True)
+    got = measured_peak(model, torch.randint(0, 4000, (1, 256)), None, False, autocast=True)
     config.save_pretrained(tmp_path / "model")
     counts = count_parameters(job(tmp_path / "model", finetune={"type": "full"}))
     setting = Setting(strategy="single", compute_dtype="bf16", max_length=256, device="cpu")

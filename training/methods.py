@@ -66,14 +66,15 @@ class CausalLMLoss:
     normaliser = "global_label_tokens"
 
     def __init__(self):
-        self._slices: dict[int, bool] = {}  # id(model) -> whether its forward takes logits_to_keep
+        # id(model) -> (its forward takes logits_to_keep, its last layer is pruned, it computes the fused loss)
+        self._features: dict[int, tuple[bool, bool, bool]] = {}
 
     def __call__(self, model: nn.Module, batch) -> LossOutput:
-        if id(model) not in self._slices:
-            self._slices[id(model)] = (takes_logits_to_keep(model), prunes_last_layer(model),
-                                       fuses_frozen_head_loss(model))
+        if id(model) not in self._features:
+            self._features[id(model)] = (takes_logits_to_keep(model), prunes_last_layer(model),
+                                         fuses_frozen_head_loss(model))
         labels, keep = batch.labels, {}
-        slices, prunes, fused = self._slices[id(model)]
+        slices, prunes, fused = self._features[id(model)]
         if slices:
             columns = label_columns(batch)
             labels = labels[:, columns]
