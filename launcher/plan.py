@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -71,8 +72,11 @@ class Plan(BaseModel):
         return JobSpec.model_validate(self.job)
 
     def write(self, run_dir: Path) -> Path:
+        """Atomically, from a temporary file of this process's own: every node of a multi-machine run
+        writes the same plan into the shared run dir, and one fixed temporary name let a node rename
+        away the file another was about to rename (FileNotFoundError)."""
         path = Path(run_dir) / PLAN_FILE
-        tmp = path.with_suffix(".json.tmp")
+        tmp = path.with_name(f"{PLAN_FILE}.{socket.gethostname()}.{os.getpid()}.tmp")
         tmp.write_text(self.model_dump_json(indent=2) + "\n")
         os.replace(tmp, path)
         return path

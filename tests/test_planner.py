@@ -425,3 +425,23 @@ def test_the_example_plans_fit_as_documented(capsys):
         keys = {"params", "grads", "optimizer", "activations", "total"}
         assert all(keys <= set(c["bytes_per_rank"]) and "fits" in c for c in plan["candidates"])
         assert plan["chosen"]["fits"] and plan["chosen"]["bytes_per_rank"]["total"] <= plan["usable_bytes"]
+
+
+def _write_plan_repeatedly(plan_json: str, run_dir: str, times: int) -> None:
+    plan = Plan.model_validate_json(plan_json)
+    for _ in range(times):
+        plan.write(Path(run_dir))
+
+
+def test_nodes_writing_the_plan_at_once_do_not_collide(llama8b, tmp_path):
+    """Every node of a multi-machine run writes plan.json into the shared run dir. With one temporary name
+    for all, a node could rename away the file another was about to rename (FileNotFoundError, seen in
+    test_slurm's two-machine run); each process now writes its own."""
+    import multiprocessing
+
+    plan = plan_for(llama8b, 8, 80)
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(2) as pool:
+        pool.starmap(_write_plan_repeatedly, [(plan.model_dump_json(), str(tmp_path), 200)] * 2)
+    assert Plan.read(tmp_path) == plan
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
