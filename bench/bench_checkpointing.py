@@ -48,7 +48,7 @@ MEMORY_STEPS = 10
 class CheckpointingBench:
     def __init__(self, work: Path, threads: int):
         from launcher.jobfile import load_job
-        from training.data import load_prepared, prepare_dataset
+        from training.data.prepare import load_prepared, prepare_dataset
 
         self.work, self.threads = work, threads
         self.model = build_model(work)
@@ -91,12 +91,12 @@ class CheckpointingBench:
         """Bytes held at the end of the forward and loss of each of the first MEMORY_STEPS steps."""
         import torch
 
-        from launcher.plan import build_plan
-        from strategies import DistEnv
-        from training.attention import collate_attention
-        from training.methods import CausalLMLoss
+        from launcher.planner import build_plan
+        from strategies.base import DistEnv
+        from training.data.sampler import step_batches
+        from training.kernels.attention import collate_attention
+        from training.methods.causal_lm import CausalLMLoss
         from training.model import load_model, load_tokenizer
-        from training.sampler import step_batches
         from training.worker import build_strategy
 
         spec = self.spec.model_copy(

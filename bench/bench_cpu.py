@@ -78,7 +78,7 @@ def build_model(work: Path) -> Path:
 
 def sharpen_order(dataset, spec) -> list[list[int]]:
     """Row indices of each step, in the order sharpen feeds them (1 rank, no accumulation)."""
-    from training.sampler import deal, epoch_order
+    from training.data.sampler import deal, epoch_order
 
     lengths = np.asarray(dataset.with_format("arrow")["length"]).astype(np.int64)
     per_epoch = len(lengths) // MICRO_BATCH
@@ -93,7 +93,7 @@ def sharpen_order(dataset, spec) -> list[list[int]]:
 
 def check_same_samples(dataset, spec, order: list[list[int]], pad_token_id: int) -> None:
     """The rows given to HF are exactly the tokens and labels of sharpen's step_batches, step by step."""
-    from training.sampler import step_batches
+    from training.data.sampler import step_batches
 
     batches = step_batches(
         dataset, global_batch_size=MICRO_BATCH, micro_batch_size=MICRO_BATCH, grad_accum=1, rank=0,
@@ -143,7 +143,7 @@ class CpuBench:
     def __init__(self, work: Path, threads: int):
         from bench.hf_trainer import lr_lambda as hf_lr_lambda
         from launcher.jobfile import load_job
-        from training.data import load_prepared, prepare_dataset
+        from training.data.prepare import load_prepared, prepare_dataset
         from training.loop import lr_lambda
 
         self.work, self.threads = work, threads

@@ -89,7 +89,7 @@ def build_model(work: Path, seed: int = 0) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from training.formats import ALPACA_PROMPT_WITH_INPUT
+    from training.data.formats import ALPACA_PROMPT_WITH_INPUT
     from training.tiny import build_tokenizer, corpus_from_jsonl
 
     out = work / "model-1b"
@@ -166,8 +166,8 @@ class Prepared:
         import yaml
 
         from launcher.jobfile import load_job
-        from training.data import load_prepared, prepare_dataset
-        from training.sampler import deal, epoch_order
+        from training.data.prepare import load_prepared, prepare_dataset
+        from training.data.sampler import deal, epoch_order
 
         self.path = work / f"{spec_dict['name']}.yaml"
         self.path.write_text(yaml.safe_dump(spec_dict, sort_keys=False))

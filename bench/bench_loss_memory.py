@@ -26,7 +26,7 @@ def build(vocab: int, hidden: int, layers: int):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from training.fused_loss import fuse_frozen_head_loss
+    from training.kernels.fused_loss import fuse_frozen_head_loss
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
@@ -40,7 +40,7 @@ def build(vocab: int, hidden: int, layers: int):
 
 
 def step(model, batch, tokens: int) -> float:
-    from training.methods import CausalLMLoss
+    from training.methods.causal_lm import CausalLMLoss
 
     loss = CausalLMLoss()(model, batch).loss_sum
     (loss / tokens).backward()
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from training.packing import collate
+    from training.data.packing import collate
 
     torch.set_num_threads(args.threads)
     arms = dict(zip(("plain", "fused"), build(args.vocab, args.hidden, args.layers), strict=True))

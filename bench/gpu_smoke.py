@@ -43,7 +43,7 @@ DATA = REPO / "examples" / "data" / "alpaca_tiny.jsonl"
 
 
 def build_model(work: Path) -> Path:
-    from training.formats import ALPACA_PROMPT_WITH_INPUT
+    from training.data.formats import ALPACA_PROMPT_WITH_INPUT
     from training.tiny import build_tiny_llama, corpus_from_jsonl
 
     out = work / "model"

@@ -77,7 +77,7 @@ def worst_case_batch(spec, vocab: int, seed: int):
     """One micro-batch of micro_batch_size samples of exactly max_length tokens, every token labelled."""
     import torch
 
-    from training.packing import collate
+    from training.data.packing import collate
 
     gen = torch.Generator().manual_seed(seed)
     rows = []
@@ -92,8 +92,8 @@ def run_job(name: str, model_dir: Path) -> dict:
     import torch
     import torch.distributed as dist
 
-    from launcher.plan import build_plan
-    from strategies import DistEnv
+    from launcher.planner import build_plan
+    from strategies.base import DistEnv
     from training.methods import create_method
     from training.model import load_model
     from training.worker import build_strategy

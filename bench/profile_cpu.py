@@ -67,15 +67,15 @@ def profile_sharpen(bench: CpuBench, work: Path) -> Window:
     import torch
     from torch.profiler import record_function
 
-    from launcher.plan import build_plan
-    from strategies import DistEnv
-    from training.attention import collate_attention
-    from training.data import load_prepared, prepare_dataset
+    from launcher.planner import build_plan
+    from strategies.base import DistEnv
+    from training.data.prepare import load_prepared, prepare_dataset
+    from training.data.sampler import step_batches
+    from training.kernels.attention import collate_attention
     from training.loop import LoopConfig, run_steps
     from training.methods import create_method
     from training.metrics import WandbRun
     from training.model import load_model, load_tokenizer
-    from training.sampler import step_batches
     from training.worker import build_strategy
 
     spec, run_dir = bench.spec, work / "profile-sharpen"

@@ -67,9 +67,9 @@ def prepare(work: Path, threads: int) -> dict:
 
     from bench import bench_cpu
     from launcher.jobfile import load_job
-    from training.data import load_prepared, prepare_dataset
+    from training.data.prepare import load_prepared, prepare_dataset
+    from training.data.sampler import step_batches
     from training.loop import lr_lambda
-    from training.sampler import step_batches
 
     model = bench_cpu.build_model(work)
     job = bench_cpu.job_file(model, work / "tokenized")
@@ -289,9 +289,9 @@ def replay_launcher(clock: Clock, job: str, run_dir: Path) -> None:
 
     spec = load_job(job)
     clock.mark("load_job (YAML + validation)")
-    from launcher.plan import build_plan
+    from launcher.planner import build_plan
     from launcher.resume import prepare_resume
-    from training.data import prepare_dataset
+    from training.data.prepare import prepare_dataset
 
     clock.mark("import launcher.plan, launcher.resume, training.data")
     # launcher/prepare.py prepare_run, step by step, for a fresh run dir
@@ -323,10 +323,10 @@ def replay_worker(clock: Clock, run_dir: Path) -> None:
 
     plan = Plan.read(run_dir)
     spec = plan.spec
-    env = worker.setup_distributed(plan)
+    env = worker.setup_distributed(plan, worker.from_environment())
     torch.manual_seed(spec.train.seed)
-    from training.data import load_prepared, load_prepared_eval
-    from training.sampler import step_batches
+    from training.data.prepare import load_prepared, load_prepared_eval
+    from training.data.sampler import step_batches
 
     clock.mark("Plan.read, setup_distributed, import training.data")
     tokenizer = worker.load_tokenizer(spec)

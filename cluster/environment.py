@@ -1,4 +1,4 @@
-"""Rank, local rank, world size and head address of this process, from torchrun's or SLURM's variables."""
+"""The one reader of torchrun's and SLURM's variables: where this process sits, and which SLURM job it is in."""
 
 from __future__ import annotations
 
@@ -16,12 +16,41 @@ class ProcessEnv:
     local_world_size: int
     master_addr: str
     master_port: int
-    source: str  # "torchrun", "slurm" or "single"
+
+
+@dataclass(frozen=True)
+class SlurmJob:
+    """The SLURM job this process runs in (inside an allocation or a job step)."""
+
+    job_id: str
+    num_nodes: int | None  # SLURM_JOB_NUM_NODES (SLURM_NNODES on older versions)
+    node_id: int | None  # this node's index in the allocation
+    restart_count: int  # times the job was requeued
+    cpus_per_task: int | None
 
 
 def _int(name: str, default: int | None = None) -> int | None:
     value = os.environ.get(name)
     return int(value) if value not in (None, "") else default
+
+
+def slurm_job_id() -> str | None:
+    """This process's SLURM job id, None outside SLURM."""
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+def slurm_job() -> SlurmJob | None:
+    """The SLURM job this process runs in, None outside SLURM."""
+    job_id = slurm_job_id()
+    if job_id is None:
+        return None
+    return SlurmJob(
+        job_id=job_id,
+        num_nodes=_int("SLURM_JOB_NUM_NODES") or _int("SLURM_NNODES"),
+        node_id=_int("SLURM_NODEID"),
+        restart_count=_int("SLURM_RESTART_COUNT", 0),
+        cpus_per_task=_int("SLURM_CPUS_PER_TASK"),
+    )
 
 
 def slurm_head_node() -> str:
@@ -49,7 +78,6 @@ def from_environment() -> ProcessEnv:
             local_world_size=_int("LOCAL_WORLD_SIZE", 1),
             master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
             master_port=_int("MASTER_PORT", 29500),
-            source="torchrun",
         )
     if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
         return ProcessEnv(
@@ -59,9 +87,8 @@ def from_environment() -> ProcessEnv:
             local_world_size=_int("SLURM_NTASKS_PER_NODE", None) or _int("SLURM_TASKS_PER_NODE", 1) or 1,
             master_addr=os.environ.get("MASTER_ADDR") or slurm_head_node(),
             master_port=_int("MASTER_PORT", 29500),
-            source="slurm",
         )
-    return ProcessEnv(0, 0, 1, 1, "127.0.0.1", free_port(), "single")
+    return ProcessEnv(0, 0, 1, 1, "127.0.0.1", free_port())
 
 
 def free_port(host: str = "127.0.0.1") -> int:

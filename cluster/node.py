@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cluster.environment import slurm_head_node
+from cluster.environment import SlurmJob, slurm_head_node, slurm_job
 from cluster.local import launch, worker_environment
 from launcher.plan import Plan
 
@@ -38,25 +38,27 @@ def node_address(name: str) -> str:
     return match.group(1) if match else name
 
 
-def rendezvous_endpoint() -> tuple[str, int]:
+def rendezvous_endpoint(job: SlurmJob) -> tuple[str, int]:
     """(address of the first node, port) for this job, the same on every node."""
-    job_id = int(os.environ["SLURM_JOB_ID"])
-    return node_address(slurm_head_node()), PORT_BASE + job_id % PORT_SPAN
+    return node_address(slurm_head_node()), PORT_BASE + int(job.job_id) % PORT_SPAN
 
 
-def _need(name: str) -> str:
-    value = os.environ.get(name)
-    if not value:
-        sys.exit(f"error: {name} is not set: `python -m cluster.node` runs inside a SLURM job (srun)")
-    return value
+def this_job() -> SlurmJob:
+    """The SLURM job of this node's task; exits with a message outside one."""
+    job = slurm_job()
+    if job is None or not job.num_nodes or job.node_id is None:
+        sys.exit(
+            "error: SLURM_JOB_ID, SLURM_JOB_NUM_NODES and SLURM_NODEID must be set: "
+            "`python -m cluster.node` runs inside a SLURM job (srun)"
+        )
+    return job
 
 
 def run_node(run_dir: Path) -> int:
     """Start this node's ranks under the elastic agent; returns their exit status."""
     plan = Plan.read(run_dir)
-    job_id = _need("SLURM_JOB_ID")
-    nnodes = int(os.environ.get("SLURM_JOB_NUM_NODES") or _need("SLURM_NNODES"))
-    node_rank = int(_need("SLURM_NODEID"))
+    job = this_job()
+    job_id, nnodes, node_rank = job.job_id, job.num_nodes, job.node_id
     if nnodes != plan.nnodes:
         print(
             f"error: the job has {nnodes} node(s) but the plan was made for {plan.nnodes}; "
@@ -64,8 +66,8 @@ def run_node(run_dir: Path) -> int:
             file=sys.stderr,
         )
         return 2
-    host, port = rendezvous_endpoint()
-    restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+    host, port = rendezvous_endpoint(job)
+    restart = job.restart_count
     print(f"sharpen: node {node_rank} of {nnodes}: rendezvous at {host}:{port} (job {job_id})", file=sys.stderr, flush=True)
     quiet_agent_shutdown()
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -106,10 +108,11 @@ def quiet_agent_shutdown() -> None:
 def task_environment(run_dir: Path) -> dict[str, str]:
     """What every rank of launch: task_per_rank needs besides SLURM's own variables."""
     plan = Plan.read(run_dir)
-    host, port = rendezvous_endpoint()
+    job = slurm_job()
+    host, port = rendezvous_endpoint(job)
     env = worker_environment(plan.device, plan.nproc_per_node)
-    if "OMP_NUM_THREADS" not in os.environ and os.environ.get("SLURM_CPUS_PER_TASK"):
-        env["OMP_NUM_THREADS"] = os.environ["SLURM_CPUS_PER_TASK"]
+    if "OMP_NUM_THREADS" not in os.environ and job.cpus_per_task:
+        env["OMP_NUM_THREADS"] = str(job.cpus_per_task)
     return {**env, "MASTER_ADDR": host, "MASTER_PORT": str(port)}
 
 

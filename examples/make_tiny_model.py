@@ -15,7 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from training.formats import ALPACA_PROMPT_WITH_INPUT  # noqa: E402
+from training.data.formats import ALPACA_PROMPT_WITH_INPUT  # noqa: E402
 from training.tiny import build_tiny_llama, corpus_from_jsonl  # noqa: E402
 
 SIZES = {

@@ -1,17 +1,18 @@
-"""The `sharpen` command line. Exit codes: 0 done, 1 the run failed, 2 bad job file or arguments."""
+"""The `sharpen` command line: parse, then dispatch to launcher/commands/. Exit codes: 0 done, 1 the run
+failed, 2 bad job file or arguments (one message, never a traceback)."""
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
-from pathlib import Path
 
-from cluster import doctor
-from launcher import __version__, cluster_commands, export
+from launcher import __version__
+from launcher.commands import doctor, export, run, slurm
 from launcher.errors import UserError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_USAGE = 2
+GROUPS = (run, export, slurm, doctor)  # the order of `sharpen --help`
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -26,128 +27,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="sharpen", description="Fine-tune language models from one job file.")
     parser.add_argument("--version", action="version", version=f"sharpen {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
-
-    def job_command(name: str, help_text: str):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("job", help="the job file (YAML)")
-        p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a job key")
-        return p
-
-    p = job_command("plan", "show the resolved plan and memory per rank; nothing runs")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("--output-dir", help="the run directory the plan is for")
-
-    p = job_command("run", "train on this machine (N local ranks)")
-    p.add_argument("--output-dir", help="run directory (default: output_dir from the job, else runs/NAME-TIME)")
-    p.add_argument("--nnodes", type=int, default=1, help="machines in a multi-node run without SLURM (run on each)")
-    p.add_argument("--node-rank", type=int, default=0, help="this machine's index; node 0 hosts the rendezvous")
-    p.add_argument("--master", metavar="HOST:PORT", help="node 0's address and a free port (multi-node)")
-
-    p = sub.add_parser("resume", help="continue a run from its newest complete checkpoint")
-    p.add_argument("run_dir")
-    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
-
-    export.register(sub)
-    sub.add_parser("schema", help="print the job file's JSON schema (for editors)")
-    cluster_commands.register(sub)
-    doctor.register(sub)
+    for group in GROUPS:
+        group.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    handlers = {name: handler for group in GROUPS for name, handler in group.COMMANDS.items()}
     try:
-        handled = cluster_commands.dispatch(args)
-        if handled is not None:
-            return handled
-        if args.command == "plan":
-            return cmd_plan(args)
-        if args.command == "run":
-            return cmd_run(args)
-        if args.command == "resume":
-            return cmd_resume(args)
-        if args.command == "doctor":
-            return doctor.run(args)
-        if args.command == "export":
-            return export.run(args)
-        if args.command == "schema":
-            from launcher.spec import json_schema
-
-            print(json.dumps(json_schema(), indent=2))
-            return EXIT_OK
+        return handlers[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return EXIT_USAGE
-
-
-def cmd_plan(args) -> int:
-    from launcher.jobfile import load_job
-    from launcher.plan import build_plan, default_run_dir
-    from launcher.report import print_plan
-
-    spec = load_job(args.job, args.set)
-    run_dir = Path(args.output_dir) if args.output_dir else default_run_dir(spec)
-    plan, notices = build_plan(spec, run_dir)
-    if args.json:
-        print(plan.model_dump_json(indent=2))
-    else:
-        for n in notices:
-            print(f"note: {n}", file=sys.stderr)
-        print_plan(plan)
-    return EXIT_OK
-
-
-def cmd_run(args) -> int:
-    from launcher.jobfile import load_job
-    from launcher.plan import default_run_dir
-
-    spec = load_job(args.job, args.set)
-    run_dir = Path(args.output_dir) if args.output_dir else default_run_dir(spec)
-    return start_local(spec, run_dir, **cluster_commands.multinode_launch(args, spec))
-
-
-def cmd_resume(args) -> int:
-    import pydantic
-
-    from launcher.jobfile import apply_overrides, format_errors
-    from launcher.plan import Plan
-    from launcher.spec import JobSpec
-    from training.checkpoint import latest_checkpoint
-
-    run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir}: no such run directory")
-    previous = Plan.read(run_dir)
-    if latest_checkpoint(run_dir) is None:
-        raise UserError(
-            f"{run_dir}: no complete checkpoint to resume from",
-            f"start it again with `sharpen run JOB.yaml --output-dir {run_dir}`",
-        )
-    try:
-        spec = JobSpec.model_validate(apply_overrides(previous.job, args.set))
-    except pydantic.ValidationError as exc:
-        raise UserError(format_errors(exc, f"{run_dir} with its --set overrides")) from None
-    return start_local(spec, run_dir)
-
-
-def start_local(spec, run_dir: Path, **multinode) -> int:
-    """Prepare the run dir, start this node's ranks, report."""
-    from cluster.local import launch
-    from launcher.prepare import prepare_run
-
-    plan = prepare_run(spec, run_dir, nnodes=multinode.get("nnodes"))
-    print(
-        f"sharpen: {plan.world_size} rank(s) on {plan.device}, strategy {plan.strategy}, "
-        f"{plan.micro_batch_size}×{plan.grad_accum}×{plan.world_size} = {plan.global_batch_size} samples/step; "
-        f"run dir {run_dir}",
-        file=sys.stderr,
-    )
-    rc = launch(run_dir, nproc_per_node=plan.nproc_per_node, device=plan.device, **multinode)
-    return EXIT_OK if rc == 0 else EXIT_FAILED
+    except BrokenPipeError:  # `sharpen logs RUN | head`: the reader has gone, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

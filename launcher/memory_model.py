@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import ceil
 
-from launcher.memory import DTYPE_BYTES, ParamCounts, Setting, TensorInfo, activation_phases, nf4_bytes
+from launcher.shapes import DTYPE_BYTES, ParamCounts, Setting, TensorInfo, activation_phases, nf4_bytes
 from launcher.spec import JobSpec
 
 DEEPSPEED_DEFAULT_BUCKET = 500_000_000  # elements, when the hidden size is unknown

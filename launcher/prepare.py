@@ -8,9 +8,10 @@ from pathlib import Path
 
 def prepare_run(spec, run_dir: Path, *, device: str | None = None, nnodes: int | None = None, cache_root=None):
     """Plan, check an existing run dir, tokenize the data once, write plan.json. Returns the Plan."""
-    from launcher.plan import Plan, build_plan
+    from launcher.plan import Plan
+    from launcher.planner import build_plan
     from launcher.resume import prepare_resume
-    from training.data import prepare_dataset
+    from training.data.prepare import prepare_dataset
 
     run_dir.mkdir(parents=True, exist_ok=True)
     previous = Plan.read(run_dir) if (run_dir / "plan.json").is_file() else None

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from launcher.memory import human_bytes
 from launcher.plan import Plan
+from launcher.shapes import human_bytes
 
 GIB = 1024**3
 COLUMNS = ("params", "grads", "optimizer", "buffers", "activations", "total", "offloaded")

@@ -17,16 +17,16 @@ from test_attention import LENGTHS
 from test_last_layer import completion_rows
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from launcher import memory
+from launcher import shapes as memory
 from launcher.spec import JobSpec
 from strategies.activation_checkpointing import LOW_RANK, MODES, SelectivePolicy, checkpoint_kwargs
-from training.attention import PER_SAMPLE_SDPA
-from training.cpu_gemm import onednn_available
-from training.last_layer import prune_last_layer
-from training.lora_fused import fuse_lora_linears
-from training.methods import CausalLMLoss
+from training.data.packing import collate
+from training.kernels.attention import PER_SAMPLE_SDPA
+from training.kernels.cpu_gemm import onednn_available
+from training.kernels.last_layer import prune_last_layer
+from training.kernels.lora_fused import fuse_lora_linears
+from training.methods.causal_lm import CausalLMLoss
 from training.model import load_model
-from training.packing import collate
 
 VARIANTS = [
     "full",

@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.attention import (
+from training.data.packing import collate
+from training.kernels.attention import (
     PER_SAMPLE_SDPA,
     PackedSegments,
     collate_attention,
     kernel_name,
     sdpa_per_sample_forward,
 )
-from training.packing import collate
 
 # Two pairs of equal lengths (batched sdpa calls), a one-token sample, and distinct ones (a call each).
 LENGTHS = [7, 12, 7, 1, 20, 12, 5]

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import training.flops
-from training import cpu_gemm
-from training.cpu_gemm import pad_tokens, use_onednn_linears
+from training.kernels import cpu_gemm
+from training.kernels.cpu_gemm import pad_tokens, use_onednn_linears
 
 needs_onednn = pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="this torch has no oneDNN linear")
 

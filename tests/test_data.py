@@ -15,11 +15,11 @@ import torch.nn.functional as F
 
 from launcher.errors import UserError
 from launcher.spec import DataSpec
-from training import data as D
-from training import sampler as S
-from training.attention import PER_SAMPLE_SDPA, kernel_name
-from training.formats import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
-from training.packing import best_fit_decreasing, collate
+from training.data import prepare as D
+from training.data import sampler as S
+from training.data.formats import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
+from training.data.packing import best_fit_decreasing, collate
+from training.kernels.attention import PER_SAMPLE_SDPA, kernel_name
 from training.tiny import CHAT_TEMPLATE, build_tiny_llama, corpus_from_jsonl
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
@@ -356,7 +356,7 @@ def test_second_call_hits_the_cache(model_dir, tmp_path):
 
 def _prepare_in_child(barrier, spec_json, model_dir, cache, results):
     from launcher.spec import DataSpec
-    from training import data
+    from training.data import prepare as data
 
     barrier.wait()
     path = data.prepare_dataset(DataSpec.model_validate_json(spec_json), "sft", model_dir, cache_root=cache)

@@ -12,10 +12,11 @@ import torch
 from e2e import EXAMPLES, assert_ok, base_job, metrics, sharpen, write_job
 
 from launcher.spec import DataSpec
-from training import data as D
-from training.dpo import AdapterDisabledReference, DPOLoss
-from training.formats import ALPACA_PROMPT_WITH_INPUT
-from training.packing import IGNORE_INDEX, collate
+from training.data import prepare as D
+from training.data.formats import ALPACA_PROMPT_WITH_INPUT
+from training.data.packing import IGNORE_INDEX, collate
+from training.methods.dpo import DPOLoss
+from training.methods.dpo_reference import AdapterDisabledReference
 
 PREFS = EXAMPLES / "data" / "preference_tiny.jsonl"
 ALPACA = EXAMPLES / "data" / "alpaca_tiny.jsonl"
@@ -287,7 +288,7 @@ def test_zero3_full_dpo_resumes_after_a_kill_with_its_precomputed_reference(
 def test_realistic_examples_plan(name, source, tmp_path):
     """What `sharpen plan` prints, from the plan it builds (in this process: a CLI start costs seconds)."""
     from launcher.jobfile import load_job
-    from launcher.plan import build_plan
+    from launcher.planner import build_plan
 
     plan, _ = build_plan(load_job(EXAMPLES / f"{name}.yaml"), tmp_path)
     assert plan.reference["source"] == source and plan.reference["memory_bytes_per_rank"] == 0

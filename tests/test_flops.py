@@ -66,12 +66,12 @@ def test_measuring_the_peak_leaves_the_global_rng_alone():
 def test_the_peak_is_measured_once_per_machine_and_thread_count(tmp_path, monkeypatch):
     """The 0.3 s matmul loop runs before a run's first step only when the cache has no figure for this
     device, dtype and thread count."""
-    import training.cpu_gemm
     import training.flops
+    import training.kernels.cpu_gemm
 
     calls = []
     monkeypatch.setattr(training.flops, "measured_peak_flops", lambda device, dtype, **kw: calls.append(dtype) or 5e10)
-    engines = 2 if training.cpu_gemm.onednn_available() else 1  # an fp32 CPU peak times each matmul engine
+    engines = 2 if training.kernels.cpu_gemm.onednn_available() else 1  # an fp32 CPU peak times each matmul engine
     cache = tmp_path / "peak_flops.json"
     threads = torch.get_num_threads()
     try:

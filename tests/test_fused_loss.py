@@ -12,12 +12,12 @@ from test_attention import LENGTHS, tiny_llama
 from test_last_layer import completion_rows
 from test_lora_fused import saved_storage_bytes
 
-from training import fused_loss
-from training.attention import PER_SAMPLE_SDPA, kernel_name
-from training.fused_loss import fuse_frozen_head_loss, fuses_frozen_head_loss
-from training.last_layer import prune_last_layer
-from training.methods import CausalLMLoss
-from training.packing import collate
+from training.data.packing import collate
+from training.kernels import fused_loss
+from training.kernels.attention import PER_SAMPLE_SDPA, kernel_name
+from training.kernels.fused_loss import fuse_frozen_head_loss, fuses_frozen_head_loss
+from training.kernels.last_layer import prune_last_layer
+from training.methods.causal_lm import CausalLMLoss
 
 
 def lora_llama(dropout: float = 0.0):

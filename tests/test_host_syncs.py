@@ -26,15 +26,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from launcher.spec import JobSpec
-from strategies import DistEnv, StrategyOptions
+from strategies.base import DistEnv, StrategyOptions
 from strategies.single import SingleStrategy
-from training.data import load_prepared, prepare_dataset
-from training.fused_loss import fuse_frozen_head_loss
-from training.last_layer import prune_last_layer
+from training.data.prepare import load_prepared, prepare_dataset
+from training.data.sampler import step_batches
+from training.kernels.fused_loss import fuse_frozen_head_loss
+from training.kernels.last_layer import prune_last_layer
 from training.loop import LoopConfig, run_steps
 from training.methods import create_method
 from training.metrics import WandbRun
-from training.sampler import step_batches
 
 PREFS = EXAMPLES / "data" / "preference_tiny.jsonl"
 STEPS = 4  # only the last one logs
@@ -154,11 +154,10 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_no_host_device_sync_in_a_step_that_does_not_log(case, tiny_model, tmp_path, monkeypatch):
-    from training.dpo import AdapterDisabledReference, PrecomputedReference
+def test_no_host_device_sync_in_a_step_that_does_not_log(case, tiny_model, tmp_path):
+    from training.methods.dpo_reference import AdapterDisabledReference, PrecomputedReference
     from training.model import load_model
 
-    monkeypatch.setenv("SLURM_JOB_ID", "1")  # the SLURM stop poll: a collective after every step
     spec = JobSpec.model_validate(CASES[case](tiny_model, tmp_path / "cache"))
     dataset = load_prepared(prepare_dataset(spec.data, spec.method.kind, str(tiny_model), cache_root=tmp_path / "c"))
     torch.manual_seed(0)
@@ -179,8 +178,12 @@ def test_no_host_device_sync_in_a_step_that_does_not_log(case, tiny_model, tmp_p
 
     batches = step_batches(dataset, global_batch_size=4, micro_batch_size=1, grad_accum=4, rank=0, world_size=1,
                            seed=0, attention="sdpa")  # the dense block mask a GPU run collates
+    from training.preemption import stop_file_request
+
     cfg = LoopConfig(max_steps=STEPS, log_every=100, save_every=0, keep_last=1, world_size=1, show_progress=False,
-                     evaluate=lambda step: watch.events.append(("step", step)))
+                     evaluate=lambda step: watch.events.append(("step", step)),
+                     # the SLURM stop poll, as the worker sets it inside a SLURM job: a collective every step
+                     should_stop=stop_file_request(strategy, tmp_path / "stop"))
     (tmp_path / "run").mkdir()
     with ExplicitDevice(watch), watch:
         last = run_steps(cfg, strategy, method, batches, 0, tmp_path / "run", None,
@@ -194,14 +197,13 @@ def test_no_host_device_sync_in_a_step_that_does_not_log(case, tiny_model, tmp_p
     assert any("loop.py" in what for what in logging), "the watch saw no sync at all, even where the loop logs"
 
 
-def test_a_stop_request_is_read_one_step_later_on_every_rank(tmp_path, monkeypatch):
+def test_a_stop_request_is_read_one_step_later_on_every_rank(tmp_path):
     """The SLURM stop poll reduces this step's flag and returns the previous step's: a request made after
     step k stops the run after step k + 1, and a run that saw none goes on."""
-    from cluster.signals import slurm_stop_request
     from cluster.slurm import STOP_FILE
+    from training.preemption import stop_file_request
 
-    monkeypatch.setenv("SLURM_JOB_ID", "7")
-    should_stop = slurm_stop_request(SingleStrategy(StrategyOptions(), DistEnv()), tmp_path)
+    should_stop = stop_file_request(SingleStrategy(StrategyOptions(), DistEnv()), tmp_path / STOP_FILE)
     assert [should_stop(), should_stop()] == [False, False]
     (tmp_path / STOP_FILE).parent.mkdir(parents=True)
     (tmp_path / STOP_FILE).touch()

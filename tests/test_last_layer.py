@@ -11,10 +11,10 @@ from peft import LoraConfig, get_peft_model
 from test_attention import LENGTHS, packed_rows, tiny_llama
 from torch import nn
 
-from training.attention import PER_SAMPLE_SDPA, kernel_name
-from training.last_layer import prune_last_layer, prunes_last_layer
-from training.methods import CausalLMLoss
-from training.packing import collate
+from training.data.packing import collate
+from training.kernels.attention import PER_SAMPLE_SDPA, kernel_name
+from training.kernels.last_layer import prune_last_layer, prunes_last_layer
+from training.methods.causal_lm import CausalLMLoss
 
 
 def completion_rows(lengths: list[int]) -> list[dict]:

@@ -9,9 +9,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from strategies import DistEnv, StrategyOptions, create_strategy
-from training.cpu_gemm import onednn_available
-from training.lora_fused import fuse_lora_linears
+from strategies import create_strategy
+from strategies.base import DistEnv, StrategyOptions
+from training.kernels.cpu_gemm import onednn_available
+from training.kernels.lora_fused import fuse_lora_linears
 
 
 class Block(nn.Module):

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from launcher.errors import UserError
-from launcher.memory import ParamCounts, Setting, activation_bytes, count_parameters
 from launcher.memory_model import GIB, estimate, state_bytes
-from launcher.plan import Plan, build_plan
+from launcher.plan import Plan
+from launcher.planner import build_plan
+from launcher.shapes import ParamCounts, Setting, activation_bytes, count_parameters
 from launcher.spec import JobSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ def job(model_path: str | Path, **sections) -> JobSpec:
 def measure(env, plans: dict[str, Plan]) -> dict[str, dict]:
     """Each plan's strategy, set up as a rank does (training/model.py, training/worker.py), two steps of two
     micro-steps: params and grads at their most over the second step's micro-steps, optimizer after it."""
-    from strategies import DistEnv
+    from strategies.base import DistEnv
     from training.model import load_model
     from training.worker import build_strategy
 

@@ -49,7 +49,8 @@ def global_batch(step: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
 def make_strategy(job: Job, env, model_dir: str):
     from transformers import AutoModelForCausalLM
 
-    from strategies import StrategyOptions, create_strategy
+    from strategies import create_strategy
+    from strategies.base import StrategyOptions
 
     torch.manual_seed(0)  # LoRA's random A matrices: the same in every run
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

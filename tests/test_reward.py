@@ -11,10 +11,10 @@ import torch
 from e2e import EXAMPLES, assert_ok, base_job, metrics, sharpen, write_job
 
 from launcher.spec import JobSpec
-from training.data import load_prepared_eval
-from training.formats import ALPACA_PROMPT_WITH_INPUT
-from training.packing import collate
-from training.reward import RewardLoss
+from training.data.formats import ALPACA_PROMPT_WITH_INPUT
+from training.data.packing import collate
+from training.data.prepare import load_prepared_eval
+from training.methods.reward import RewardLoss
 
 # Separable: every rejected answer is hedged ("Maybe ..."), and wrong (examples/make_dataset.py).
 PREFS = EXAMPLES / "data" / "preference_tiny.jsonl"
@@ -119,9 +119,9 @@ def test_lora_reward_model_exports_an_adapter_with_its_head(tiny_model, tmp_path
     from transformers import AutoModelForSequenceClassification
 
     from launcher.spec import DataSpec
-    from strategies import DistEnv, StrategyOptions
+    from strategies.base import DistEnv, StrategyOptions
     from strategies.single import SingleStrategy
-    from training.data import load_prepared, prepare_dataset
+    from training.data.prepare import load_prepared, prepare_dataset
     from training.export import write_final
     from training.model import load_model, load_tokenizer
 

@@ -64,7 +64,7 @@ def test_ddp_on_one_rank_is_single(tiny_model, reference_losses, tmp_path):
 def test_both_cpu_matmul_engines_train_to_the_same_losses(tiny_model, reference_losses, tmp_path, engine):
     """training/cpu_gemm.py: every linear of a full fine-tune on oneDNN (chosen where it is faster, as on
     AMD cores) or on aten's mm; the reference run took whichever this machine prefers."""
-    from training.cpu_gemm import onednn_available
+    from training.kernels.cpu_gemm import onednn_available
 
     if engine == "onednn" and not onednn_available():
         pytest.skip("this torch has no oneDNN linear")

@@ -17,10 +17,10 @@ from e2e import ALPACA, assert_ok, base_job, losses, sharpen, write_job
 from slurm_cluster import slurm_cluster_fixture
 
 from cluster import slurm
-from cluster.signals import read_requeue_count
+from cluster.requeue import read_requeue_count
 from launcher.errors import UserError
-from launcher.memory import ParamCounts
-from launcher.plan import build_plan
+from launcher.planner import build_plan
+from launcher.shapes import ParamCounts
 from launcher.spec import JobSpec
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -296,7 +296,7 @@ def test_run_on_two_machines_without_slurm(job_file, local_losses, tmp_path):
 @pytest.mark.slurm
 def test_a_refused_requeue_is_said_and_not_counted(cluster, tmp_path):
     """`scontrol requeue` of a job SLURM does not know: the reason comes back, the count is given back."""
-    from cluster.signals import requeue, write_requeue_count
+    from cluster.requeue import requeue, write_requeue_count
 
     write_requeue_count(tmp_path, 1)
     failure = requeue(tmp_path, "999999")

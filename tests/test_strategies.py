@@ -69,7 +69,8 @@ def build_model(model_dir: str, finetune: str) -> torch.nn.Module:
 def make_strategy(job: Job, env, model_dir: str):
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from strategies import StrategyOptions, create_strategy
+    from strategies import create_strategy
+    from strategies.base import StrategyOptions
 
     options = StrategyOptions(
         compute_dtype=job.compute_dtype,
@@ -344,7 +345,7 @@ def test_local_state_bytes_are_this_ranks_shards(two_ranks, strategy):
 
 # -- in-process checks (no process group needed) -----------------------------------------------------
 def test_deepspeed_config_follows_the_options():
-    from strategies import DistEnv, StrategyOptions
+    from strategies.base import DistEnv, StrategyOptions
     from strategies.deepspeed import DeepSpeedStrategy
 
     options = StrategyOptions(
@@ -370,7 +371,7 @@ def test_deepspeed_config_follows_the_options():
 def test_fsdp_finds_decoder_layers_without_being_told(tiny_model_dir, finetune):
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from strategies import DistEnv, StrategyOptions
+    from strategies.base import DistEnv, StrategyOptions
     from strategies.fsdp import FSDPStrategy
 
     model = build_model(tiny_model_dir, finetune)

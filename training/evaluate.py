@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from strategies.base import Strategy
-from training.packing import MicroBatch, collate
+from training.data.packing import MicroBatch, collate
 
 log = logging.getLogger("sharpen")
 

@@ -73,7 +73,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype, cache: Path | None = No
     step. Delete the file to measure again, e.g. after changing hardware under the same name. An fp32 CPU
     run's peak is that of the faster of its two matmul engines (training/cpu_gemm.py)."""
     if device.type == "cpu" and dtype == torch.float32:
-        from training import cpu_gemm
+        from training.kernels import cpu_gemm
 
         return max(cpu_gemm.rates(cache).values())
     return cached_measure(str(dtype), device, lambda: measured_peak_flops(device, dtype), cache)

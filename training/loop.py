@@ -7,11 +7,10 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, NoReturn
 
 import torch
 
-from cluster import signals
 from strategies.base import Strategy
 from training import checkpoint, faults
 from training.metrics import MetricsLog, Progress, Throughput, WandbRun
@@ -28,9 +27,11 @@ class LoopConfig:
     world_size: int
     show_progress: bool = True
     checkpoint_meta: dict = field(default_factory=dict)  # job hash, sharpen version: written with each checkpoint
-    # Preemption hook, polled on every rank after every step and agreed through a collective: True stops
-    # the run at this step with a checkpoint. Default: a SLURM stop request (cluster/signals.py), else never.
+    # Preemption hooks from the worker (training/preemption.py): should_stop is polled on every rank after
+    # every step and agreed through a collective; True checkpoints the run at this step and then calls
+    # on_stop(step, checkpoint dir), which ends the process (on SLURM: requeue, cluster/requeue.py).
     should_stop: Callable[[], bool] | None = None
+    on_stop: Callable[[int, Path], NoReturn] | None = None
     # Evaluation hook (training/evaluate.py), called on every rank after every step: a row of eval/
     # metrics to log (rank 0 writes it), or None when this step has no evaluation.
     evaluate: Callable[[int], dict | None] | None = None
@@ -75,7 +76,7 @@ def run_steps(
     loss_denominator = 0
     metric_sums: dict[str, torch.Tensor] = {}  # a method's extra metrics, summed like the loss
     last_row: dict = {}
-    should_stop = cfg.should_stop or signals.slurm_stop_request(strategy, run_dir)
+    should_stop = cfg.should_stop
     try:
         for step in range(start_step + 1, cfg.max_steps + 1):
             step_batch = next(batches)
@@ -144,7 +145,7 @@ def run_steps(
                     state = {**cfg.checkpoint_meta, "tokens_seen": tokens_seen, "wandb_id": wandb_run.id}
                     checkpoint.save(run_dir, step, strategy, state, cfg.keep_last)
                 wandb_run.finish()
-                signals.stop_and_requeue(run_dir, step, checkpoint.checkpoints_dir(run_dir) / f"step-{step}", env.is_main, console)
+                cfg.on_stop(step, checkpoint.checkpoints_dir(run_dir) / f"step-{step}")
         return last_row
     finally:
         progress.close()

@@ -9,7 +9,7 @@ from torch import nn
 
 from launcher.spec import JobSpec
 from strategies.base import enable_gradient_checkpointing
-from training.attention import kernel_name
+from training.kernels.attention import kernel_name
 
 log = logging.getLogger("sharpen")
 

@@ -15,15 +15,19 @@ from typing import IO
 import torch
 import torch.distributed as dist
 
-from cluster.environment import from_environment
+from cluster.environment import ProcessEnv, from_environment, slurm_job
+from cluster.requeue import stop_and_requeue
+from cluster.slurm import STOP_FILE
 from launcher.plan import Plan
-from strategies import DistEnv, StrategyOptions, create_strategy
-from training import checkpoint, cpu_gemm
-from training.attention import collate_attention
-from training.fused_loss import fuse_frozen_head_loss
-from training.last_layer import prune_last_layer
+from strategies import create_strategy
+from strategies.base import DistEnv, StrategyOptions
+from training import checkpoint
+from training.kernels import cpu_gemm
+from training.kernels.attention import collate_attention
+from training.kernels.fused_loss import fuse_frozen_head_loss
+from training.kernels.last_layer import prune_last_layer
+from training.kernels.lora_fused import fuse_lora_linears
 from training.loop import LoopConfig, lr_lambda, run_steps
-from training.lora_fused import fuse_lora_linears
 from training.methods import create_method
 from training.metrics import WandbRun
 from training.model import TORCH_DTYPES, decoder_layer_classes, load_model, load_tokenizer
@@ -61,8 +65,7 @@ def notice(console: IO[str] | None, message: str) -> None:
         console.flush()
 
 
-def setup_distributed(plan: Plan) -> DistEnv:
-    penv = from_environment()
+def setup_distributed(plan: Plan, penv: ProcessEnv) -> DistEnv:
     if plan.device == "cuda":
         torch.cuda.set_device(penv.local_rank)
         device = torch.device("cuda", penv.local_rank)
@@ -137,7 +140,7 @@ def make_method(plan: Plan, strategy, run_dir: Path, dataset, eval_dataset, resu
     spec = plan.spec
     reference = None
     if spec.method.kind == "dpo":
-        from training.dpo import build_reference
+        from training.methods.dpo_reference import build_reference
 
         reference = build_reference(strategy, spec, plan, run_dir, dataset, eval_dataset, resumed, pad_token_id)
     return create_method(spec.method.kind, spec.method, reference)
@@ -165,11 +168,11 @@ def main(run_dir: str) -> int:
     spec = plan.spec
     penv = from_environment()
     console = redirect_output(run_dir, penv.rank)
-    env = setup_distributed(plan)
+    env = setup_distributed(plan, penv)
     torch.manual_seed(spec.train.seed)
 
-    from training.data import load_prepared, load_prepared_eval
-    from training.sampler import step_batches
+    from training.data.prepare import load_prepared, load_prepared_eval
+    from training.data.sampler import step_batches
 
     tokenizer = load_tokenizer(spec)
     model = load_model(spec, plan.compute_dtype, env.device)
@@ -211,6 +214,17 @@ def main(run_dir: str) -> int:
         checkpoint_meta={"job_hash": plan.job_hash, "sharpen_version": plan.sharpen_version},
         **flops_figures(strategy, dataset, TORCH_DTYPES[plan.compute_dtype]),
     )
+    if slurm_job() is not None:  # stop together before the allocation ends, checkpoint, requeue
+        from training.preemption import stop_file_request
+
+        slurm = spec.cluster.slurm
+        cfg.should_stop = stop_file_request(strategy, run_dir / STOP_FILE)
+
+        def requeue(step: int, path: Path):
+            stop_and_requeue(run_dir, step, path, env.is_main, console, allowed=slurm.requeue,
+                             max_requeues=slurm.max_requeues)
+
+        cfg.on_stop = requeue
     last = {}
     if start_step < spec.train.max_steps:
         method = make_method(plan, strategy, run_dir, dataset, eval_dataset, start_step > 0, tokenizer.pad_token_id or 0)
@@ -258,7 +272,7 @@ if __name__ == "__main__":
     from torch.distributed.elastic.multiprocessing.errors import record
 
     code = record(main)(sys.argv[1])
-    if code is None:  # main ended by sys.exit(0), which record() swallows: a stop request (cluster/signals.py)
+    if code is None:  # main ended by sys.exit(0), which record() swallows: a stop request (cluster/requeue.py)
         sys.exit(0)
     # A finished run: everything is written, closed and the process group destroyed. Skip the interpreter's
     # teardown, as a forked rank (multiprocessing) does: C++ threads torn down there can abort the finished

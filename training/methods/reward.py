@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.dpo import sequence_index
-from training.methods import LossOutput
+from training.methods.base import LossOutput
+from training.methods.dpo import sequence_index
 
 
 def sequence_ends(

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import sys
 import time
 from pathlib import Path
 
 from launcher.errors import UserError
 
-COMMANDS = ("submit", "status", "logs", "cancel")
 FOLLOW_POLL_S = 0.5
 FOLLOW_STATE_EVERY_S = 2.0
 
@@ -35,44 +32,11 @@ def register(subparsers) -> None:
     p.add_argument("run_dir")
 
 
-def dispatch(args: argparse.Namespace) -> int | None:
-    """Run the command if it is one of these; None otherwise."""
-    commands = {"submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel}
-    command = commands.get(args.command)
-    if command is None:
-        return None
-    try:
-        return command(args)
-    except BrokenPipeError:  # `sharpen logs RUN | head`: the reader has gone, which is fine
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-
-
-def multinode_launch(args: argparse.Namespace, spec) -> dict:
-    """Keyword arguments for cluster.local.launch from `sharpen run --nnodes N --node-rank K --master HOST:PORT`
-    ({} for a one-machine run). Node 0 hosts the c10d store at HOST:PORT; the rdzv id is the job's name."""
-    nnodes = getattr(args, "nnodes", None) or 1
-    if nnodes == 1:
-        return {}
-    if not args.master or ":" not in args.master or not args.master.rsplit(":", 1)[1].isdigit():
-        raise UserError(
-            f"--nnodes {nnodes} needs --master HOST:PORT: node 0's address and a free port, the same on every node"
-        )
-    if not 0 <= args.node_rank < nnodes:
-        raise UserError(f"--node-rank {args.node_rank} must be between 0 and {nnodes - 1}")
-    host = args.master.rsplit(":", 1)[0]
-    try:
-        socket.getaddrinfo(host, None)
-    except OSError as exc:
-        raise UserError(f"--master {args.master}: cannot resolve {host!r} ({exc})", "give node 0's IP address") from None
-    return {"nnodes": nnodes, "node_rank": args.node_rank, "rdzv_endpoint": args.master, "run_id": f"sharpen-{spec.name}"}
-
-
 def cmd_submit(args: argparse.Namespace) -> int:
     from cluster import slurm
-    from cluster.signals import write_requeue_count
+    from cluster.requeue import write_requeue_count
     from launcher.jobfile import load_job
-    from launcher.plan import default_run_dir
+    from launcher.planner import default_run_dir
     from launcher.prepare import prepare_run
 
     spec = load_job(args.job, args.set)
@@ -141,7 +105,7 @@ def progress_line(run_dir: Path) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from cluster import slurm
-    from cluster.signals import read_requeue_count
+    from cluster.requeue import read_requeue_count
     from launcher.plan import Plan
 
     run_dir = _run_dir(args.run_dir)
@@ -214,3 +178,6 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     slurm.scancel(job_id)
     print(f"cancelled SLURM job {job_id} (a cancelled job is not requeued); checkpoints stay in {run_dir / 'checkpoints'}")
     return 0
+
+
+COMMANDS = {"submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel}

@@ -259,3 +259,6 @@ def replace_dir(new: Path, to: Path) -> None:
         os.replace(to, old)
     os.replace(new, to)
     shutil.rmtree(old, ignore_errors=True)
+
+
+COMMANDS = {"export": run}

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.cpu_gemm import linear, pad_tokens
-from training.packing import IGNORE_INDEX
+from training.data.packing import IGNORE_INDEX
+from training.kernels.cpu_gemm import linear, pad_tokens
 
 log = logging.getLogger(__name__)
 

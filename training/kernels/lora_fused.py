@@ -35,7 +35,7 @@ import types
 import torch
 from torch import nn
 
-from training.cpu_gemm import linear, pad_tokens, token_contraction
+from training.kernels.cpu_gemm import linear, pad_tokens, token_contraction
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from launcher.errors import UserError
-from training.packing import MicroBatch, collate
+from training.data.packing import MicroBatch, collate
 
 
 @dataclass

@@ -21,8 +21,8 @@ import numpy as np
 
 from launcher.errors import UserError
 from launcher.spec import DataFile, DataSpec
-from training.formats import FORMATS, Encoder, RecordError, load_source, record_location, source_files
-from training.packing import COLUMNS, IGNORE_INDEX, MicroBatch, pack_dataset, row_features
+from training.data.formats import FORMATS, Encoder, RecordError, load_source, record_location, source_files
+from training.data.packing import COLUMNS, IGNORE_INDEX, MicroBatch, pack_dataset, row_features
 
 __all__ = ["MicroBatch", "load_prepared", "load_prepared_eval", "prepare_dataset"]
 

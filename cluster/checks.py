@@ -1,4 +1,4 @@
-"""`sharpen doctor [JOB]`: versions, devices, SLURM, rendezvous and an all-reduce test, a verdict per line.
+"""The checks of `sharpen doctor`: versions, devices, SLURM, rendezvous and an all-reduce test, a verdict each.
 
 Imports and the all-reduce run in child processes (cluster/doctor_ranks.py), each with a time limit, so
 a broken package or a hung collective becomes a FAIL line, never a traceback or a hang of the doctor.
@@ -16,10 +16,8 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-
-from launcher.errors import UserError
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 GIB = 1024**3
@@ -27,7 +25,7 @@ PROBE_TIMEOUT_S = 120  # a first import from a cold network file system can take
 CONNECT_TIMEOUT_S = 3.0
 # The all-reduce test: (bytes, timed iterations) per device. Gloo on a CPU moves ~1 GB/s, so less there.
 TEST_SIZE = {"cuda": (64 * 2**20, 10), "cpu": (16 * 2**20, 5)}
-TIMEOUT_VARIABLE, DEFAULT_TEST_TIMEOUT_S = "SHARPEN_DOCTOR_TIMEOUT_S", 120.0
+TIMEOUT_VARIABLE, DEFAULT_TEST_TIMEOUT_S = "SHARPEN_DOCTOR_TIMEOUT_S", 120.0  # seconds the all-reduce test may take
 # (module, what sharpen uses it for, when a job needs it). Without a job every dependency is needed.
 PACKAGES = [
     ("deepspeed", "ZeRO strategies", lambda spec: spec.strategy.name.startswith("zero")),
@@ -43,57 +41,6 @@ class Check:
     check: str
     verdict: str
     detail: str
-
-
-def register(subparsers) -> None:
-    """Add `sharpen doctor` to the `sharpen` subcommand parser."""
-    p = subparsers.add_parser(
-        "doctor", help="check this machine: versions, devices, rendezvous, an all-reduce test"
-    )
-    p.add_argument("job", nargs="?", help="the job file whose resources, SLURM settings and ranks to check")
-    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a job key")
-    p.add_argument("--master", metavar="HOST:PORT", help="node 0's rendezvous address: check it is reachable")
-    p.add_argument("--json", action="store_true", help="print a JSON list of {check, verdict, detail}")
-
-
-def run(args) -> int:
-    """The command: 0 when no check FAILs, 1 when one does (a bad job file raises UserError: exit 2)."""
-    spec = None
-    if args.job:
-        from launcher.jobfile import load_job
-
-        spec = load_job(args.job, args.set)
-    elif args.set:
-        raise UserError("--set needs a job file: `sharpen doctor JOB.yaml --set KEY.PATH=VALUE`")
-    master = parse_master(args.master) if args.master else None
-    test_timeout_s = test_timeout()
-    checks = []
-    for check in run_checks(spec, master, test_timeout_s):
-        checks.append(check)
-        if not args.json:
-            print(f"{check.verdict:<5} {check.check:<13} {check.detail}", flush=True)
-    counts = {v: sum(c.verdict == v for c in checks) for v in (OK, WARN, FAIL, SKIP)}
-    if args.json:
-        print(json.dumps([asdict(c) for c in checks], indent=2))
-    else:
-        print(", ".join(f"{n} {verdict}" for verdict, n in counts.items()))
-    return 1 if counts[FAIL] else 0
-
-
-def test_timeout() -> float:
-    """Seconds the all-reduce test may take, start-up included, before it is stopped and FAILs."""
-    value = os.environ.get(TIMEOUT_VARIABLE, "")
-    try:
-        return float(value) if value else DEFAULT_TEST_TIMEOUT_S
-    except ValueError:
-        raise UserError(f"{TIMEOUT_VARIABLE}={value!r}: expected a number of seconds") from None
-
-
-def parse_master(master: str) -> tuple[str, int]:
-    host, _, port = master.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UserError(f"--master {master!r}: expected HOST:PORT, e.g. 10.0.0.1:29500")
-    return host.strip("[]"), int(port)
 
 
 def run_checks(spec, master: tuple[str, int] | None, test_timeout_s: float) -> Iterator[Check]:

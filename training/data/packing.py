@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.attention import PER_SAMPLE_SDPA, SEGMENTS_KWARG, PackedSegments
+from training.kernels.attention import PER_SAMPLE_SDPA, SEGMENTS_KWARG, PackedSegments
 
 IGNORE_INDEX = -100
 ATTENTIONS = ("sdpa", "eager", "flash_attention_2", PER_SAMPLE_SDPA)

@@ -45,7 +45,7 @@ class PackedSegments:
 
     def dense_mask(self, device: torch.device) -> torch.Tensor:
         """[1, 1, T, T] block-causal bool mask, for attention features the per-sample path lacks."""
-        from training.packing import block_causal_mask
+        from training.data.packing import block_causal_mask
 
         ids = torch.repeat_interleave(torch.arange(len(self.lengths)), torch.tensor(self.lengths))
         return block_causal_mask(ids[None], "sdpa").to(device)

@@ -1,0 +1,330 @@
+"""JobSpec + the facts of this machine or cluster → the Plan: world size, device, strategy, micro batch, memory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from launcher import __version__
+from launcher.errors import UserError
+from launcher.memory_model import (
+    CANDIDATES,
+    ONE_RANK_CANDIDATES,
+    Candidate,
+    estimate,
+    gpu_capacity,
+    setting_for,
+    usable_bytes,
+)
+from launcher.plan import Plan
+from launcher.shapes import ParamCounts, count_parameters, human_bytes, state_bytes_per_rank
+from launcher.spec import CHECKPOINTING, JobSpec
+
+
+def job_hash(spec: JobSpec) -> str:
+    """A hash of what decides the trained weights' meaning (model, fine-tune type, method), for resume checks."""
+    key = {
+        "model": spec.model.path,
+        "finetune": spec.finetune.model_dump(),
+        "method": spec.method.model_dump(),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def detect_device(requested: str) -> tuple[str, str | None]:
+    """('cuda'|'cpu', notice or None). `cuda` without a GPU is a user error, never a silent CPU run."""
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    if requested == "cuda" and not has_cuda:
+        raise UserError(
+            "device: cuda was requested but no CUDA GPU is visible "
+            f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})",
+            "run on a GPU machine, or set device: cpu (or auto) to train on the CPU with gloo",
+        )
+    if requested == "auto":
+        if has_cuda:
+            return "cuda", None
+        return "cpu", "no CUDA GPU found: training on the CPU with gloo (device: auto)"
+    return requested, None
+
+
+def resolve_dtypes(spec: JobSpec, device: str) -> tuple[str, str]:
+    """(compute dtype, storage dtype of frozen weights)."""
+    if spec.model.dtype == "auto":
+        compute = "bf16" if device == "cuda" else "fp32"
+    else:
+        compute = spec.model.dtype
+    storage = compute
+    return compute, storage
+
+
+def candidate_pairs(spec: JobSpec, world: int) -> list[tuple[str, str]]:
+    """(strategy, offload) pairs worth comparing, fastest first; an explicit choice is always among them."""
+    pairs = list(ONE_RANK_CANDIDATES if world == 1 else CANDIDATES)
+    name, offload = spec.strategy.name, spec.strategy.offload
+    if name != "auto" and (name, offload) not in pairs:
+        pairs.append((name, offload))
+    return pairs
+
+
+def evaluate_candidate(spec: JobSpec, counts: ParamCounts, strategy: str, offload: str, **where) -> Candidate:
+    """One candidate at the micro batch it would run: the job's, or with `auto` the largest that fits.
+    `where`: world, device, compute (dtype) and usable (GPU bytes, None: unlimited)."""
+    world, usable = where["world"], where["usable"]
+
+    def at(mbs: int):
+        accum = spec.train.global_batch_size // (mbs * world)
+        return estimate(
+            counts, setting_for(spec, strategy, offload, world, where["device"], where["compute"], mbs, accum)
+        )
+
+    mbs, accum = resolve_micro_batch(
+        spec, world, None if usable is None else lambda m: at(m)[0].total <= usable
+    )
+    memory, notes = at(mbs)
+    fits = usable is None or memory.total <= usable
+    return Candidate(strategy, offload, mbs, accum, memory, fits, tuple(notes))
+
+
+def choose_strategy(
+    spec: JobSpec, candidates: list[Candidate], usable: int | None
+) -> tuple[Candidate | None, str]:
+    """(candidate, why): the job's own choice, or for `auto` the fastest that fits (None when none does).
+
+    Fastest = least communication: ddp (one all-reduce), zero1/zero2 (reduce-scatter + all-gather), fsdp/zero3
+    (parameters gathered every layer, forward and backward), then offloading to the host (PCIe-bound)."""
+    name, offload = spec.strategy.name, spec.strategy.offload
+    if name != "auto":
+        return next(
+            c for c in candidates if (c.strategy, c.offload) == (name, offload)
+        ), "set in the job file"
+    allowed = [c for c in candidates if offload == "none" or c.offload == offload]
+    if spec.model.compile:  # DeepSpeed's per-module hooks and torch.compile do not mix (spec.py refuses zero*)
+        allowed = [c for c in allowed if not c.strategy.startswith("zero")]
+    for i, c in enumerate(allowed):
+        if not c.fits:
+            continue
+        if usable is None:
+            return c, "the least communication (GPU memory unknown: fits are not checked)"
+        if i == 0:
+            return c, f"the least communication; it fits with {human_bytes(c.memory.total)} per GPU"
+        skipped = ", ".join(x.label for x in allowed[:i]) + (" does" if i == 1 else " do")
+        return c, f"the fastest that fits, with {human_bytes(c.memory.total)} per GPU; {skipped} not"
+    return None, ""
+
+
+def resolve_micro_batch(
+    spec: JobSpec, world: int, fits: Callable[[int], bool] | None = None
+) -> tuple[int, int]:
+    """(micro batch size, gradient accumulation steps) keeping the global batch.
+
+    auto: the largest power of two dividing global / ranks for which `fits(micro batch)`; with no memory
+    limit to check (fits None), at most 8."""
+    gbs = spec.train.global_batch_size
+    if spec.train.micro_batch_size != "auto":
+        mbs = spec.train.micro_batch_size
+        return mbs, gbs // (mbs * world)
+    if gbs % world:
+        raise UserError(f"train.global_batch_size ({gbs}) must be divisible by the number of ranks ({world})")
+    per_rank = gbs // world
+    options = [1 << k for k in range(per_rank.bit_length()) if per_rank % (1 << k) == 0]
+    if fits is None:
+        mbs = max(o for o in options if o <= 8)
+    else:
+        mbs = next((o for o in reversed(options) if fits(o)), 1)
+    return mbs, gbs // (mbs * world)
+
+
+def spec_with(spec: JobSpec, **sections: dict) -> JobSpec:
+    """`spec` with some fields of some sections changed (not validated again: for what-if estimates)."""
+    return spec.model_copy(update={k: getattr(spec, k).model_copy(update=v) for k, v in sections.items()})
+
+
+def no_fit_error(
+    spec: JobSpec, counts: ParamCounts, candidates: list[Candidate], capacity: int, recount: bool, **where
+) -> UserError:
+    """The smallest shortfall, and which change (more GPUs, a smaller micro batch, checkpointing, a shorter
+    max_length, LoRA/QLoRA) would make the job fit, each checked with the memory model."""
+    closest = min(candidates, key=lambda c: c.memory.total)
+    need, usable = closest.memory.total, where["usable"]
+    message = (
+        f"the job fits no strategy on GPUs of {human_bytes(capacity)} ({human_bytes(usable)} usable): the "
+        f"closest, {closest.label} at micro batch {closest.micro_batch_size}, needs {human_bytes(need)} per GPU, "
+        f"{human_bytes(need - usable)} more"
+    )
+
+    def best(variant: JobSpec, variant_counts: ParamCounts, world: int) -> str | None:
+        for strategy, offload in CANDIDATES if world > 1 else ONE_RANK_CANDIDATES:
+            c = evaluate_candidate(variant, variant_counts, strategy, offload, **{**where, "world": world})
+            if c.fits:
+                return f"{c.label} needs {human_bytes(c.memory.total)}"
+        return None
+
+    one = {"micro_batch_size": 1}
+    hints, world, nodes, gpus = [], where["world"], spec.resources.nodes, spec.resources.gpus_per_node
+    for factor in (2, 4, 8, 16):
+        found = best(spec_with(spec, train=one), counts, world * factor)
+        if found:
+            more = (
+                f"{nodes * factor} nodes x {gpus}" if world > 1 or factor > 8 else f"1 node x {gpus * factor}"
+            )
+            hints.append(f"{more} GPUs: {found}")
+            break
+    variants = []
+    if spec.train.micro_batch_size not in (1, "auto"):
+        variants.append(
+            ("train.micro_batch_size 1 (accumulation keeps the global batch)", spec_with(spec, train=one))
+        )
+    # each stronger checkpointing, the lighter recompute first: selective (no large matmul twice), then full
+    for mode in CHECKPOINTING[CHECKPOINTING.index(spec.model.gradient_checkpointing) + 1 :]:
+        checkpointing = spec_with(spec, train=one, model={"gradient_checkpointing": mode})
+        variants.append((f"model.gradient_checkpointing: {mode}", checkpointing))
+    if spec.data.max_length > 512:
+        half = spec.data.max_length // 2
+        variants.append((f"data.max_length {half}", spec_with(spec, train=one, data={"max_length": half})))
+    hints += [f"{what}: {found}" for what, variant in variants if (found := best(variant, counts, world))]
+    if recount and spec.finetune.type != "qlora":
+        lighter = "lora" if spec.finetune.type == "full" else "qlora"
+        variant = spec_with(spec, finetune={"type": lighter})
+        if found := best(variant, count_parameters(variant), world):
+            hints.append(f"finetune.type: {lighter}: {found}")
+    if not hints:
+        hints.append(
+            "no single change (up to 16x the GPUs, micro batch 1, gradient checkpointing, a shorter max_length, "
+            "LoRA/QLoRA) is enough; combine them or use larger GPUs"
+        )
+    return UserError(message, "what would fit: " + "; ".join(hints))
+
+
+def build_plan(
+    spec: JobSpec,
+    run_dir: Path,
+    *,
+    device: str | None = None,
+    nnodes: int | None = None,
+    counts: ParamCounts | None = None,
+) -> tuple[Plan, list[str]]:
+    """Resolve `spec` into a Plan. Returns the plan and notices to show the user."""
+    notices: list[str] = []
+    if device is None and spec.cluster.kind == "slurm" and spec.device == "cuda":
+        device = "cuda"  # the cluster's GPUs, not this machine's: plan a SLURM job from anywhere
+    if device is None:
+        device, notice = detect_device(spec.device)
+        if notice:
+            notices.append(notice)
+    nnodes = nnodes or spec.resources.nodes
+    nproc = spec.resources.gpus_per_node
+    world = nnodes * nproc
+    if device == "cuda" and spec.cluster.kind == "local" and nnodes == 1:
+        import torch
+
+        visible = torch.cuda.device_count()
+        if nproc > visible:
+            raise UserError(
+                f"resources.gpus_per_node is {nproc} but this machine has {visible} visible GPU(s)",
+                f"set resources.gpus_per_node: {visible} (or fewer)",
+            )
+    if spec.model.attention == "flash_attention_2" and device != "cuda":
+        raise UserError(
+            "model.attention: flash_attention_2 needs a CUDA GPU", "use attention: sdpa on the CPU"
+        )
+    if spec.model.dtype == "fp16":
+        raise UserError(
+            "model.dtype: fp16 training needs a loss scaler, which sharpen does not run",
+            "use dtype: bf16 (GPUs since Ampere) or fp32",
+        )
+    if spec.strategy.name == "single" and world > 1:
+        raise UserError(f"strategy.name: single runs one rank, but resources ask for {world}")
+    compute, storage = resolve_dtypes(spec, device)
+    recount = counts is None
+    counts = counts or count_parameters(spec)
+    capacity, source = gpu_capacity(spec, device)
+    usable = usable_bytes(capacity) if capacity else None
+    where = {"world": world, "device": device, "compute": compute, "usable": usable}
+    candidates = [evaluate_candidate(spec, counts, s, o, **where) for s, o in candidate_pairs(spec, world)]
+    chosen, why = choose_strategy(spec, candidates, usable)
+    if chosen is None or not any(c.fits for c in candidates):
+        raise no_fit_error(spec, counts, candidates, capacity, recount, **where)
+    if not chosen.fits:
+        fitting = next(c for c in candidates if c.fits)
+        notices.append(
+            f"strategy {chosen.label} needs {human_bytes(chosen.memory.total)} per GPU, more than the "
+            f"{human_bytes(usable)} usable: it will likely run out of memory; {fitting.label} fits (strategy.name: auto)"
+        )
+    if usable is None:
+        where = "this is a CPU run" if device == "cpu" else source
+        notices.append(
+            f"memory per rank is estimated but not checked against a limit ({where}); "
+            "set resources.gpu_memory_gb to plan for GPUs of that size"
+        )
+    notices += [f"memory: {n}" for n in chosen.notes]
+    if host := chosen.memory.offloaded:
+        per_node = f"{human_bytes(host * nproc)} per node of {nproc} rank(s)"
+        notices.append(f"offload: {human_bytes(host)} of host memory per rank, {per_node} (not checked)")
+    strategy, mbs, accum = chosen.strategy, chosen.micro_batch_size, chosen.grad_accum
+    job = spec.model_dump(mode="json")
+    job["strategy"]["offload"] = chosen.offload  # what the ranks run with, when auto chose an offload
+    plan = Plan(
+        sharpen_version=__version__,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        job=job,
+        job_hash=job_hash(spec),
+        run_dir=str(Path(run_dir).resolve()),
+        device=device,
+        backend="nccl" if device == "cuda" else "gloo",
+        nnodes=nnodes,
+        nproc_per_node=nproc,
+        world_size=world,
+        strategy=strategy,
+        strategy_reason=why,
+        compute_dtype=compute,
+        storage_dtype=storage,
+        micro_batch_size=mbs,
+        grad_accum=accum,
+        global_batch_size=spec.train.global_batch_size,
+        params={"total": counts.total, "trainable": counts.trainable, "frozen": counts.frozen},
+        state_bytes_per_rank=state_bytes_per_rank(counts, strategy, world, compute, storage),
+        reference=reference_model(spec),
+        offload=chosen.offload,
+        gpu_memory_bytes=capacity,
+        usable_bytes=usable,
+        candidates=[c.to_dict() for c in candidates],
+        chosen=chosen.to_dict(),
+    )
+    return plan, notices
+
+
+def default_run_dir(spec: JobSpec) -> Path:
+    if spec.output_dir:
+        return Path(spec.output_dir)
+    return Path("runs") / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def reference_model(spec: JobSpec) -> dict[str, Any] | None:
+    """Where DPO's reference log-probabilities come from and what they cost (training/dpo.py); None otherwise.
+
+    Neither source holds a second copy of the model: LoRA switches its adapter off for a no-grad forward
+    each micro-batch; full fine-tuning (or reference: precompute) runs the initial model once before step 1."""
+    method = spec.method
+    if method.kind != "dpo":
+        return None
+    if spec.finetune.type != "full" and method.reference == "auto":
+        return {
+            "source": "adapter_disabled",
+            "what": "the base model with the LoRA adapter switched off",
+            "memory_bytes_per_rank": 0,
+            "compute": "one more forward (no backward) per micro-batch: about a third more per step",
+        }
+    pairs = spec.train.max_steps * spec.train.global_batch_size
+    return {
+        "source": "precomputed",
+        "what": "the initial model's log-probabilities, computed once before step 1 into RUN/reference/",
+        "memory_bytes_per_rank": 0,
+        "compute": f"one forward (no backward) over up to {pairs:,} training pairs and the eval pairs, before training",
+    }

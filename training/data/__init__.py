@@ -1,0 +1,1 @@
+"""Data as the ranks see it: formats and templates, the tokenize-once cache, packing, the sampler."""

@@ -1,0 +1,22 @@
+"""Training methods as losses over a micro-batch. Each returns a *sum*; the loop divides by the step's
+global count (label tokens for SFT and pretraining, pairs for DPO and reward models), so accumulation
+and ranks never skew the mean. One file a method; base.py holds what they share."""
+
+from __future__ import annotations
+
+
+def create_method(kind: str, settings=None, reference=None):
+    """The loss of method `kind`. DPO also takes its method section and its reference (training/dpo.py)."""
+    if kind in ("sft", "pretrain"):
+        from training.methods.causal_lm import CausalLMLoss
+
+        return CausalLMLoss()
+    if kind == "reward":
+        from training.methods.reward import RewardLoss
+
+        return RewardLoss()
+    if kind == "dpo":
+        from training.methods.dpo import DPOLoss
+
+        return DPOLoss(reference, settings.beta, settings.loss, settings.label_smoothing)
+    raise ValueError(f"method {kind!r} is not available in this version")
