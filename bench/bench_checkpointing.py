@@ -39,7 +39,8 @@ from bench.bench_cpu import (  # noqa: E402
     sharpen_executable,
     thread_env,
 )
-from bench.harness import RunResult, allocated_during  # noqa: E402
+from bench.harness import RunResult  # noqa: E402
+from tests.support.memory import allocated_during  # noqa: E402
 
 MODES = ("none", "selective", "full")
 MEMORY_STEPS = 10

@@ -50,7 +50,7 @@ def step(model, batch, tokens: int) -> float:
 
 def peak_bytes(model, batch, tokens: int) -> int:
     """Most CPU memory allocated at once during one step, above what was allocated before it."""
-    from bench.harness import allocated_during
+    from tests.support.memory import allocated_during
 
     return max(allocated_during(lambda: step(model, batch, tokens))[1])
 

@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 
 @dataclass
@@ -199,19 +198,3 @@ def write_json(path: Path, payload: dict) -> None:
 def results_as_dicts(results: Sequence[RunResult]) -> list[dict]:
     return [asdict(r) for r in results]
 
-
-def allocated_during(fn: Callable[[], Any]) -> tuple[Any, list[int]]:
-    """(what `fn()` returns, the CPU bytes allocated above the start after each allocator event while it
-    ran), from the torch profiler's memory events: its peak is max(), what it left allocated the last."""
-    import tempfile
-
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    with tempfile.TemporaryDirectory() as tmp:
-        trace = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(trace))
-        events = [e["args"] for e in json.loads(trace.read_text())["traceEvents"] if e.get("name") == "[memory]"]
-    start = events[0]["Total Allocated"] - events[0]["Bytes"]
-    return result, [e["Total Allocated"] - start for e in events]

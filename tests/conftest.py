@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-from e2e import ALPACA, REPO
-
-if str(REPO) not in sys.path:  # bench/harness.py's measuring helpers, however pytest was started
-    sys.path.insert(0, str(REPO))
+from e2e import ALPACA
 
 
 @pytest.fixture(scope="session")

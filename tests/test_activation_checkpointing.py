@@ -84,7 +84,7 @@ def held_for_backward(model: torch.nn.Module) -> int:
     """Bytes the CPU allocator holds at the end of the forward and loss that it did not before: what the
     graph keeps for the backward. Counted by the allocator, since checkpointing keeps its tensors out of
     reach of saved-tensor hooks (its own hooks replace them inside a layer, and its cache is its own)."""
-    from bench.harness import allocated_during
+    from support.memory import allocated_during
 
     loss_and_grads(model)  # once before: lazy initialisations (oneDNN kernels, grads) are not counted
     micro = batch()

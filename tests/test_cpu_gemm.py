@@ -73,7 +73,7 @@ def test_onednn_linears_give_nn_linear_outputs_and_gradients(tokens):
 def test_onednn_linears_keep_no_more_for_backward_than_nn_linear():
     """Each keeps its input (shared with the input's other users), not the padded copy it multiplies:
     backward pads again. Only outputs that something keeps may carry the padded rows (37 -> 64 tokens)."""
-    from test_lora_fused import saved_for_backward_bytes
+    from support.memory import saved_for_backward_bytes
 
     torch.manual_seed(0)
     aten = Net()

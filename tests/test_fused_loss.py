@@ -8,9 +8,9 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from support.memory import saved_storage_bytes
 from test_attention import LENGTHS, tiny_llama
 from test_last_layer import completion_rows
-from test_lora_fused import saved_storage_bytes
 
 from training.data.packing import collate
 from training.kernels import fused_loss

@@ -132,3 +132,24 @@ def test_the_name_check_sees_a_branch_on_a_name(name):
     finally:
         bad.unlink()
     assert f"training._layout_probe:2: the strategy name {name!r}" in problems
+
+
+def bench_imports(root: Path) -> list[str]:
+    """Every import of bench/ in the Python files under `root`."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                targets = [node.module or ""]
+            else:
+                continue
+            found += [f"{path.relative_to(root)}:{node.lineno} imports {t}" for t in targets if t.split(".")[0] == "bench"]
+    return found
+
+
+def test_tests_import_nothing_from_bench():
+    """What tests share lives in tests/support/ (bench/ may import it); a test that imports bench/ breaks
+    when a benchmark changes."""
+    assert bench_imports(REPO / "tests") == []

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from support.memory import saved_for_backward_bytes
 from torch import nn
 
 from strategies import create_strategy
@@ -124,29 +125,6 @@ def test_zero3_keeps_peft_forward_other_strategies_fuse():
     assert create_strategy("zero3", options, env).gathers_params_in_module_hooks
     for name in ("single", "ddp", "fsdp", "zero1", "zero2"):
         assert not create_strategy(name, options, env).gathers_params_in_module_hooks, name
-
-
-def saved_storage_bytes(run, params) -> int:
-    """Bytes of the distinct storages autograd keeps for the backward while `run()` builds its graph,
-    leaving out the storages of `params`."""
-    skip = {p.untyped_storage().data_ptr() for p in params}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run()
-    return sum(storages.values())
-
-
-def saved_for_backward_bytes(model, x: torch.Tensor, seed: int = 0) -> int:
-    """Bytes of the distinct storages autograd keeps for the backward of one forward (not the parameters)."""
-    torch.manual_seed(seed)
-    return saved_storage_bytes(lambda: model(x.clone().requires_grad_(True)).sum(), model.parameters())
 
 
 @pytest.mark.parametrize("onednn", ENGINES)

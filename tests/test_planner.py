@@ -184,7 +184,7 @@ def measured_peak(
     already allocated; else set to None, as the strategies' step leaves them)."""
     import contextlib
 
-    from bench.harness import allocated_during
+    from support.memory import allocated_during
 
     def step():
         context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
