@@ -14,9 +14,7 @@ CPU allocator: checkpointing keeps its tensors where saved-tensor hooks do not s
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -29,16 +27,8 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 
-from bench import harness  # noqa: E402
-from bench.bench_cpu import (  # noqa: E402
-    MICRO_BATCH,
-    SKIP_STEPS,
-    STEPS,
-    build_model,
-    job_file,
-    sharpen_executable,
-    thread_env,
-)
+from bench import arms, harness  # noqa: E402
+from bench.bench_cpu import MICRO_BATCH, SKIP_STEPS, STEPS, build_model, job_file  # noqa: E402
 from bench.harness import RunResult  # noqa: E402
 from tests.support.memory import allocated_during  # noqa: E402
 
@@ -63,21 +53,11 @@ class CheckpointingBench:
 
     def arm(self, mode: str):
         def run(repeat: int) -> RunResult:
-            run_dir = self.work / "runs" / f"{mode}-{repeat}"
-            shutil.rmtree(run_dir, ignore_errors=True)  # a run dir with a checkpoint would resume
-            run_dir.mkdir(parents=True)
-            cmd = [
-                *sharpen_executable(), "run", str(self.job_path), "--output-dir", str(run_dir),
-                "--set", f"model.gradient_checkpointing={mode}",
-            ]
-            timing = harness.run_timed(
-                cmd, env=thread_env(self.threads), step_log=run_dir / "metrics.jsonl",
-                log_file=run_dir / "bench.log", window=(SKIP_STEPS, STEPS), cwd=REPO,
+            timing, rows = arms.run_sharpen(
+                self.job_path, self.work / "runs" / f"{mode}-{repeat}", steps=STEPS,
+                env=arms.process_env(self.threads), window=(SKIP_STEPS, STEPS),
+                overrides=[f"model.gradient_checkpointing={mode}"],
             )
-            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            rows = [r for r in rows if "loss" in r and "elapsed_s" in r]
-            if [r["step"] for r in rows] != list(range(1, STEPS + 1)):
-                raise RuntimeError(f"{run_dir}/metrics.jsonl does not hold one row per step")
             seen = [r["tokens"] for r in rows]  # tokens so far
             return RunResult(
                 arm=mode, repeat=repeat, wall_s=timing.wall_s, first_step_s=timing.first_step_s,
@@ -153,9 +133,7 @@ def summarise(results: list[RunResult], held: dict[str, list[int]]) -> dict:
 
 
 def format_table(summary: dict, repeats: int, threads: int) -> str:
-    def cell(stat: dict, fmt: str) -> str:
-        return f"{stat['median']:{fmt}} ({stat['min']:{fmt}}-{stat['max']:{fmt}})"
-
+    cell = harness.spread_cell
     rows = [["gradient_checkpointing", "step ms", "CPU ms/step", "x none", "held for backward", "x none",
              "loss vs none"]]  # fmt: skip
     for mode, m in summary.items():
@@ -164,10 +142,7 @@ def format_table(summary: dict, repeats: int, threads: int) -> str:
             f"{m['held_for_backward_bytes']['median'] / 2**20:.2f} MiB", f"{m['held_vs_none']:.3f}",
             f"{m['loss_max_rel_diff_to_none']:.1e}",
         ])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-             for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
+    lines = harness.aligned_table(rows)
     lines += [
         "",
         f"median of {repeats} interleaved repeats (min-max), {threads} torch thread(s); times over steps "

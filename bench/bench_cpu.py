@@ -14,7 +14,6 @@ with DataCollatorForSeq2Seq, as HF-based tools do. See bench/README.md for what 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -23,14 +22,13 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 
-from bench import harness  # noqa: E402
+from bench import arms, harness  # noqa: E402
 from bench.harness import RunResult  # noqa: E402
 
 # The fixed job (issue 2, "Benchmark"). Changing it makes old figures incomparable: say so in BENCHMARKS.md.
@@ -76,21 +74,6 @@ def build_model(work: Path) -> Path:
     return out
 
 
-def sharpen_order(dataset, spec) -> list[list[int]]:
-    """Row indices of each step, in the order sharpen feeds them (1 rank, no accumulation)."""
-    from training.data.sampler import deal, epoch_order
-
-    lengths = np.asarray(dataset.with_format("arrow")["length"]).astype(np.int64)
-    per_epoch = len(lengths) // MICRO_BATCH
-    steps = []
-    for step in range(STEPS):
-        epoch, position = divmod(step, per_epoch)
-        order = epoch_order(len(lengths), spec.train.seed, epoch, spec.data.shuffle)
-        members = order[position * MICRO_BATCH : (position + 1) * MICRO_BATCH]
-        steps.append(deal(members, lengths, 1, 1, MICRO_BATCH)[0][0])
-    return steps
-
-
 def check_same_samples(dataset, spec, order: list[list[int]], pad_token_id: int) -> None:
     """The rows given to HF are exactly the tokens and labels of sharpen's step_batches, step by step."""
     from training.data.sampler import step_batches
@@ -108,35 +91,10 @@ def check_same_samples(dataset, spec, order: list[list[int]], pad_token_id: int)
             raise AssertionError(f"step {step + 1}: the HF rows differ from sharpen's step_batches")
 
 
-def write_hf_dataset(dataset, order: list[list[int]], out: Path) -> tuple[list[int], list[int]]:
-    """HF rows in sharpen's order; labels unshifted (the model shifts them). Returns per-step real and
-    padded token counts."""
-    import datasets
-
-    rows = [dataset[i] for step in order for i in step]
-    # sharpen stores labels already shifted (labels[i] is the target of position i); HF wants the
-    # target at its own position: -100 for the first token, then sharpen's labels moved one right.
-    hf = {
-        "input_ids": [r["input_ids"] for r in rows],
-        "attention_mask": [[1] * len(r["input_ids"]) for r in rows],
-        "labels": [[-100, *r["labels"][:-1]] for r in rows],
-    }
-    shutil.rmtree(out, ignore_errors=True)
-    datasets.Dataset.from_dict(hf).save_to_disk(str(out))
+def tokens_per_step(dataset, order: list[list[int]]) -> tuple[list[int], list[int]]:
+    """Real tokens of each step, and the tokens HF computes on (each row padded to its batch's longest)."""
     lengths = [[len(dataset[i]["input_ids"]) for i in step] for step in order]
     return [sum(ls) for ls in lengths], [len(ls) * max(ls) for ls in lengths]
-
-
-def thread_env(threads: int) -> dict[str, str]:
-    return {
-        **os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-        "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-    }
-
-
-def sharpen_executable() -> list[str]:
-    script = Path(sys.executable).parent / "sharpen"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "launcher.cli"]
 
 
 class CpuBench:
@@ -155,13 +113,15 @@ class CpuBench:
         # Tokenize here, as `sharpen run` would: its runs then hit the cache, and HF gets the same rows.
         cache = prepare_dataset(spec.data, spec.method.kind, str(self.model), train_on=spec.method.train_on)
         dataset = load_prepared(cache)
-        self.order = sharpen_order(dataset, spec)
+        self.order = arms.sharpen_order(
+            dataset, batch=MICRO_BATCH, steps=STEPS, seed=spec.train.seed, shuffle=spec.data.shuffle
+        )
         from transformers import AutoTokenizer
 
         pad_id = AutoTokenizer.from_pretrained(self.model).pad_token_id or 0
         check_same_samples(dataset, spec, self.order, pad_id)
-        self.hf_data = work / "hf-dataset"
-        self.tokens, self.padded_tokens = write_hf_dataset(dataset, self.order, self.hf_data)
+        self.hf_data = arms.write_hf_rows(dataset, self.order, work / "hf-dataset")
+        self.tokens, self.padded_tokens = tokens_per_step(dataset, self.order)
         t = spec.train
         ours = lr_lambda(t.lr_scheduler, t.warmup_steps, t.max_steps, t.min_lr_ratio)
         theirs = hf_lr_lambda(t.lr_scheduler, t.warmup_steps, t.max_steps, t.min_lr_ratio)
@@ -169,18 +129,10 @@ class CpuBench:
             raise AssertionError("bench/hf_trainer.py's LR schedule no longer matches training/loop.py's")
 
     def run_sharpen(self, repeat: int) -> RunResult:
-        run_dir = self.work / "runs" / f"sharpen-{repeat}"
-        shutil.rmtree(run_dir, ignore_errors=True)  # a run dir with a checkpoint would resume
-        run_dir.mkdir(parents=True)
-        cmd = [*sharpen_executable(), "run", str(self.job_path), "--output-dir", str(run_dir)]
-        timing = harness.run_timed(
-            cmd, env=thread_env(self.threads), step_log=run_dir / "metrics.jsonl", log_file=run_dir / "bench.log",
-            window=(SKIP_STEPS, STEPS), cwd=REPO,
+        timing, rows = arms.run_sharpen(
+            self.job_path, self.work / "runs" / f"sharpen-{repeat}", steps=STEPS,
+            env=arms.process_env(self.threads), window=(SKIP_STEPS, STEPS),
         )
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        rows = [r for r in rows if "loss" in r and "elapsed_s" in r]  # training rows (no eval in this job)
-        if [r["step"] for r in rows] != list(range(1, STEPS + 1)):
-            raise RuntimeError(f"{run_dir}/metrics.jsonl does not hold one row per step")
         if rows[-1]["tokens"] != sum(self.tokens):
             raise AssertionError(f"sharpen trained on {rows[-1]['tokens']} tokens, the bench expected {sum(self.tokens)}")
         return RunResult(
@@ -191,30 +143,16 @@ class CpuBench:
             padded_tokens_per_step=self.tokens,
         )
 
+    def hf_config(self, out: Path) -> dict:
+        """bench/hf_trainer.py's config for this job, writing into `out`."""
+        return arms.hf_config(self.spec, model=self.model, dataset=self.hf_data, out=out, device="cpu",
+                              threads=self.threads, lora=LORA)
+
     def run_hf(self, repeat: int) -> RunResult:
-        out = self.work / "runs" / f"hf-{repeat}"
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
-        t = self.spec.train
-        config = {
-            "model": str(self.model), "dataset": str(self.hf_data), "output_dir": str(out), "device": "cpu",
-            "threads": self.threads, "seed": t.seed, "max_steps": STEPS, "micro_batch_size": MICRO_BATCH,
-            "log_every": 1, "lora": LORA,
-            "optimizer": {
-                "lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay,
-                "max_grad_norm": t.max_grad_norm, "lr_scheduler": t.lr_scheduler, "warmup_steps": t.warmup_steps,
-                "min_lr_ratio": t.min_lr_ratio,
-            },
-        }
-        (out / "config.json").write_text(json.dumps(config, indent=1))
-        timing = harness.run_timed(
-            [sys.executable, str(BENCH / "hf_trainer.py"), str(out / "config.json")],
-            env=thread_env(self.threads), step_log=out / "steps.jsonl", log_file=out / "bench.log",
-            window=(SKIP_STEPS, STEPS), cwd=REPO,
+        timing, result = arms.run_hf(
+            self.hf_config(self.work / "runs" / f"hf-{repeat}"), env=arms.process_env(self.threads),
+            window=(SKIP_STEPS, STEPS),
         )
-        result = json.loads((out / "result.json").read_text())
-        if len(result["losses"]) != STEPS:
-            raise RuntimeError(f"HF Trainer ran {len(result['losses'])} steps, not {STEPS}")
         return RunResult(
             arm="hf", repeat=repeat, wall_s=timing.wall_s, first_step_s=timing.first_step_s,
             window_cpu_s=timing.window_cpu_s, losses=result["losses"],
@@ -267,9 +205,7 @@ def summarise(results: list[RunResult]) -> dict:
 
 
 def format_table(summary: dict, repeats: int, threads: int) -> str:
-    def cell(stat: dict, fmt: str) -> str:
-        return f"{stat['median']:{fmt}} ({stat['min']:{fmt}}-{stat['max']:{fmt}})"
-
+    cell = harness.spread_cell
     header = [
         "", "samples/s", "tokens/s", "computed tok/s", "step ms", "CPU ms/step", "samples/CPU-s", "wall s",
         "1st step s", "final loss",
@@ -283,10 +219,7 @@ def format_table(summary: dict, repeats: int, threads: int) -> str:
             cell(a["samples_per_cpu_s"], ".0f"), cell(a["wall_s"], ".1f"),
             cell(a["first_step_s"], ".1f"), f"{a['final_loss']['median']:.4f}",
         ])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-             for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
+    lines = harness.aligned_table(rows)
     ratio = summary["ratio_per_repeat"]
     lines += [
         "",

@@ -1,7 +1,8 @@
 """Side-by-side benchmark machinery: timed subprocess runs, interleaved arms, medians, the table and JSON.
 
 Nothing here knows sharpen or Hugging Face: an arm is a name and a function that runs one repeat and
-returns a RunResult. bench_cpu.py defines its two arms on top of this; a GPU bench adds its own.
+returns a RunResult. bench/arms.py runs sharpen and the HF Trainer on top of this; each bench names its
+arms and columns.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -86,6 +88,40 @@ def _line_count(path: Path) -> int:
         return 0
 
 
+POLL_S = 0.01  # how often a watched process's files are looked at
+
+
+def run_watched(
+    cmd: Sequence[str], *, env: dict[str, str], log_file: Path, poll: Callable[[Any], bool],
+    cwd: Path | None = None, clock: Callable[[], float] = time.perf_counter,
+) -> tuple[float, float]:
+    """Run `cmd`, its output into `log_file`, while a thread calls `poll(process)` (a psutil.Process)
+    every POLL_S until it returns True or the process ends. Returns (start, wall seconds) on `clock`;
+    raises with the log's last lines if the process failed."""
+    import psutil
+
+    done = threading.Event()
+    with log_file.open("w") as log:
+        start = clock()
+        popen = subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+        proc = psutil.Process(popen.pid)
+
+        def watch() -> None:
+            while not done.is_set() and not poll(proc):
+                time.sleep(POLL_S)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        returncode = popen.wait()
+        wall = clock() - start
+    done.set()
+    watcher.join()
+    if returncode != 0:
+        tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-25:])
+        raise RuntimeError(f"{' '.join(cmd)} exited {returncode}; its output ends with:\n{tail}")
+    return start, wall
+
+
 def run_timed(
     cmd: Sequence[str],
     *,
@@ -98,41 +134,24 @@ def run_timed(
     """Run `cmd` and time it from outside: wall time, time to the first line of `step_log` (one line per
     optimizer step), and CPU seconds of the process tree over the steps in `window`.
 
-    The step log is polled every 10 ms from a thread; the error is a poll interval at each end.
+    The step log is polled every POLL_S from a thread; the error is a poll interval at each end.
     """
-    import psutil
-
     marks: dict[str, float] = {}
-    done = threading.Event()
-    start = time.perf_counter()
 
-    with log_file.open("w") as log:
-        popen = subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
-        proc = psutil.Process(popen.pid)
+    def poll(proc) -> bool:
+        lines = _line_count(step_log)
+        now = time.perf_counter()
+        if lines and "first" not in marks:
+            marks["first"] = now
+        if window and lines >= window[0] and "cpu_a" not in marks:
+            marks["cpu_a"], marks["t_a"] = _tree_cpu_seconds(proc), now
+        if window and lines >= window[1] and "cpu_b" not in marks:
+            marks["cpu_b"], marks["t_b"] = _tree_cpu_seconds(proc), now
+            return True
+        return False
 
-        def watch() -> None:
-            while not done.is_set():
-                lines = _line_count(step_log)
-                now = time.perf_counter()
-                if lines and "first" not in marks:
-                    marks["first"] = now - start
-                if window and lines >= window[0] and "cpu_a" not in marks:
-                    marks["cpu_a"], marks["t_a"] = _tree_cpu_seconds(proc), now
-                if window and lines >= window[1] and "cpu_b" not in marks:
-                    marks["cpu_b"], marks["t_b"] = _tree_cpu_seconds(proc), now
-                    return
-                time.sleep(0.01)
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        returncode = popen.wait()
-        wall = time.perf_counter() - start
-    done.set()
-    watcher.join()
-    if returncode != 0:
-        tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-25:])
-        raise RuntimeError(f"{' '.join(cmd)} exited {returncode}; its output ends with:\n{tail}")
-    timing = Timing(wall_s=wall, first_step_s=marks.get("first"))
+    start, wall = run_watched(cmd, env=env, log_file=log_file, poll=poll, cwd=cwd)
+    timing = Timing(wall_s=wall, first_step_s=marks["first"] - start if "first" in marks else None)
     if "cpu_b" in marks:
         timing.window_cpu_s = marks["cpu_b"] - marks["cpu_a"]
         timing.window_wall_s = marks["t_b"] - marks["t_a"]
@@ -161,6 +180,27 @@ def max_relative_difference(a: Sequence[float], b: Sequence[float]) -> float:
 def spread(values: Sequence[float]) -> dict[str, float]:
     """Median, min and max of a metric over repeats."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def spread_cell(stat: dict[str, float], fmt: str) -> str:
+    """A table cell "median (min-max)" of a spread(), each number in format `fmt`."""
+    return f"{stat['median']:{fmt}} ({stat['min']:{fmt}}-{stat['max']:{fmt}})"
+
+
+def median_cell(values: Sequence[float | None], fmt: str) -> str:
+    """spread_cell of the values that are numbers (None and NaN left out); "-" where none is."""
+    numbers = [v for v in values if v is not None and v == v]
+    return spread_cell(spread(numbers), fmt) if numbers else "-"
+
+
+def aligned_table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """The rows as lines of columns two spaces apart, the first column left-aligned and the others
+    right-aligned, with a rule under the first row (the header)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return lines
 
 
 def cpu_model() -> str:

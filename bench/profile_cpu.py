@@ -21,7 +21,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
-from bench.bench_cpu import LORA, MICRO_BATCH, SKIP_STEPS, STEPS, CpuBench  # noqa: E402
+from bench.bench_cpu import MICRO_BATCH, SKIP_STEPS, STEPS, CpuBench  # noqa: E402
 
 DATA_REGION = "bench: next batch (sampling + collate)"
 # (category, test on the op name); the first that matches wins. Self times, so nothing counts twice.
@@ -115,17 +115,7 @@ def profile_hf(bench: CpuBench, work: Path) -> Window:
 
     from bench.hf_trainer import build_trainer
 
-    t = bench.spec.train
-    cfg = {
-        "model": str(bench.model), "dataset": str(bench.hf_data), "output_dir": str(work / "profile-hf"),
-        "device": "cpu", "threads": bench.threads, "seed": t.seed, "max_steps": STEPS,
-        "micro_batch_size": MICRO_BATCH, "log_every": 1, "lora": LORA,
-        "optimizer": {
-            "lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay,
-            "max_grad_norm": t.max_grad_norm, "lr_scheduler": t.lr_scheduler, "warmup_steps": t.warmup_steps,
-            "min_lr_ratio": t.min_lr_ratio,
-        },
-    }
+    cfg = bench.hf_config(work / "profile-hf")
     window = Window()
 
     class Clock(TrainerCallback):

@@ -46,7 +46,6 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
@@ -54,7 +53,8 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 
 STEPS = 6  # bench_cpu's job with warmup 5 needs max_steps > 5; only step 1 is measured
-POLL_S = 0.01
+# bench/ modules are imported inside the functions: in a replay process (`_replay-run`) what this file
+# imports before the replay starts counts in its first phase, so it stays the standard library.
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -118,12 +118,6 @@ def warm_peak_flops_cache(threads: int) -> None:
     torch.set_num_threads(saved)
 
 
-def thread_env(threads: int) -> dict[str, str]:
-    from bench.bench_cpu import thread_env as env
-
-    return env(threads)
-
-
 # ----------------------------------------------------------------------------------------------- arms
 
 
@@ -137,58 +131,47 @@ def _children(proc) -> list:
 
 
 def run_sharpen(setup: dict, work: Path, repeat: int) -> dict:
+    """One `sharpen run`: its end of step 1 and its milestones, watched from outside (seconds from t0)."""
     import psutil
 
-    from bench.bench_cpu import sharpen_executable
+    from bench import arms, harness
 
-    run_dir = work / "runs" / f"sharpen-{repeat}"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
+    run_dir = arms.fresh_dir(work / "runs" / f"sharpen-{repeat}")
     metrics, plan, rank_log = run_dir / "metrics.jsonl", run_dir / "plan.json", run_dir / "logs" / "rank-0.log"
-    cmd = [*sharpen_executable(), "run", str(setup["job"]), "--output-dir", str(run_dir)]
-    marks: dict[str, float] = {}
-    done = threading.Event()
-    with (run_dir.parent / f"sharpen-{repeat}.log").open("w") as log:
-        t0 = time.time()
-        popen = subprocess.Popen(cmd, env=thread_env(setup["threads"]), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        proc = psutil.Process(popen.pid)
-        launcher_created = proc.create_time()
+    cmd = [*arms.sharpen_executable(), "run", str(setup["job"]), "--output-dir", str(run_dir)]
+    marks: dict[str, float] = {}  # time.time() of each milestone; the worker's relative to the launcher's
 
-        def watch() -> None:
-            while not done.is_set():
-                now = time.time()
-                if "plan" not in marks and plan.exists():
-                    marks["plan"] = plan.stat().st_mtime
-                if "worker" not in marks:
-                    for child in _children(proc):
-                        try:
-                            # spawned by the agent (python -m training.worker), or forked (one CPU rank)
-                            if "training.worker" in " ".join(child.cmdline()) or child.cmdline() == proc.cmdline():
-                                marks["worker"] = t0 + (child.create_time() - launcher_created)
-                                break
-                        except psutil.Error:
-                            pass
-                if "rank_log" not in marks and rank_log.exists():
-                    marks["rank_log"] = now
-                if "first_row" not in marks and metrics.exists():
-                    with metrics.open("rb") as f:
-                        data = f.read()
-                    stat = metrics.stat()
-                    if data.count(b"\n") >= 1:
-                        # one row: the file's mtime is that row's write; more: fall back to this poll
-                        marks["first_row"] = stat.st_mtime if data.count(b"\n") == 1 else now
-                        marks["first_row_exact"] = float(data.count(b"\n") == 1)
-                        return
-                time.sleep(POLL_S)
+    def poll(proc) -> bool:
+        now = time.time()
+        if "plan" not in marks and plan.exists():
+            marks["plan"] = plan.stat().st_mtime
+        if "worker" not in marks:
+            for child in _children(proc):
+                try:
+                    # spawned by the agent (python -m training.worker), or forked (one CPU rank)
+                    if "training.worker" in " ".join(child.cmdline()) or child.cmdline() == proc.cmdline():
+                        # taken from the launcher's creation, so /proc's 1-second boot-time rounding cancels
+                        marks["worker"] = child.create_time() - proc.create_time()
+                        break
+                except psutil.Error:
+                    pass
+        if "rank_log" not in marks and rank_log.exists():
+            marks["rank_log"] = now
+        if "first_row" not in marks and metrics.exists():
+            with metrics.open("rb") as f:
+                data = f.read()
+            stat = metrics.stat()
+            if data.count(b"\n") >= 1:
+                # one row: the file's mtime is that row's write; more: fall back to this poll
+                marks["first_row"] = stat.st_mtime if data.count(b"\n") == 1 else now
+                marks["first_row_exact"] = float(data.count(b"\n") == 1)
+                return True
+        return False
 
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        rc = popen.wait()
-        wall = time.time() - t0
-    done.set()
-    watcher.join()
-    if rc != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {rc}; see {log.name}")
+    t0, wall = harness.run_watched(
+        cmd, env=arms.process_env(setup["threads"]), log_file=run_dir.parent / f"sharpen-{repeat}.log", poll=poll,
+        cwd=REPO, clock=time.time,
+    )
     row = json.loads(metrics.read_text().splitlines()[0])
     if "first_row" not in marks or "worker" not in marks:
         raise RuntimeError(f"sharpen-{repeat}: missed a milestone ({sorted(marks)}); the machine may be too loaded")
@@ -197,9 +180,9 @@ def run_sharpen(setup: dict, work: Path, repeat: int) -> dict:
         "arm": "sharpen", "repeat": repeat, "first_step_s": first, "wall_s": wall, "loss": row["loss"],
         "exact": bool(marks["first_row_exact"]),
         "milestones": {
-            "launcher_created": launcher_created - launcher_created,  # 0: t0 is taken as its creation
+            "launcher_created": 0.0,  # t0 is taken as its creation
             "plan_written": marks["plan"] - t0,
-            "worker_created": marks["worker"] - t0,
+            "worker_created": marks["worker"],
             "rank_log_opened": marks.get("rank_log", float("nan")) - t0,
             "run_steps_started": first - row["elapsed_s"],
             "first_step_done": first,
@@ -208,19 +191,23 @@ def run_sharpen(setup: dict, work: Path, repeat: int) -> dict:
 
 
 def run_bare(setup: dict, work: Path, repeat: int) -> dict:
-    out = work / "runs" / f"bare-{repeat}"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    """One run of bare_first_step.py: its end of step 1 and its own stamps (seconds from t0)."""
+    from bench import arms
+    from bench.bench_cpu import LORA
+
+    out = arms.fresh_dir(work / "runs" / f"bare-{repeat}")
     config = {
         "model": str(setup["model"]), "batch": str(setup["batch"]), "seed": setup["seed"],
         "threads": setup["threads"], "optimizer": setup["optimizer"], "output": str(out / "result.json"),
-        "lora": _lora(),
+        "lora": LORA,
     }
     (out / "config.json").write_text(json.dumps(config, indent=1))
     cmd = [sys.executable, str(BENCH / "bare_first_step.py"), str(out / "config.json")]
     with (out / "bench.log").open("w") as log:
         t0 = time.time()
-        rc = subprocess.run(cmd, env=thread_env(setup["threads"]), cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(
+            cmd, env=arms.process_env(setup["threads"]), cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+        ).returncode
         wall = time.time() - t0
     if rc != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {rc}; see {out / 'bench.log'}")
@@ -237,146 +224,16 @@ def run_bare(setup: dict, work: Path, repeat: int) -> dict:
     }
 
 
-def _lora() -> dict:
-    from bench.bench_cpu import LORA
-
-    return LORA
-
-
 # --------------------------------------------------------------------------- in-process phase replays
 
 
-# Named in a phase when it first appears in sys.modules during that phase: where the import time goes.
-HEAVY_MODULES = ("numpy", "yaml", "pydantic", "torch", "pyarrow", "datasets", "transformers", "peft", "accelerate",
-                 "bitsandbytes", "deepspeed", "psutil", "rich")
-
-
-class Clock:
-    """Phase timer of a replay process. `spawned_at` is the parent's time.time() right before it started
-    this process, so the first phase is the interpreter's start-up (and this file's few stdlib imports)."""
-
-    def __init__(self, spawned_at: float):
-        self.phases: dict[str, float] = {"python start-up to the script's first line": T_FIRST_LINE - spawned_at}
-        self.last = T_FIRST_LINE
-        self.loaded = {m for m in HEAVY_MODULES if m in sys.modules}
-
-    def mark(self, name: str) -> None:
-        now = time.time()
-        new = [m for m in HEAVY_MODULES if m in sys.modules and m not in self.loaded]
-        self.loaded.update(new)
-        self.phases[name + (f" [imports {', '.join(new)}]" if new else "")] = now - self.last
-        self.last = now
-
-    def dump(self) -> None:
-        print(json.dumps({"phases": self.phases}), flush=True)
-
-
-def replay_run(spawned_at: float, job: str, scratch: str) -> None:
-    """`sharpen run JOB` up to the end of step 1, call by call, in one process: the launcher's calls, then
-    training/worker.py main()'s, as the rank forked from the launcher makes them (one CPU rank)."""
-    clock = Clock(spawned_at)
-    replay_launcher(clock, job, Path(scratch))
-    replay_worker(clock, Path(scratch))
-    clock.dump()
-
-
-def replay_launcher(clock: Clock, job: str, run_dir: Path) -> None:
-    """What `sharpen run JOB` does before it starts the rank, step by step."""
-    import launcher.cli  # noqa: F401  (the console script's module: cluster.doctor, launcher.export, ...)
-
-    clock.mark("import launcher.cli")
-    from launcher.jobfile import load_job
-
-    spec = load_job(job)
-    clock.mark("load_job (YAML + validation)")
-    from launcher.planner import build_plan
-    from launcher.resume import prepare_resume
-    from training.data.prepare import prepare_dataset
-
-    clock.mark("import launcher.plan, launcher.resume, training.data")
-    # launcher/prepare.py prepare_run, step by step, for a fresh run dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    plan, _ = build_plan(spec, run_dir)
-    clock.mark("build_plan (strategy, batch, memory estimate)")
-    prepare_resume(run_dir, None, plan)
-    clock.mark("prepare_resume")
-    cache = prepare_dataset(
-        spec.data, spec.method.kind, spec.model.tokenizer or spec.model.path,
-        trust_remote_code=spec.model.trust_remote_code, train_on=getattr(spec.method, "train_on", "all"),
-    )
-    clock.mark("prepare_dataset (cache key, cache hit)")
-    plan.model_copy(update={"data_cache": str(Path(cache).resolve())}).write(run_dir)
-    clock.mark("plan.json written")
-    from cluster.local import launch  # noqa: F401
-
-    clock.mark("import cluster.local")
-
-
-def replay_worker(clock: Clock, run_dir: Path) -> None:
-    """training/worker.py main() on RUN_DIR, timed call by call, through the end of the first step."""
-    import torch
-
-    from training import worker
-
-    clock.mark("import training.worker (transformers, strategies, ...)")
-    from launcher.plan import Plan
-
-    plan = Plan.read(run_dir)
-    spec = plan.spec
-    env = worker.setup_distributed(plan, worker.from_environment())
-    torch.manual_seed(spec.train.seed)
-    from training.data.prepare import load_prepared, load_prepared_eval
-    from training.data.sampler import step_batches
-
-    clock.mark("Plan.read, setup_distributed, import training.data")
-    tokenizer = worker.load_tokenizer(spec)
-    clock.mark("load_tokenizer")
-    model = worker.load_model(spec, plan.compute_dtype, env.device)
-    clock.mark("load_model (from_pretrained + LoRA)")
-    strategy = worker.build_strategy(plan, env, model)
-    clock.mark("build_strategy (setup, optimizer, scheduler)")
-    dataset = load_prepared(Path(plan.data_cache))
-    load_prepared_eval(Path(plan.data_cache))
-    batches = step_batches(
-        dataset, global_batch_size=plan.global_batch_size, micro_batch_size=plan.micro_batch_size,
-        grad_accum=plan.grad_accum, rank=env.rank, world_size=env.world_size, seed=spec.train.seed,
-        shuffle=spec.data.shuffle, padding_free=spec.data.padding_free, attention=spec.model.attention,
-        pad_token_id=tokenizer.pad_token_id or 0,
-    )
-    clock.mark("load_prepared + step_batches")
-    from training.flops import matmul_params, peak_flops
-
-    model_ = strategy.unwrap()
-    matmul_params(model_)
-    columns = dataset.column_names
-    if "length" in columns:
-        dataset["length"]
-    if "num_segments" in columns:
-        dataset["num_segments"]
-    clock.mark("flops_figures: FLOPs per token (reads the length column)")
-    peak_flops(env.device, worker.TORCH_DTYPES[plan.compute_dtype])
-    clock.mark("flops_figures: peak_flops (the matmul peak, cached per machine)")
-    from training.metrics import WandbRun  # noqa: F401
-
-    method = worker.make_method(plan, strategy, run_dir, dataset, None, False, tokenizer.pad_token_id or 0)
-    clock.mark("make_method")
-    step_batch = next(batches)
-    micro = step_batch.micro_batches[0].to(env.device, dtype=strategy.options.compute_dtype)
-    clock.mark("first batch (sample, collate, block-causal mask)")
-    with strategy.accumulate(True):
-        with strategy.forward_context():
-            out = method(strategy.model, micro)
-        strategy.backward(out.loss_sum * (1 / getattr(step_batch, method.normaliser)))
-    clock.mark("first forward + backward")
-    strategy.step()
-    float(strategy.all_reduce_sum(out.loss_sum.detach().double()))
-    clock.mark("first optimizer step (+ the logging sync)")
-
-
 def run_replay(kind: str, args: list[str], threads: int) -> dict[str, float]:
+    """One replay (bench/startup_replay.py) in a fresh process of this script: its phases, in seconds."""
+    from bench import arms
+
     cmd = [sys.executable, str(Path(__file__).resolve()), f"_replay-{kind}"]
     spawned_at = time.time()
-    proc = subprocess.run([*cmd, repr(spawned_at), *args], env=thread_env(threads), cwd=REPO,
+    proc = subprocess.run([*cmd, repr(spawned_at), *args], env=arms.process_env(threads), cwd=REPO,
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
@@ -388,10 +245,10 @@ def run_replay(kind: str, args: list[str], threads: int) -> dict[str, float]:
 
 
 def med(values: list[float]) -> str:
-    values = [v for v in values if v == v]
-    if not values:
-        return "-"
-    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+    """Seconds as "median (min-max)"; a milestone that was missed (NaN) is left out."""
+    from bench import harness
+
+    return harness.median_cell(values, ".2f")
 
 
 def report(results: list[dict], replays: dict[str, list[dict]], setup: dict, repeats: int) -> tuple[str, dict]:
@@ -467,7 +324,9 @@ def report(results: list[dict], replays: dict[str, list[dict]], setup: dict, rep
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_replay-run":
-        replay_run(float(argv[1]), argv[2], argv[3])
+        from bench.startup_replay import replay_run
+
+        replay_run(float(argv[1]), T_FIRST_LINE, argv[2], argv[3])
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="interleaved runs per arm (median reported)")
