@@ -41,9 +41,6 @@ torch.cuda.synchronize on GPU), so per-step times are the GPU's. Every run dir i
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import random
 import re
 import shutil
 import statistics
@@ -57,17 +54,20 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 
-from bench import harness  # noqa: E402
+from bench import arms, harness  # noqa: E402
+from bench.gpu_job import (  # noqa: E402
+    LORA,
+    MODEL_1B,
+    SEQ,
+    Prepared,
+    build_model,
+    flops_per_token,
+    job,
+    matmul_weights,
+    measure_bf16_matmul,
+    write_text_data,
+)
 from bench.harness import RunResult  # noqa: E402
-
-SEQ = 2048
-# TinyLlama's width, MLP and vocab with 128-wide heads; 22 layers make it ~1.17B (16 layers would be 0.89B).
-MODEL_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=16, num_kv_heads=8)
-LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
-TRAIN = {"warmup_steps": 2, "lr_scheduler": "cosine", "min_lr_ratio": 0.0, "seed": 0, "save_every": 0}
-
-
-# ------------------------------------------------------------------------------------ model and data
 
 
 def require_cuda() -> None:
@@ -83,192 +83,7 @@ def require_cuda() -> None:
         )
 
 
-def build_model(work: Path, seed: int = 0) -> Path:
-    """The ~1.1B Llama: tokenizer trained on examples/data, config from MODEL_1B, random init on the GPU,
-    saved in bf16. Built once per work dir."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from training.data.formats import ALPACA_PROMPT_WITH_INPUT
-    from training.tiny import build_tokenizer, corpus_from_jsonl
-
-    out = work / "model-1b"
-    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
-        return out
-    shutil.rmtree(out, ignore_errors=True)
-    files = sorted((REPO / "examples" / "data").glob("*.jsonl"))
-    corpus = [ALPACA_PROMPT_WITH_INPUT] * 50 + [text for f in files for text in corpus_from_jsonl(f)]
-    tokenizer = build_tokenizer(out, corpus, vocab_size=4096)  # the corpus gives fewer; the model has 32000 rows
-    m = MODEL_1B
-    config = LlamaConfig(
-        vocab_size=m["vocab_size"], hidden_size=m["hidden_size"], intermediate_size=m["intermediate_size"],
-        num_hidden_layers=m["num_layers"], num_attention_heads=m["num_heads"], num_key_value_heads=m["num_kv_heads"],
-        max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config)
-    model.to(torch.bfloat16).save_pretrained(str(out), safe_serialization=True)
-    del model
-    torch.cuda.empty_cache()
-    return out
-
-
-def write_text_data(work: Path, model: Path, docs: int, lo: int, hi: int, seed: int = 0) -> Path:
-    """`docs` JSONL documents of lo..hi random (non-special) tokens of the model's tokenizer, as text."""
-    from transformers import AutoTokenizer
-
-    out = work / f"synthetic-{docs}x{lo}-{hi}.jsonl"
-    if out.exists():
-        return out
-    tok = AutoTokenizer.from_pretrained(model)
-    special = set(tok.all_special_ids)
-    vocab = [i for i in range(len(tok)) if i not in special]
-    rng = random.Random(seed)
-    tmp = out.with_suffix(".tmp")
-    with tmp.open("w") as f:
-        for _ in range(docs):
-            ids = [rng.choice(vocab) for _ in range(rng.randint(lo, hi))]
-            f.write(json.dumps({"text": tok.decode(ids)}) + "\n")
-    tmp.rename(out)
-    return out
-
-
-def job(name: str, model: Path, data: Path, cache: Path, *, full: bool, batch: int, steps: int, attention: str,
-        compile: bool = False, checkpointing: str = "none") -> dict:
-    return {
-        "name": name,
-        "model": {"path": str(model), "dtype": "bf16", "attention": attention,
-                  "gradient_checkpointing": checkpointing, "compile": compile},
-        "finetune": {"type": "full"} if full else {"type": "lora", **LORA},
-        "method": {"kind": "pretrain"},
-        "data": {
-            "train": [{"path": str(data), "format": "text"}], "max_length": SEQ, "packing": True,
-            "padding_free": False, "cache_dir": str(cache),
-        },
-        "train": {
-            "micro_batch_size": batch, "global_batch_size": batch, "max_steps": steps,
-            "lr": 1e-5 if full else 1e-4, **TRAIN,
-        },
-        "strategy": {"name": "fsdp" if full else "single"},
-        "resources": {"nodes": 1, "gpus_per_node": 1},
-        "logging": {"every": 1, "progress": False},
-        "device": "cuda",
-    }
-
-
-class Prepared:
-    """A job file and its tokenized data (so `sharpen run` hits the cache), and the rows sharpen trains on."""
-
-    def __init__(self, work: Path, spec_dict: dict):
-        import numpy as np
-        import yaml
-
-        from launcher.jobfile import load_job
-        from training.data.prepare import load_prepared, prepare_dataset
-        from training.data.sampler import deal, epoch_order
-
-        self.path = work / f"{spec_dict['name']}.yaml"
-        self.path.write_text(yaml.safe_dump(spec_dict, sort_keys=False))
-        spec = self.spec = load_job(self.path)
-        cache = prepare_dataset(  # the same call as launcher/prepare.py's, so `sharpen run` finds this cache
-            spec.data, spec.method.kind, spec.model.tokenizer or spec.model.path,
-            trust_remote_code=spec.model.trust_remote_code, train_on=getattr(spec.method, "train_on", "all"),
-        )
-        self.dataset = load_prepared(cache)
-        batch, steps = spec.train.global_batch_size, spec.train.max_steps
-        lengths = np.asarray(self.dataset.with_format("arrow")["length"]).astype(np.int64)
-        per_epoch = len(lengths) // batch
-        if per_epoch < 1:
-            raise SystemExit(f"{len(lengths)} packed rows, fewer than one batch of {batch}")
-        self.order = []
-        for step in range(steps):
-            epoch, position = divmod(step, per_epoch)
-            members = epoch_order(len(lengths), spec.train.seed, epoch, spec.data.shuffle)[
-                position * batch : (position + 1) * batch
-            ]
-            self.order.append([int(i) for i in deal(members, lengths, 1, 1, batch)[0][0]])
-        self.tokens = [int(sum(lengths[i] for i in rows)) for rows in self.order]
-        segments = [s for rows in self.order for i in rows for s in self.dataset[i]["segment_lengths"]]
-        # 6 L d (s + 1) per token of a causal segment of s tokens, averaged over the trained tokens
-        self.mean_s_plus_1 = sum(s * (s + 1) for s in segments) / sum(segments)
-        self.rows_full = all(int(lengths[i]) == SEQ for rows in self.order for i in rows)
-        self.one_segment = all(len(self.dataset[i]["segment_lengths"]) == 1 for rows in self.order for i in rows)
-
-
-# ------------------------------------------------------------------------------------------- FLOPs
-
-
-def measure_bf16_matmul(n: int = 8192, seconds: float = 1.0, trials: int = 5) -> float:
-    """Dense bf16 matmul FLOP/s of this GPU: the best of `trials` loops of ~`seconds`, CUDA-event timed."""
-    import torch
-
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    c = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(10):
-        torch.matmul(a, b, out=c)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        torch.matmul(a, b, out=c)
-    end.record()
-    torch.cuda.synchronize()
-    per = start.elapsed_time(end) / 1000 / 10
-    iters = max(10, int(seconds / per))
-    best = 0.0
-    for _ in range(trials):
-        start.record()
-        for _ in range(iters):
-            torch.matmul(a, b, out=c)
-        end.record()
-        torch.cuda.synchronize()
-        best = max(best, 2 * n**3 * iters / (start.elapsed_time(end) / 1000))
-    del a, b, c
-    torch.cuda.empty_cache()
-    return best
-
-
-def matmul_weights(model_dir: Path) -> dict[str, int]:
-    """Weights in matmuls, from the config: per layer q, k, v, o and the MLP; the output layer once."""
-    from transformers import AutoConfig
-
-    c = AutoConfig.from_pretrained(model_dir)
-    h, inter, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
-    head = getattr(c, "head_dim", None) or h // c.num_attention_heads
-    q, kv = c.num_attention_heads * head, c.num_key_value_heads * head
-    per_layer = h * q + 2 * h * kv + q * h + 3 * h * inter
-    lora_per_layer = 0
-    r = LORA["r"]
-    for fan_in, fan_out in ((h, q), (h, kv), (h, kv), (q, h), (h, inter), (h, inter), (inter, h)):
-        lora_per_layer += r * (fan_in + fan_out)
-    return {
-        "base": layers * per_layer + h * c.vocab_size, "lora": layers * lora_per_layer, "layers": layers,
-        "attn_width": q, "total_params": layers * per_layer + 2 * h * c.vocab_size + (2 * layers + 1) * h,
-    }
-
-
-def flops_per_token(w: dict[str, int], mean_s_plus_1: float, full: bool) -> float:
-    """Full: 6 N. LoRA: the frozen base 4 N (forward, input gradient; no weight gradient), adapters 6 N.
-    Both plus causal attention 6 L d (s + 1). (LoRA on the output layer: peft's all-linear skips it.)"""
-    attention = 6 * w["layers"] * w["attn_width"] * mean_s_plus_1
-    if full:
-        return 6 * w["base"] + attention
-    return 4 * w["base"] + 6 * w["lora"] + attention
-
-
 # --------------------------------------------------------------------------------------------- arms
-
-
-def env() -> dict[str, str]:
-    return {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-
-
-def sharpen_executable() -> list[str]:
-    script = Path(sys.executable).parent / "sharpen"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "launcher.cli"]
 
 
 def report_figure(run_dir: Path, key: str) -> float | None:
@@ -284,16 +99,9 @@ def report_figure(run_dir: Path, key: str) -> float | None:
 
 
 def run_sharpen(work: Path, prepared: Prepared, arm: str, repeat: int, keep: bool) -> RunResult:
+    """One `sharpen run` of the prepared job, checked to train on the bench's tokens; with report.md's figures."""
     run_dir = work / "runs" / f"{arm}-{repeat}"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    cmd = [*sharpen_executable(), "run", str(prepared.path), "--output-dir", str(run_dir)]
-    timing = harness.run_timed(cmd, env=env(), step_log=run_dir / "metrics.jsonl", log_file=run_dir / "bench.log", cwd=REPO)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "loss" in r and "elapsed_s" in r]
-    steps = prepared.spec.train.max_steps
-    if [r["step"] for r in rows] != list(range(1, steps + 1)):
-        raise RuntimeError(f"{run_dir}/metrics.jsonl does not hold one row per step")
+    timing, rows = arms.run_sharpen(prepared.path, run_dir, steps=prepared.spec.train.max_steps, env=arms.process_env())
     cumulative = [r["tokens"] for r in rows]
     tokens = [b - a for a, b in zip([0, *cumulative[:-1]], cumulative, strict=True)]
     if tokens != prepared.tokens:
@@ -313,66 +121,29 @@ def run_sharpen(work: Path, prepared: Prepared, arm: str, repeat: int, keep: boo
     return result
 
 
-def write_hf_rows(work: Path, prepared: Prepared) -> Path:
-    """The rows sharpen trains on, in its order, as HF wants them (labels unshifted: the model shifts)."""
-    import datasets
-
-    out = work / "hf-dataset-lora"
-    rows = [prepared.dataset[i] for step in prepared.order for i in step]
-    hf = {
-        "input_ids": [r["input_ids"] for r in rows],
-        "attention_mask": [[1] * len(r["input_ids"]) for r in rows],
-        "labels": [[-100, *r["labels"][:-1]] for r in rows],
-    }
-    shutil.rmtree(out, ignore_errors=True)
-    datasets.Dataset.from_dict(hf).save_to_disk(str(out))
-    return out
-
-
 def run_hf(work: Path, prepared: Prepared, hf_data: Path, repeat: int, attention: str, keep: bool) -> RunResult:
-    out = work / "runs" / f"hf-{repeat}"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    t = prepared.spec.train
-    config = {
-        "model": str(prepared.spec.model.path), "dataset": str(hf_data), "output_dir": str(out), "device": "cuda",
-        "threads": None, "seed": t.seed, "max_steps": t.max_steps, "micro_batch_size": t.micro_batch_size,
-        "log_every": 1, "lora": LORA, "dtype": "bf16", "attention": attention,
-        "optimizer": {
-            "lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay,
-            "max_grad_norm": t.max_grad_norm, "lr_scheduler": t.lr_scheduler, "warmup_steps": t.warmup_steps,
-            "min_lr_ratio": t.min_lr_ratio,
-        },
-    }
-    (out / "config.json").write_text(json.dumps(config, indent=1))
-    timing = harness.run_timed(
-        [sys.executable, str(BENCH / "hf_trainer.py"), str(out / "config.json")],
-        env=env(), step_log=out / "steps.jsonl", log_file=out / "bench.log", cwd=REPO,
+    """One HF Trainer + PEFT run of the same rows (bf16, the same attention), with its peak memory."""
+    config = arms.hf_config(
+        prepared.spec, model=prepared.spec.model.path, dataset=hf_data, out=work / "runs" / f"hf-{repeat}",
+        device="cuda", threads=None, lora=LORA, dtype="bf16", attention=attention,
     )
-    result = json.loads((out / "result.json").read_text())
-    if len(result["losses"]) != t.max_steps:
-        raise RuntimeError(f"HF Trainer ran {len(result['losses'])} steps, not {t.max_steps}")
+    timing, result = arms.run_hf(config, env=arms.process_env())
     run = RunResult(
         arm="hf", repeat=repeat, wall_s=timing.wall_s, first_step_s=timing.first_step_s, losses=result["losses"],
         step_times=result["step_times"], samples_per_step=[len(s) for s in prepared.order],
         tokens_per_step=prepared.tokens, extra={"peak_memory_gib": result["peak_memory_gib"]},
     )
     if not keep:
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(config["output_dir"], ignore_errors=True)
     return run
 
 
 # ------------------------------------------------------------------------------------------- report
 
 
-def cell(values: list[float], fmt: str) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
-
-
 def full_report(runs: list[RunResult], skip: int, per_token: float, peak: float) -> tuple[str, dict]:
+    """(a)'s lines and its JSON summary: tokens/s, both MFUs, peak memory."""
+    cell = harness.median_cell
     tps = [r.steady(skip)["tokens_per_s"] for r in runs]
     mfu_sharpen = [statistics.median(m for m in r.extra["mfu_rows"][skip:] if m is not None) for r in runs]
     mfu_ours = [t * per_token / peak for t in tps]
@@ -396,6 +167,8 @@ def full_report(runs: list[RunResult], skip: int, per_token: float, peak: float)
 
 
 def lora_report(runs: list[RunResult], skip: int, per_token: float, peak: float) -> tuple[str, dict]:
+    """(b)'s table and its JSON summary: each arm's tokens/s, MFU, peak memory and wall time, and the ratios."""
+    cell = harness.median_cell
     ours = [r for r in runs if r.arm == "sharpen-lora"]
     theirs = [r for r in runs if r.arm == "hf"]
     s_tps = [r.steady(skip)["tokens_per_s"] for r in ours]
@@ -493,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             text, summary = full_report(runs, args.skip, per_token, peak)
         else:
-            hf_data = write_hf_rows(work, prepared)
+            hf_data = arms.write_hf_rows(prepared.dataset, prepared.order, work / "hf-dataset-lora")
             runs = harness.interleave(
                 [("sharpen-lora", lambda r, p=prepared: run_sharpen(work, p, "sharpen-lora", r, args.keep_runs)),
                  ("hf", lambda r, p=prepared, d=hf_data: run_hf(work, p, d, r, args.attention, args.keep_runs))],
