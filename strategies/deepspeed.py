@@ -27,6 +27,7 @@ from strategies.base import (
     trainable_parameters,
     upcast_trainable_to_fp32,
 )
+from strategies.deepspeed_sizes import PREFETCH_SHARE, persistence_threshold, reduce_bucket
 
 log = logging.getLogger("sharpen")
 
@@ -63,19 +64,17 @@ class DeepSpeedStrategy(Strategy):
         self._last_backward_at_boundary = False
 
     def deepspeed_config(self, hidden_size: int | None = None) -> dict[str, Any]:
-        """The DeepSpeed JSON, generated: nothing a user writes by hand.
-
-        Bucket sizes follow the model width as transformers' DeepSpeed integration sets its "auto"
-        values: DeepSpeed's fixed defaults (5e8-element buckets, 1e5-element persistence) are sized for
-        big models, and keep every parameter of a small one unpartitioned on every rank under ZeRO-3."""
+        """The DeepSpeed JSON, generated: nothing a user writes by hand. Bucket sizes follow the model
+        width (strategies/deepspeed_sizes.py, which the footprint counts too); DeepSpeed's own defaults
+        when the width is unknown."""
         o = self.options
         pin = self.env.device.type == "cuda"
         zero: dict[str, Any] = {"stage": self.stage}
         if hidden_size:
-            zero["reduce_bucket_size"] = hidden_size * hidden_size
+            zero["reduce_bucket_size"] = reduce_bucket(hidden_size)
             if self.stage == 3:
-                zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
-                zero["stage3_param_persistence_threshold"] = 10 * hidden_size
+                zero["stage3_prefetch_bucket_size"] = int(PREFETCH_SHARE * reduce_bucket(hidden_size))
+                zero["stage3_param_persistence_threshold"] = persistence_threshold(hidden_size)
         if o.offload_optimizer or o.offload_params:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
         if o.offload_params:
