@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from launcher.errors import UserError
 from strategies import deepspeed_universal
 from strategies.base import (
     DistEnv,
@@ -33,6 +35,7 @@ log = logging.getLogger("sharpen")
 
 CHECKPOINT_TAG = "deepspeed"
 LAYOUT_FILE = "deepspeed-layout.json"
+KIND = f"a DeepSpeed ({LAYOUT_FILE})"  # how strategies/full_weights.py names this format
 
 
 class DeepSpeedStrategy(Strategy):
@@ -264,3 +267,22 @@ class DeepSpeedStrategy(Strategy):
 def _values(container: Any) -> list[Any]:
     """ZeRO keeps per-group buffers in a dict (stage 1/2) or a list (stage 3)."""
     return list(container.values()) if isinstance(container, dict) else list(container)
+
+
+def holds_checkpoint(directory: Path) -> bool:
+    return (Path(directory) / LAYOUT_FILE).is_file()
+
+
+def read_full_weights(directory: Path, model: nn.Module, trainable_only: bool) -> dict[str, Any]:
+    """fp32 weights rebuilt from the ZeRO partitions of every rank (any stage, any world size), lazily:
+    each tensor is read when copied into the model, so the peak is one model, not two."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ds_dir = Path(directory) / CHECKPOINT_TAG
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress prints
+            return get_fp32_state_dict_from_zero_checkpoint(
+                str(ds_dir.parent), tag=ds_dir.name, exclude_frozen_parameters=trainable_only, lazy_mode=True
+            )
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise UserError(f"{ds_dir}: cannot read this DeepSpeed checkpoint: {error}") from None
