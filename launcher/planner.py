@@ -16,8 +16,7 @@ from launcher.errors import UserError
 from launcher.plan import Plan
 from launcher.shapes import count_parameters, human_bytes
 from launcher.spec import CHECKPOINTING, JobSpec
-from strategies import candidates as candidate_order
-from strategies import capabilities
+from strategies import candidate_order, capabilities
 from strategies.footprint.counts import MemoryEstimate, ParamCounts
 from strategies.job_rules import job_problems, ranks_problem
 
@@ -101,7 +100,7 @@ def choose_strategy(
             c for c in candidates if (c.strategy, c.offload) == (name, offload)
         ), "set in the job file"
     allowed = [c for c in candidates if offload == "none" or c.offload == offload]
-    if spec.model.compile:  # only those that run torch.compile (the job rules refuse the others by name)
+    if spec.model.compile:  # only those that run torch.compile (the job rules refuse naming another)
         allowed = [c for c in allowed if capabilities(c.strategy).compiles]
     for i, c in enumerate(allowed):
         if not c.fits:

@@ -102,7 +102,7 @@ def capabilities(name: str) -> Capabilities:
     return _entry(name).capabilities
 
 
-def candidates(world: int) -> tuple[tuple[str, str], ...]:
+def candidate_order(world: int) -> tuple[tuple[str, str], ...]:
     """The (strategy, offload) pairs `auto` compares on `world` ranks, fastest first."""
     return ONE_RANK_CANDIDATES if world == 1 else CANDIDATES
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from launcher.spec import JobSpec
-from strategies import candidates, capabilities, registered_names
+from strategies import candidate_order, capabilities, registered_names
 from strategies.capabilities import Capabilities
 
 
@@ -31,7 +31,7 @@ def job_problems(spec: JobSpec) -> list[tuple[str, str]]:
         if offload == "params":
             message = f"{offload!r} needs strategy.name {either(takers)} (or auto), not {name!r}"
         else:  # those that offload just the optimizer first, the one that also does so on one GPU before them
-            one_gpu = {n for n, o in candidates(1) if o == offload}
+            one_gpu = {n for n, o in candidate_order(1) if o == offload}
             takers.sort(key=lambda n: (n not in one_gpu, capabilities(n).offload_moves_all_state))
             use = either([*(f"{n} (one GPU works too)" if n in one_gpu else n for n in takers), "auto"])
             message = f"{offload!r} needs a sharded strategy, not {name!r}: use {use}"
