@@ -197,7 +197,8 @@ def activation_phases(counts: ParamCounts, s: Setting) -> tuple[tuple[int, int],
     rows, seq = (1, tokens) if s.padding_free else (s.micro_batch_size, s.max_length)
     several = s.micro_batch_size > 1 or s.packing or pairs
     flash = s.attention == "flash_attention_2"
-    # On the CPU, sdpa runs padding-free rows per sample (training/attention.py collate_attention): no mask
+    # On the CPU, sdpa runs padding-free rows per sample, without a mask (training/kernels/attention.py's
+    # collate_attention)
     per_sample = s.attention == "sdpa" and s.device == "cpu" and s.padding_free and several
     masked = not flash and not per_sample and (several if s.padding_free else True)
     # transformers expands k and v to every head when a mask is given (the per-sample kernel does too)
