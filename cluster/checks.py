@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +26,10 @@ CONNECT_TIMEOUT_S = 3.0
 # The all-reduce test: (bytes, timed iterations) per device. Gloo on a CPU moves ~1 GB/s, so less there.
 TEST_SIZE = {"cuda": (64 * 2**20, 10), "cpu": (16 * 2**20, 5)}
 TIMEOUT_VARIABLE, DEFAULT_TEST_TIMEOUT_S = "SHARPEN_DOCTOR_TIMEOUT_S", 120.0  # seconds the all-reduce test may take
-# (module, what sharpen uses it for, when a job needs it). Without a job every dependency is needed.
+# (module, what sharpen uses it for, when a job needs it). Without a job every dependency is needed; a job
+# also needs the packages its strategy declares (strategies/ knows them; `sharpen doctor` hands them in).
 PACKAGES = [
-    ("deepspeed", "ZeRO strategies", lambda spec: spec.strategy.name.startswith("zero")),
+    ("deepspeed", "ZeRO strategies", lambda spec: False),  # only through strategy_packages
     ("transformers", "models and tokenizers", lambda spec: True),
     ("peft", "LoRA adapters", lambda spec: spec.finetune.type in ("lora", "qlora")),
     ("bitsandbytes", "QLoRA's 4-bit weights", lambda spec: spec.finetune.type == "qlora"),
@@ -43,14 +44,17 @@ class Check:
     detail: str
 
 
-def run_checks(spec, master: tuple[str, int] | None, test_timeout_s: float) -> Iterator[Check]:
-    """Every check in order; the slow ones (imports, all-reduce) in child processes with time limits."""
+def run_checks(
+    spec, master: tuple[str, int] | None, test_timeout_s: float, strategy_packages: Collection[str] = ()
+) -> Iterator[Check]:
+    """Every check in order; the slow ones (imports, all-reduce) in child processes with time limits.
+    `strategy_packages`: the modules the job's strategy needs (strategies.capabilities(name).packages)."""
     yield Check("python", OK, f"{sys.version.split()[0]} ({sys.executable})")
     probes = probe(["torch", *(name for name, _, _ in PACKAGES), "flash_attn"])
     torch_info = probes["torch"]
     yield from torch_checks(torch_info)
     for name, use, needed in PACKAGES:
-        yield package_check(name, use, probes[name], spec is None or needed(spec))
+        yield package_check(name, use, probes[name], spec is None or name in strategy_packages or needed(spec))
     yield flash_attn_check(probes["flash_attn"], spec)
     gpus = torch_info.get("gpus") or []
     device = job_device(spec, gpus)

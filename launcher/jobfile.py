@@ -16,7 +16,8 @@ import yaml
 
 from launcher.errors import UserError
 from launcher.job_messages import count, dotted, got, problem_lines, report, show
-from launcher.spec import JobSpec, resolve_path
+from launcher.spec import RULES_CONTEXT, JobSpec, resolve_path
+from strategies.job_rules import job_problems
 
 Loc = tuple[Any, ...]
 HINT = "`sharpen schema` lists every key with its type, default and meaning (also docs/job-reference.md)"
@@ -39,7 +40,7 @@ def load_job(path: str | Path, overrides: Sequence[str] = (), *, check_inputs: b
     problems += bad_overrides
     spec, base = None, path.parent.resolve()
     try:
-        spec = JobSpec.model_validate(raw)
+        spec = validate(raw)
         _resolve_paths(spec, base)
     except pydantic.ValidationError as exc:
         problems += [text for text, _ in problem_lines(exc, parsed, lines)]
@@ -51,6 +52,12 @@ def load_job(path: str | Path, overrides: Sequence[str] = (), *, check_inputs: b
         where = " and its --set overrides" if any(p.startswith("--set ") for p in problems) else ""
         raise UserError(report(f"{path}: {count(problems)} in the job file{where}", problems), hint=HINT)
     return spec
+
+
+def validate(raw: dict) -> JobSpec:
+    """`raw` as a JobSpec with every rule checked, the strategies' capability rules among them (which
+    JobSpec alone cannot check); pydantic.ValidationError otherwise."""
+    return JobSpec.model_validate(raw, context={RULES_CONTEXT: (job_problems,)})
 
 
 def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:

@@ -11,19 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from launcher import __version__
+from launcher.candidates import Candidate, estimate, gpu_capacity, setting_for, usable_bytes
 from launcher.errors import UserError
-from launcher.memory_model import (
-    CANDIDATES,
-    ONE_RANK_CANDIDATES,
-    Candidate,
-    estimate,
-    gpu_capacity,
-    setting_for,
-    usable_bytes,
-)
 from launcher.plan import Plan
-from launcher.shapes import ParamCounts, count_parameters, human_bytes, state_bytes_per_rank
+from launcher.shapes import count_parameters, human_bytes
 from launcher.spec import CHECKPOINTING, JobSpec
+from strategies import candidate_order, capabilities
+from strategies.footprint.counts import MemoryEstimate, ParamCounts
+from strategies.job_rules import job_problems, ranks_problem
 
 
 def job_hash(spec: JobSpec) -> str:
@@ -66,7 +61,7 @@ def resolve_dtypes(spec: JobSpec, device: str) -> tuple[str, str]:
 
 def candidate_pairs(spec: JobSpec, world: int) -> list[tuple[str, str]]:
     """(strategy, offload) pairs worth comparing, fastest first; an explicit choice is always among them."""
-    pairs = list(ONE_RANK_CANDIDATES if world == 1 else CANDIDATES)
+    pairs = list(candidate_order(world))
     name, offload = spec.strategy.name, spec.strategy.offload
     if name != "auto" and (name, offload) not in pairs:
         pairs.append((name, offload))
@@ -97,16 +92,16 @@ def choose_strategy(
 ) -> tuple[Candidate | None, str]:
     """(candidate, why): the job's own choice, or for `auto` the fastest that fits (None when none does).
 
-    Fastest = least communication: ddp (one all-reduce), zero1/zero2 (reduce-scatter + all-gather), fsdp/zero3
-    (parameters gathered every layer, forward and backward), then offloading to the host (PCIe-bound)."""
+    Fastest = first in the registry's candidate order (strategies.CANDIDATES: least communication, then
+    offloading to the host)."""
     name, offload = spec.strategy.name, spec.strategy.offload
     if name != "auto":
         return next(
             c for c in candidates if (c.strategy, c.offload) == (name, offload)
         ), "set in the job file"
     allowed = [c for c in candidates if offload == "none" or c.offload == offload]
-    if spec.model.compile:  # DeepSpeed's per-module hooks and torch.compile do not mix (spec.py refuses zero*)
-        allowed = [c for c in allowed if not c.strategy.startswith("zero")]
+    if spec.model.compile:  # only those that run torch.compile (the job rules refuse naming another)
+        allowed = [c for c in allowed if capabilities(c.strategy).compiles]
     for i, c in enumerate(allowed):
         if not c.fits:
             continue
@@ -160,7 +155,7 @@ def no_fit_error(
     )
 
     def best(variant: JobSpec, variant_counts: ParamCounts, world: int) -> str | None:
-        for strategy, offload in CANDIDATES if world > 1 else ONE_RANK_CANDIDATES:
+        for strategy, offload in candidate_order(world):
             c = evaluate_candidate(variant, variant_counts, strategy, offload, **{**where, "world": world})
             if c.fits:
                 return f"{c.label} needs {human_bytes(c.memory.total)}"
@@ -239,8 +234,10 @@ def build_plan(
             "model.dtype: fp16 training needs a loss scaler, which sharpen does not run",
             "use dtype: bf16 (GPUs since Ampere) or fp32",
         )
-    if spec.strategy.name == "single" and world > 1:
-        raise UserError(f"strategy.name: single runs one rank, but resources ask for {world}")
+    if problems := job_problems(spec):  # a JobSpec built in code has not been through the job loader's check
+        raise UserError("; ".join(f"{field}: {message}" for field, message in problems))
+    if problem := ranks_problem(spec.strategy.name, world):  # resources, or --nnodes
+        raise UserError(problem)
     compute, storage = resolve_dtypes(spec, device)
     recount = counts is None
     counts = counts or count_parameters(spec)
@@ -289,7 +286,7 @@ def build_plan(
         grad_accum=accum,
         global_batch_size=spec.train.global_batch_size,
         params={"total": counts.total, "trainable": counts.trainable, "frozen": counts.frozen},
-        state_bytes_per_rank=state_bytes_per_rank(counts, strategy, world, compute, storage),
+        state_bytes_per_rank=state_bytes(chosen.memory),
         reference=reference_model(spec),
         offload=chosen.offload,
         gpu_memory_bytes=capacity,
@@ -298,6 +295,13 @@ def build_plan(
         chosen=chosen.to_dict(),
     )
     return plan, notices
+
+
+def state_bytes(memory: MemoryEstimate) -> dict[str, int]:
+    """What a rank holds besides activations and buffers, as the chosen strategy's footprint counts it:
+    params, grads, optimizer (device, their sum `total`) and offloaded (host)."""
+    device = {"params": memory.params, "grads": memory.grads, "optimizer": memory.optimizer}
+    return {**device, "total": sum(device.values()), "offloaded": memory.offloaded}
 
 
 def default_run_dir(spec: JobSpec) -> Path:

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
+from launcher.candidates import GIB, candidate_label
 from launcher.plan import Plan
 from launcher.shapes import human_bytes
 
-GIB = 1024**3
 COLUMNS = ("params", "grads", "optimizer", "buffers", "activations", "total", "offloaded")
 WIDTH = 120  # the tables' width when stdout is not a terminal (files, pipes, docs)
 
 
 def gib(n: int) -> str:
     return f"{n / GIB:.1f}"
-
-
-def candidate_label(c: dict) -> str:
-    return c["strategy"] if c["offload"] == "none" else f"{c['strategy']} + offload {c['offload']}"
 
 
 def print_plan(plan: Plan) -> None:
@@ -79,5 +75,6 @@ def candidates_table(plan: Plan):
         mark = "→ " if (c["strategy"], c["offload"]) == chosen else "  "
         fits = "-" if plan.usable_bytes is None else ("yes" if c["fits"] else "no")
         cells = [gib(b[k]) if b[k] or k != "offloaded" else "" for k in COLUMNS]
-        table.add_row(mark + candidate_label(c), str(c["micro_batch_size"]), *cells, fits)
+        label = mark + candidate_label(c["strategy"], c["offload"])
+        table.add_row(label, str(c["micro_batch_size"]), *cells, fits)
     return table

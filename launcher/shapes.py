@@ -1,83 +1,21 @@
 """A model's shape from its config alone (meta device): every tensor the job trains or keeps frozen, and the
 activations of one micro-batch through it.
 
-What each rank holds under each strategy is computed from these counts in launcher/memory_model.py.
-Nothing here imports deepspeed or reads weights, so a 70B plan takes seconds on a laptop.
+What each rank holds under each strategy is that strategy's footprint (strategies/footprint/), computed
+from these counts. Nothing here imports deepspeed or reads weights, so a 70B plan takes seconds on a laptop.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from math import ceil
 
 from launcher.errors import UserError
 from launcher.spec import JobSpec
+from strategies import footprint
+from strategies.footprint.counts import DTYPE_BYTES, LOW_RANK, ParamCounts, Setting, TensorInfo
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-NF4_BLOCK = 64  # bitsandbytes 4-bit: one absmax per 64 weights
-NESTED_BLOCK = 256  # double quantisation: one fp32 absmax per 256 uint8 absmaxes
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Selective checkpointing recomputes a matmul whose output is this many times wider than its contraction
-# (strategies/activation_checkpointing.py's LOW_RANK; that module imports torch, the planner does not).
-LOW_RANK = 8
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """One parameter of the trained model, as the loader (training/model.py) leaves it.
-
-    storage: "trainable" (fp32 master weights), "compute" (frozen, in the compute dtype: the LoRA base),
-    "fp32" (frozen fp32: what peft's prepare_model_for_kbit_training leaves unquantised under QLoRA) or
-    "nf4" (frozen 4-bit: packed bytes plus block scales)."""
-
-    numel: int
-    dim0: int  # FSDP2 shards rows (dim 0)
-    storage: str
-    in_layer: bool  # inside a repeated decoder layer (an FSDP2 group of its own), else in the root group
-    matmul: bool  # a weight of a linear layer (autocast casts these to the compute dtype)
-
-    @property
-    def trainable(self) -> bool:
-        return self.storage == "trainable"
-
-
-@dataclass(frozen=True)
-class ParamCounts:
-    """Parameter counts of the model as the job will train it, and the shapes the memory model needs."""
-
-    total: int  # every parameter of the trained model (base + adapters)
-    trainable: int
-    frozen: int
-    frozen_quantized: int  # frozen params held in 4 bits (QLoRA)
-    num_layers: int
-    hidden_size: int
-    vocab_size: int
-    # 0: unknown (shape-only counts); the activation model then assumes an intermediate size of 8/3 x hidden
-    intermediate_size: int = 0
-    num_attention_heads: int = 0
-    num_key_value_heads: int = 0
-    head_dim: int = 0
-    tensors: tuple[TensorInfo, ...] = field(default=(), repr=False)  # empty: aggregate counts only
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out.pop("tensors")
-        return out
-
-
-def nf4_bytes(numel: int, double_quant: bool = True, storage_bytes: int = 2) -> int:
-    """Bytes of one bitsandbytes 4-bit weight: packed nibbles, the block absmaxes and the code tables.
-
-    The packed nibbles sit in elements of the quant storage dtype (the compute dtype by default). With double
-    quantisation the absmaxes are uint8 with an fp32 absmax per 256 of them, a 256-entry fp32 code and an
-    fp32 offset; without it one fp32 absmax per block. The 16-entry NF4 code is fp32."""
-    blocks = ceil(numel / NF4_BLOCK)
-    packed = storage_bytes * ceil(numel / (2 * storage_bytes))
-    if double_quant:
-        scales = blocks + 4 * ceil(blocks / NESTED_BLOCK) + 4 * 256 + 4
-    else:
-        scales = 4 * blocks
-    return packed + scales + 4 * 16
 
 
 def load_config(spec: JobSpec):
@@ -180,63 +118,6 @@ def count_parameters(spec: JobSpec) -> ParamCounts:
     )
 
 
-def state_bytes_per_rank(
-    counts: ParamCounts, strategy: str, world_size: int, compute_dtype: str, storage_dtype: str
-) -> dict[str, int]:
-    """The ZeRO paper's accounting of params, grads and AdamW state per rank, before activations.
-
-    Mixed precision: 2 (bf16 params) + 2 (bf16 grads) + 12 (fp32 master, momentum, variance) = 16 bytes
-    per trainable parameter, sharded by stage; fp32: 4 + 4 + 12. Frozen params stay in their storage dtype
-    (4-bit for QLoRA). What the strategies here really hold, to the byte, is launcher.memory_model's.
-    """
-    mixed = compute_dtype != "fp32"
-    frozen_plain = counts.frozen - counts.frozen_quantized
-    frozen_bytes = frozen_plain * DTYPE_BYTES[storage_dtype] + int(counts.frozen_quantized * (0.5 + 1 / 64))
-    param_bytes = counts.trainable * (2 if mixed else 4) + frozen_bytes
-    grad_bytes = counts.trainable * (2 if mixed else 4)
-    optim_bytes = counts.trainable * (12 if mixed else 8)
-    shard = max(1, world_size)
-    if strategy in ("zero1", "zero2", "zero3", "fsdp"):
-        optim_bytes //= shard
-    if strategy in ("zero2", "zero3", "fsdp"):
-        grad_bytes //= shard
-    if strategy in ("zero3", "fsdp"):
-        param_bytes //= shard
-    return {
-        "params": int(param_bytes),
-        "grads": int(grad_bytes),
-        "optimizer": int(optim_bytes),
-        "total": int(param_bytes + grad_bytes + optim_bytes),
-    }
-
-
-@dataclass(frozen=True)
-class Setting:
-    """Everything besides the model that decides one rank's memory."""
-
-    strategy: str  # single | ddp | fsdp | zero1 | zero2 | zero3
-    offload: str = "none"  # none | optimizer | params
-    world_size: int = 1
-    rank: int = 0
-    compute_dtype: str = "bf16"
-    finetune: str = "full"  # full | lora | qlora
-    micro_batch_size: int = 1
-    grad_accum: int = 1
-    max_length: int = 2048
-    attention: str = "sdpa"
-    gradient_checkpointing: str = "none"  # none | selective | full
-    padding_free: bool = True
-    packing: bool = False
-    reshard_after_forward: bool = True
-    lora_r: int = 16
-    lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] | str = "all-linear"
-    double_quant: bool = True
-    quant_storage_bytes: int = 2  # element size the packed 4-bit weights are stored in
-    device: str = "cuda"
-    method: str = "sft"  # dpo and reward rows are (chosen, rejected) pairs: two sequences per sample
-
-
 # -- activations ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelShape:
@@ -262,19 +143,13 @@ class ModelShape:
         ), notes
 
 
-def activation_bytes(counts: ParamCounts, s: Setting) -> tuple[int, list[str]]:
-    """Peak bytes of activations of one micro-batch (the larger of activation_phases')."""
-    (at_loss, in_layers), notes = activation_phases(counts, s)
-    return max(at_loss, in_layers), notes
-
-
 def activation_phases(counts: ParamCounts, s: Setting) -> tuple[tuple[int, int], list[str]]:
     """((at the loss, in the layers' backward), notes): activation bytes at the two moments a step can
     peak. At the loss: everything the layers saved plus the loss over the vocabulary. In the layers'
     backward: what the layers saved plus one layer's backward temporaries (with checkpointing: the kept
     layer inputs, with selective also the other layers' kept matmul outputs, plus one recomputed layer). The
-    strategy adds what it holds at each moment
-    (launcher/memory_model.py: no gradients yet at the loss without accumulation, no gathered FSDP2 groups).
+    strategy adds what it holds at each moment (its footprint's held_in_backward: e.g. no gradients yet at
+    the loss without accumulation, no gathered FSDP2 groups).
 
     Peak bytes of activations of one micro-batch in a Llama-style decoder: what autograd saves for the
     backward, the attention mask, and the loss (fp32 log-softmax over batch x length x vocab).
@@ -282,9 +157,10 @@ def activation_phases(counts: ParamCounts, s: Setting) -> tuple[tuple[int, int],
     Worst case: every sample max_length tokens. Padding-free batches lay a micro-batch end to end in one row
     of micro_batch x max_length tokens; with several samples in a row sdpa and eager get a 4D block mask of
     T^2 (bool, once) and sdpa converts it to a float mask in the compute dtype in every layer, which that
-    layer keeps for its backward. Dtypes follow the strategy: single/ddp autocast over fp32 trainable weights
-    (fp32 residual stream, a bf16 copy of each linear's input per linear), fsdp/zero run the model in the
-    compute dtype (one shared copy), QLoRA's unquantised weights are fp32 (peft's kbit preparation)."""
+    layer keeps for its backward. Dtypes follow the strategy: those whose footprint says `autocast`
+    (single, ddp) autocast over fp32 trainable weights (fp32 residual stream, a bf16 copy of each linear's
+    input per linear), the others (fsdp, zero) run the model in the compute dtype (one shared copy);
+    QLoRA's unquantised weights are fp32 (peft's kbit preparation)."""
     shape, notes = ModelShape.of(counts)
     h, layers, a, d, i, vocab = (
         shape.hidden,
@@ -295,7 +171,7 @@ def activation_phases(counts: ParamCounts, s: Setting) -> tuple[tuple[int, int],
         shape.vocab,
     )
     c = DTYPE_BYTES[s.compute_dtype]
-    autocast = s.strategy in ("single", "ddp") and c != 4
+    autocast = footprint(s.strategy).autocast and c != 4
     full, lora = s.finetune == "full", s.finetune != "full"
     residual = 4 if (c == 4 or (autocast and s.finetune != "lora")) else c
     linear_out = 4 if (c == 4 or (autocast and s.finetune == "qlora")) else c
@@ -321,7 +197,8 @@ def activation_phases(counts: ParamCounts, s: Setting) -> tuple[tuple[int, int],
     rows, seq = (1, tokens) if s.padding_free else (s.micro_batch_size, s.max_length)
     several = s.micro_batch_size > 1 or s.packing or pairs
     flash = s.attention == "flash_attention_2"
-    # On the CPU, sdpa runs padding-free rows per sample (training/attention.py collate_attention): no mask
+    # On the CPU, sdpa runs padding-free rows per sample, without a mask (training/kernels/attention.py's
+    # collate_attention)
     per_sample = s.attention == "sdpa" and s.device == "cpu" and s.padding_free and several
     masked = not flash and not per_sample and (several if s.padding_free else True)
     # transformers expands k and v to every head when a mask is given (the per-sample kernel does too)

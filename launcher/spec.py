@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 Checkpointing = Literal["none", "selective", "full"]
 CHECKPOINTING: tuple[str, ...] = get_args(Checkpointing)  # from the least recompute to the most
+# Rules this module cannot state because they depend on what a strategy can run (strategies/job_rules.py,
+# which imports this contract module, not the other way round): `JobSpec.model_validate(raw,
+# context={RULES_CONTEXT: [rule, ...]})` checks them with the others, each rule a JobSpec's (field, message) list.
+RULES_CONTEXT = "rules"
+Rule = Callable[["JobSpec"], list[tuple[str, str]]]
 
 
 class Section(BaseModel):
@@ -336,18 +342,19 @@ class JobSpec(Section):
     output_dir: str | None = Field(None, description="Run directory (default runs/<name>-<timestamp>)")
 
     @model_validator(mode="after")
-    def _cross_field_rules(self) -> JobSpec:
-        """Rules that span sections; all broken ones are reported at once, each under its primary field."""
-        problems = self._rule_violations()
+    def _cross_field_rules(self, info: ValidationInfo) -> JobSpec:
+        """Rules that span sections; all broken ones are reported at once, each under its primary field.
+        The validation context may add rules under RULES_CONTEXT (see its comment)."""
+        problems = self._rule_violations((info.context or {}).get(RULES_CONTEXT, ()))
         if problems:
             summary = "; ".join(f"{field}: {message}" for field, message in problems)
             raise PydanticCustomError("cross_field", "{summary}", {"summary": summary, "problems": problems})
         return self
 
-    def _rule_violations(self) -> list[tuple[str, str]]:
+    def _rule_violations(self, extra_rules: Sequence[Rule] = ()) -> list[tuple[str, str]]:
         problems: list[tuple[str, str]] = []
         add = problems.append
-        train, strategy, ft, world = self.train, self.strategy, self.finetune, self.world_size
+        train, world = self.train, self.world_size
         mbs, gbs = train.micro_batch_size, train.global_batch_size
         if isinstance(mbs, int) and gbs % (mbs * world):
             step = mbs * world
@@ -377,38 +384,8 @@ class JobSpec(Section):
         if train.eval_every and not (self.data.eval or self.data.eval_split):
             why = "but there is no eval data: add data.eval or data.eval_split"
             add(("train.eval_every", f"{train.eval_every}, {why}"))
-        if strategy.name == "single" and world > 1:
-            asked = f"{world} ({self.resources.nodes} node(s) x {self.resources.gpus_per_node} gpus_per_node)"
-            add(
-                (
-                    "strategy.name",
-                    f"'single' runs one rank, but resources ask for {asked}; use ddp, fsdp, zero1-3 or auto",
-                )
-            )
-        if strategy.offload == "params" and strategy.name not in ("auto", "fsdp", "zero3"):
-            add(
-                (
-                    "strategy.offload",
-                    f"'params' needs strategy.name fsdp or zero3 (or auto), not {strategy.name!r}",
-                )
-            )
-        elif strategy.offload == "optimizer" and strategy.name in ("single", "ddp"):
-            use = "use zero2 (one GPU works too), zero1, zero3, fsdp or auto"
-            add(("strategy.offload", f"'optimizer' needs a sharded strategy, not {strategy.name!r}: {use}"))
-        # Sharding 4-bit weights (FSDP, ZeRO-3) needs their storage dtype to match the other weights'.
-        storage, dtype = ft.quant_storage, self.model.dtype
-        if ft.type == "qlora" and strategy.name in ("fsdp", "zero3") and storage not in ("auto", dtype):
-            if storage == "uint8" or dtype != "auto":
-                why = f"{storage!r} cannot be sharded by {strategy.name} next to {dtype} weights"
-                add(
-                    (
-                        "finetune.quant_storage",
-                        f"{why}; use auto (the compute dtype) or the same dtype as model.dtype",
-                    )
-                )
-        if self.model.compile and strategy.name.startswith("zero"):
-            why = f"is not supported with DeepSpeed ({strategy.name}), whose ZeRO hooks run inside every layer"
-            add(("model.compile", f"{why}; use strategy.name fsdp, ddp or single, or set model.compile: false"))
+        for rule in extra_rules:  # the strategies' capability rules, handed in by the job loader
+            problems += rule(self)
         method = self.method
         if isinstance(method, DPOMethod) and method.label_smoothing and method.loss != "sigmoid":
             why = f"applies to loss sigmoid only, not {method.loss!r}"

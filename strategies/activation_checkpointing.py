@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from strategies.footprint.counts import LOW_RANK  # torch-free there: the planner counts the same rule
+
 MODES = ("none", "selective", "full")
 
 # Ops whose outputs selective checkpointing keeps (functional overloads only: an `.out` variant writes into
@@ -45,7 +47,6 @@ ATTENTION = frozenset({
     "aten::_scaled_dot_product_cudnn_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
     "flash_attn::_flash_attn_forward", "flash_attn::_flash_attn_varlen_forward",
 })  # fmt: skip
-LOW_RANK = 8  # launcher/memory.py models the same rule
 
 
 def checkpoint_kwargs(mode: str) -> dict[str, Any]:

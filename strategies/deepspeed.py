@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from launcher.errors import UserError
 from strategies import deepspeed_universal
 from strategies.base import (
     DistEnv,
@@ -27,11 +29,13 @@ from strategies.base import (
     trainable_parameters,
     upcast_trainable_to_fp32,
 )
+from strategies.deepspeed_sizes import PREFETCH_SHARE, persistence_threshold, reduce_bucket
 
 log = logging.getLogger("sharpen")
 
 CHECKPOINT_TAG = "deepspeed"
 LAYOUT_FILE = "deepspeed-layout.json"
+KIND = f"a DeepSpeed ({LAYOUT_FILE})"  # how strategies/full_weights.py names this format
 
 
 class DeepSpeedStrategy(Strategy):
@@ -63,19 +67,17 @@ class DeepSpeedStrategy(Strategy):
         self._last_backward_at_boundary = False
 
     def deepspeed_config(self, hidden_size: int | None = None) -> dict[str, Any]:
-        """The DeepSpeed JSON, generated: nothing a user writes by hand.
-
-        Bucket sizes follow the model width as transformers' DeepSpeed integration sets its "auto"
-        values: DeepSpeed's fixed defaults (5e8-element buckets, 1e5-element persistence) are sized for
-        big models, and keep every parameter of a small one unpartitioned on every rank under ZeRO-3."""
+        """The DeepSpeed JSON, generated: nothing a user writes by hand. Bucket sizes follow the model
+        width (strategies/deepspeed_sizes.py, which the footprint counts too); DeepSpeed's own defaults
+        when the width is unknown."""
         o = self.options
         pin = self.env.device.type == "cuda"
         zero: dict[str, Any] = {"stage": self.stage}
         if hidden_size:
-            zero["reduce_bucket_size"] = hidden_size * hidden_size
+            zero["reduce_bucket_size"] = reduce_bucket(hidden_size)
             if self.stage == 3:
-                zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
-                zero["stage3_param_persistence_threshold"] = 10 * hidden_size
+                zero["stage3_prefetch_bucket_size"] = int(PREFETCH_SHARE * reduce_bucket(hidden_size))
+                zero["stage3_param_persistence_threshold"] = persistence_threshold(hidden_size)
         if o.offload_optimizer or o.offload_params:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
         if o.offload_params:
@@ -265,3 +267,22 @@ class DeepSpeedStrategy(Strategy):
 def _values(container: Any) -> list[Any]:
     """ZeRO keeps per-group buffers in a dict (stage 1/2) or a list (stage 3)."""
     return list(container.values()) if isinstance(container, dict) else list(container)
+
+
+def holds_checkpoint(directory: Path) -> bool:
+    return (Path(directory) / LAYOUT_FILE).is_file()
+
+
+def read_full_weights(directory: Path, model: nn.Module, trainable_only: bool) -> dict[str, Any]:
+    """fp32 weights rebuilt from the ZeRO partitions of every rank (any stage, any world size), lazily:
+    each tensor is read when copied into the model, so the peak is one model, not two."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ds_dir = Path(directory) / CHECKPOINT_TAG
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress prints
+            return get_fp32_state_dict_from_zero_checkpoint(
+                str(ds_dir.parent), tag=ds_dir.name, exclude_frozen_parameters=trainable_only, lazy_mode=True
+            )
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise UserError(f"{ds_dir}: cannot read this DeepSpeed checkpoint: {error}") from None

@@ -11,12 +11,14 @@ import dist_harness
 import pytest
 import torch
 
+from launcher.candidates import GIB, estimate
 from launcher.errors import UserError
-from launcher.memory_model import GIB, estimate, state_bytes
 from launcher.plan import Plan
 from launcher.planner import build_plan
-from launcher.shapes import ParamCounts, Setting, activation_bytes, count_parameters
+from launcher.shapes import activation_phases, count_parameters
 from launcher.spec import JobSpec
+from strategies import footprint
+from strategies.footprint.counts import ParamCounts, Setting
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "examples" / "configs"
@@ -139,12 +141,12 @@ def test_predicted_state_is_what_ranks_hold(two_rank_bytes, name):
     assert held[0][name] == predicted
     counts, setting = count_parameters(plan.spec), plan_setting(plan)
     for rank in range(plan.world_size):  # FSDP2's rank 1 holds fewer rows of the odd-sized tensors
-        want = state_bytes(counts, replace(setting, rank=rank))
+        want = footprint(plan.strategy).state(counts, replace(setting, rank=rank))
         assert held[rank][name] == {k: want[k] for k in predicted}, f"rank {rank}"
 
 
 def plan_setting(plan: Plan) -> Setting:
-    from launcher.memory_model import setting_for
+    from launcher.candidates import setting_for
 
     return setting_for(
         plan.spec, plan.strategy, plan.offload, plan.world_size, plan.device, plan.compute_dtype,
@@ -172,11 +174,16 @@ def test_published_configs_count_their_parameters(llama8b):
 def test_zero_paper_numbers_for_llama3_8b_on_8_gpus(llama8b, strategy, gb):
     """Mixed-precision Adam, 16 bytes per parameter (2 bf16 params + 2 bf16 grads + 12 fp32 master, momentum,
     variance), sharded by stage: 2+2+12/8, 2+(2+12)/8, 16/8 bytes per parameter, before activations."""
-    held = state_bytes(llama8b, Setting(strategy=strategy, world_size=8, compute_dtype="bf16"))
+    held = footprint(strategy).state(llama8b, Setting(strategy=strategy, world_size=8, compute_dtype="bf16"))
     assert (held["params"] + held["grads"] + held["optimizer"]) / 1e9 == pytest.approx(gb, abs=0.1)
 
 
 # -- activations: predicted == the peak autograd and the loss really take (CPU allocator) -------------
+def activations(counts: ParamCounts, setting: Setting) -> int:
+    """The activation model's peak: the larger of its two moments (at the loss, in the layers' backward)."""
+    return max(activation_phases(counts, setting)[0])
+
+
 def measured_peak(
     model, ids, mask, grads_allocated: bool = True, autocast: bool = False
 ) -> int:
@@ -240,7 +247,7 @@ def test_activation_model_matches_the_measured_peak(finetune, dtype, samples, ch
         strategy="zero2", compute_dtype=dtype, finetune=finetune, micro_batch_size=samples, max_length=length,
         gradient_checkpointing=checkpointing, lora_r=8,
     )  # fmt: skip
-    assert activation_bytes(counts, setting)[0] == pytest.approx(got, rel=0.06)
+    assert activations(counts, setting) == pytest.approx(got, rel=0.06)
 
 
 def test_single_holds_no_gradients_at_the_loss_without_accumulation(tmp_path):
@@ -311,8 +318,8 @@ def test_cpu_sdpa_packed_rows_have_no_mask():
     mask = 2 * tokens * tokens * 4 + tokens * tokens  # each layer's fp32 mask, the bool mask once
     # the per-sample kernel's output is concatenated (one more tensor per layer); k and v are repeated as with a mask
     concatenated = 2 * tokens * 8 * 32 * 4
-    assert activation_bytes(counts, cuda)[0] - activation_bytes(counts, cpu)[0] == mask - concatenated
-    assert activation_bytes(counts, replace(cpu, micro_batch_size=1, max_length=1024)) == activation_bytes(
+    assert activations(counts, cuda) - activations(counts, cpu) == mask - concatenated
+    assert activations(counts, replace(cpu, micro_batch_size=1, max_length=1024)) == activations(
         counts, replace(cuda, micro_batch_size=1, max_length=1024)
     )  # one sample: no mask on either
 

@@ -202,8 +202,14 @@ def test_plan_shows_the_batch_arithmetic_and_state_bytes(tiny_model, tmp_path):
     plan = json.loads(result.stdout)
     assert plan["world_size"] == 2 and plan["strategy"] == "zero3"
     assert (plan["micro_batch_size"], plan["grad_accum"], plan["global_batch_size"]) == (2, 2, 8)
-    total = plan["params"]["total"]
-    assert plan["state_bytes_per_rank"]["params"] == total * 4 // 2  # fp32, halved by ZeRO-3 on 2 ranks
+    # ZeRO-3 on 2 ranks, fp32: half of each tensor (rounded up), and the tensors of at most 10 x hidden
+    # elements (the norms) also whole on every rank, as the chosen candidate's footprint counts them
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    whole = 10 * model.config.hidden_size
+    zero3 = sum(4 * math.ceil(n / 2) + (4 * n if n <= whole else 0) for n in map(torch.numel, model.parameters()))
+    assert plan["state_bytes_per_rank"]["params"] == plan["chosen"]["bytes_per_rank"]["params"] == zero3
     table = sharpen("plan", str(job_file))
     assert_ok(table)
     assert "micro 2 × accumulation 2 × ranks 2 = global 8" in table.stdout

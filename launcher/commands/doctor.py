@@ -36,7 +36,7 @@ def run(args) -> int:
     master = parse_master(args.master) if args.master else None
     test_timeout_s = test_timeout()
     checks = []
-    for check in checks_module.run_checks(spec, master, test_timeout_s):
+    for check in checks_module.run_checks(spec, master, test_timeout_s, strategy_packages(spec)):
         checks.append(check)
         if not args.json:
             print(f"{check.verdict:<5} {check.check:<13} {check.detail}", flush=True)
@@ -46,6 +46,13 @@ def run(args) -> int:
     else:
         print(", ".join(f"{n} {verdict}" for verdict, n in counts.items()))
     return 1 if counts[checks_module.FAIL] else 0
+
+
+def strategy_packages(spec) -> tuple[str, ...]:
+    """The modules the job's strategy needs beyond torch (none before `auto` has chosen one)."""
+    from strategies import capabilities
+
+    return () if spec is None or spec.strategy.name == "auto" else capabilities(spec.strategy.name).packages
 
 
 def test_timeout() -> float:

@@ -2,8 +2,8 @@
 
 Runs in one process on CPU, without ranks or a process group: it rebuilds the job's module from
 RUN/plan.json (the model as trained: PEFT adapters included, never quantised) and fills it from the
-checkpoint's shards: torch.distributed.checkpoint's files (single, ddp, fsdp) or DeepSpeed's ZeRO
-partitions (any stage, any world size), each read at its fp32 master precision.
+checkpoint's shards with the offline reader of the strategy family that wrote them
+(strategies/full_weights.py), each read at its fp32 master precision.
 """
 
 from __future__ import annotations
@@ -70,8 +70,10 @@ def export(
 
     import torch
 
+    from strategies.full_weights import load_full_weights
+
     model, tokenizer = build_model(spec)
-    load_weights(model, path, peft)
+    load_full_weights(model, path, peft)
     tmp = to.with_name(f".{to.name}.export-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -154,101 +156,6 @@ def build_model(spec) -> tuple[Any, Any]:
     except OSError as error:  # the base model moved, or the hub cannot be reached
         raise UserError(f"cannot load the run's base model {spec.model.path}: {error}") from None
     return model.eval(), tokenizer
-
-
-def load_weights(model, checkpoint: Path, trainable_only: bool) -> None:
-    """Fill `model` from a checkpoint of any strategy; every (trainable) parameter must be in it."""
-    from strategies.deepspeed import CHECKPOINT_TAG, LAYOUT_FILE
-
-    if (checkpoint / LAYOUT_FILE).is_file():
-        entries = deepspeed_entries(checkpoint / CHECKPOINT_TAG, trainable_only)
-    elif (checkpoint / ".metadata").is_file():
-        entries = dcp_entries(checkpoint, model, trainable_only)
-    else:
-        raise UserError(f"{checkpoint}: neither a DeepSpeed ({LAYOUT_FILE}) nor a DCP (.metadata) checkpoint")
-    copy_into(model, entries, checkpoint, trainable_only)
-
-
-def deepspeed_entries(ds_dir: Path, exclude_frozen: bool) -> dict[str, Any]:
-    """fp32 weights rebuilt from the ZeRO partitions of every rank (any stage), lazily: each tensor is
-    read when copied into the model, so the peak is one model, not two."""
-    import contextlib
-    import io
-
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # its progress prints
-            return get_fp32_state_dict_from_zero_checkpoint(
-                str(ds_dir.parent), tag=ds_dir.name, exclude_frozen_parameters=exclude_frozen, lazy_mode=True
-            )
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise UserError(f"{ds_dir}: cannot read this DeepSpeed checkpoint: {error}") from None
-
-
-def dcp_entries(checkpoint: Path, model, trainable_only: bool) -> dict[str, Any]:
-    """The checkpoint's `model.*` entries, read without a process group straight into the model's tensors.
-
-    Keys are the module's state-dict names (DCP stores {"model": ..., "optimizer": ...} flattened with
-    a dot). A LoRA checkpoint holds the adapter's params, and under QLoRA also the 4-bit base's
-    quantisation state (absmax, quant_map: not params, so not filtered out as frozen): only the
-    adapter is taken, the base comes from the pretrained weights."""
-    import warnings
-
-    import torch.distributed.checkpoint as dcp
-
-    from strategies.base import trainable_names
-
-    try:
-        saved = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
-    except Exception as error:
-        raise UserError(f"{checkpoint / '.metadata'}: cannot read it: {error}") from None
-    names = {key.removeprefix("model.") for key in saved if key.startswith("model.")}
-    if trainable_only:
-        names &= trainable_names(model)
-    live = model.state_dict()
-    unknown = sorted(names - set(live))
-    if unknown:
-        raise UserError(f"{checkpoint}: holds weights this model does not have, e.g. {unknown[:3]}")
-    wanted = {name: live[name] for name in names}
-    try:
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({"model": wanted}, checkpoint_id=str(checkpoint), no_dist=True)
-    except Exception as error:
-        raise UserError(f"{checkpoint}: cannot read this checkpoint: {error}") from None
-    return wanted
-
-
-def copy_into(model, entries: dict[str, Any], checkpoint: Path, trainable_only: bool) -> None:
-    """Copy `entries` into the model's parameters and buffers, checking nothing needed is missing."""
-    import torch
-
-    from strategies.base import trainable_names
-
-    if trainable_only:  # buffers of the base, quantisation state: not the export's to take
-        entries = {name: value for name, value in entries.items() if name in trainable_names(model)}
-    live = model.state_dict()
-    unknown = sorted(set(entries) - set(live))
-    if unknown:
-        raise UserError(f"{checkpoint}: holds weights this model does not have, e.g. {unknown[:3]}")
-    with torch.no_grad():
-        for name, value in entries.items():
-            tensor = value.contiguous() if not isinstance(value, torch.Tensor) else value  # lazy ZeRO tensors
-            if tensor.shape != live[name].shape:
-                raise UserError(
-                    f"{checkpoint}: {name} has shape {tuple(tensor.shape)}, the model {tuple(live[name].shape)}"
-                )
-            if tensor.data_ptr() != live[name].data_ptr():
-                live[name].copy_(tensor)
-    # A parameter counts as restored when any of its names (tied weights have two) was in the checkpoint.
-    names_of: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if param.requires_grad or not trainable_only:
-            names_of.setdefault(id(param), []).append(name)
-    missing = sorted(names[0] for names in names_of.values() if not set(names) & set(entries))
-    if missing:
-        raise UserError(f"{checkpoint}: {len(missing)} weights are missing from it, e.g. {missing[:3]}")
 
 
 def replace_dir(new: Path, to: Path) -> None:

@@ -68,9 +68,8 @@ def cmd_run(args) -> int:
 def cmd_resume(args) -> int:
     import pydantic
 
-    from launcher.jobfile import apply_overrides, format_errors
+    from launcher.jobfile import apply_overrides, format_errors, validate
     from launcher.plan import Plan
-    from launcher.spec import JobSpec
     from training.checkpoint import latest_checkpoint
 
     run_dir = Path(args.run_dir)
@@ -83,7 +82,7 @@ def cmd_resume(args) -> int:
             f"start it again with `sharpen run JOB.yaml --output-dir {run_dir}`",
         )
     try:
-        spec = JobSpec.model_validate(apply_overrides(previous.job, args.set))
+        spec = validate(apply_overrides(previous.job, args.set))
     except pydantic.ValidationError as exc:
         raise UserError(format_errors(exc, f"{run_dir} with its --set overrides")) from None
     return start_local(spec, run_dir)

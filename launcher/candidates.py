@@ -1,0 +1,122 @@
+"""One way to run a job, evaluated: the Setting a strategy would run with, the memory one of its ranks would
+hold (its footprint, strategies/footprint/, plus the activations of launcher/shapes.py), and the GPU bytes
+it must fit in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from launcher.shapes import activation_phases
+from launcher.spec import JobSpec
+from strategies import footprint
+from strategies.footprint.counts import DTYPE_BYTES, MemoryEstimate, ParamCounts, Setting
+
+GIB = 1024**3
+CUDA_RESERVED = GIB  # CUDA context, cuBLAS workspace and NCCL buffers: never available to tensors
+FRAGMENTATION = 0.05  # the caching allocator's blocks never pack perfectly
+
+
+def usable_bytes(capacity: int) -> int:
+    """Of a GPU's memory, what tensors can use: less the allocator's slack and the CUDA context."""
+    return int(capacity * (1 - FRAGMENTATION)) - CUDA_RESERVED
+
+
+def gpu_capacity(spec: JobSpec, device: str) -> tuple[int | None, str]:
+    """(bytes of one GPU, where the number comes from); None when unknown.
+
+    resources.gpu_memory_gb (GiB, as vendors count: an "80 GB" H100 is 80 GiB) wins; a local CUDA job
+    otherwise uses this machine's first GPU. A SLURM job's GPUs are not this machine's."""
+    if spec.resources.gpu_memory_gb:
+        return int(
+            spec.resources.gpu_memory_gb * GIB
+        ), f"resources.gpu_memory_gb: {spec.resources.gpu_memory_gb:g}"
+    if device == "cuda" and spec.cluster.kind == "local":
+        import torch
+
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            return int(props.total_memory), f"detected {props.name}"
+    return None, "no GPU here and no resources.gpu_memory_gb"
+
+
+def setting_for(
+    spec: JobSpec, strategy: str, offload: str, world: int, device: str, compute: str, mbs: int, accum: int
+) -> Setting:
+    """What besides the model decides a rank's memory, for `spec` run as `strategy` + `offload`."""
+    ft = spec.finetune
+    return Setting(
+        strategy=strategy,
+        offload=offload,
+        world_size=world,
+        compute_dtype=compute,
+        finetune=ft.type,
+        micro_batch_size=mbs,
+        grad_accum=accum,
+        max_length=spec.data.max_length,
+        attention=spec.model.attention,
+        gradient_checkpointing=spec.model.gradient_checkpointing,
+        padding_free=spec.data.padding_free,
+        packing=spec.data.packing,
+        reshard_after_forward=spec.strategy.reshard_after_forward,
+        lora_r=ft.r,
+        lora_dropout=ft.dropout,
+        lora_targets=ft.target_modules if ft.target_modules == "all-linear" else tuple(ft.target_modules),
+        double_quant=ft.double_quant,
+        quant_storage_bytes={"auto": DTYPE_BYTES[compute], "uint8": 1, **DTYPE_BYTES}[ft.quant_storage],
+        device=device,
+        method=spec.method.kind,
+    )
+
+
+def estimate(counts: ParamCounts, s: Setting) -> tuple[MemoryEstimate, list[str]]:
+    """The memory of one rank under `s`, and notes worth showing the user."""
+    strategy = footprint(s.strategy)
+    state = strategy.state(counts, s)
+    buffers, step_extra, notes = strategy.buffers(counts, s)
+    (act_loss, act_layers), act_notes = activation_phases(counts, s)
+    held = state["params"] + state["grads"] + state["optimizer"]
+    at_loss, in_layers = strategy.held_in_backward(counts, s, state["grads"], buffers)
+    backward = state["params"] + state["optimizer"] + max(at_loss + act_loss, in_layers + act_layers)
+    result = MemoryEstimate(
+        params=state["params"],
+        grads=state["grads"],
+        optimizer=state["optimizer"],
+        buffers=buffers,
+        activations=max(act_loss, act_layers),
+        offloaded=state["offloaded"],
+        step=held + step_extra,
+        backward=backward,
+    )
+    return result, notes + act_notes
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to run the job, evaluated: the micro batch it would use and what each rank would hold."""
+
+    strategy: str
+    offload: str
+    micro_batch_size: int
+    grad_accum: int
+    memory: MemoryEstimate
+    fits: bool
+    notes: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return candidate_label(self.strategy, self.offload)
+
+    def to_dict(self) -> dict:
+        return {
+            "strategy": self.strategy,
+            "offload": self.offload,
+            "micro_batch_size": self.micro_batch_size,
+            "grad_accum": self.grad_accum,
+            "bytes_per_rank": self.memory.to_dict(),
+            "fits": self.fits,
+        }
+
+
+def candidate_label(strategy: str, offload: str) -> str:
+    """How a candidate is named to the user: `zero3 + offload params`."""
+    return strategy if offload == "none" else f"{strategy} + offload {offload}"

@@ -1,0 +1,150 @@
+"""What a footprint is computed over and what it gives: the model's tensors, one rank's setting, its bytes.
+
+Plain data and arithmetic (no torch): launcher/shapes.py fills ParamCounts from a model's config, the
+footprints in this package turn it and a Setting into bytes, and the planner adds up a MemoryEstimate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from math import ceil
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+NF4_BLOCK = 64  # bitsandbytes 4-bit: one absmax per 64 weights
+NESTED_BLOCK = 256  # double quantisation: one fp32 absmax per 256 uint8 absmaxes
+# Selective checkpointing recomputes a matmul whose output is this many times wider than its contraction
+# (strategies/activation_checkpointing.py applies the rule; launcher/shapes.py counts what it keeps).
+LOW_RANK = 8
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One parameter of the trained model, as the loader (training/model.py) leaves it.
+
+    storage: "trainable" (fp32 master weights), "compute" (frozen, in the compute dtype: the LoRA base),
+    "fp32" (frozen fp32: what peft's prepare_model_for_kbit_training leaves unquantised under QLoRA) or
+    "nf4" (frozen 4-bit: packed bytes plus block scales)."""
+
+    numel: int
+    dim0: int  # FSDP2 shards rows (dim 0)
+    storage: str
+    in_layer: bool  # inside a repeated decoder layer (an FSDP2 group of its own), else in the root group
+    matmul: bool  # a weight of a linear layer (autocast casts these to the compute dtype)
+
+    @property
+    def trainable(self) -> bool:
+        return self.storage == "trainable"
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameter counts of the model as the job will train it, and the shapes the memory model needs."""
+
+    total: int  # every parameter of the trained model (base + adapters)
+    trainable: int
+    frozen: int
+    frozen_quantized: int  # frozen params held in 4 bits (QLoRA)
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    # 0: unknown (shape-only counts); the activation model then assumes an intermediate size of 8/3 x hidden
+    intermediate_size: int = 0
+    num_attention_heads: int = 0
+    num_key_value_heads: int = 0
+    head_dim: int = 0
+    tensors: tuple[TensorInfo, ...] = field(default=(), repr=False)  # empty: aggregate counts only
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.pop("tensors")
+        return out
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Everything besides the model that decides one rank's memory."""
+
+    strategy: str  # a registered strategy (strategies.registered_names())
+    offload: str = "none"  # none | optimizer | params
+    world_size: int = 1
+    rank: int = 0
+    compute_dtype: str = "bf16"
+    finetune: str = "full"  # full | lora | qlora
+    micro_batch_size: int = 1
+    grad_accum: int = 1
+    max_length: int = 2048
+    attention: str = "sdpa"
+    gradient_checkpointing: str = "none"  # none | selective | full
+    padding_free: bool = True
+    packing: bool = False
+    reshard_after_forward: bool = True
+    lora_r: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] | str = "all-linear"
+    double_quant: bool = True
+    quant_storage_bytes: int = 2  # element size the packed 4-bit weights are stored in
+    device: str = "cuda"
+    method: str = "sft"  # dpo and reward rows are (chosen, rejected) pairs: two sequences per sample
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per rank by category. Device bytes, except `offloaded` (host memory of this rank)."""
+
+    params: int
+    grads: int
+    optimizer: int
+    buffers: int  # the strategy's working memory: gathered params, casts, communication buckets
+    activations: int  # saved for backward at the peak, logits and loss included
+    offloaded: int
+    step: int  # device peak during the optimizer step: params + grads + optimizer + the step's temporaries
+    # Device peak over forward and backward. Not always the sum of the columns (each at its most within a
+    # step): at the loss, where activations peak, single and fsdp hold no gradients yet without
+    # accumulation, and FSDP2 has every group resharded (see launcher/candidates.py's estimate()).
+    backward: int
+
+    @property
+    def total(self) -> int:
+        """The device peak: the larger of the forward/backward peak and the optimizer step's."""
+        return max(self.backward, self.step)
+
+    def to_dict(self) -> dict[str, int]:
+        keys = ("params", "grads", "optimizer", "buffers", "activations", "offloaded")
+        return {**{k: int(getattr(self, k)) for k in keys}, "total": int(self.total)}
+
+
+def nf4_bytes(numel: int, double_quant: bool = True, storage_bytes: int = 2) -> int:
+    """Bytes of one bitsandbytes 4-bit weight: packed nibbles, the block absmaxes and the code tables.
+
+    The packed nibbles sit in elements of the quant storage dtype (the compute dtype by default). With double
+    quantisation the absmaxes are uint8 with an fp32 absmax per 256 of them, a 256-entry fp32 code and an
+    fp32 offset; without it one fp32 absmax per block. The 16-entry NF4 code is fp32."""
+    blocks = ceil(numel / NF4_BLOCK)
+    packed = storage_bytes * ceil(numel / (2 * storage_bytes))
+    if double_quant:
+        scales = blocks + 4 * ceil(blocks / NESTED_BLOCK) + 4 * 256 + 4
+    else:
+        scales = 4 * blocks
+    return packed + scales + 4 * 16
+
+
+def packed_bytes(t: TensorInfo, s: Setting) -> int:
+    """The packed nibbles of a 4-bit weight, without its block scales."""
+    return s.quant_storage_bytes * ceil(t.numel / (2 * s.quant_storage_bytes))
+
+
+def tensors_of(counts: ParamCounts) -> tuple[TensorInfo, ...]:
+    """The model's tensors; for shape-only counts (no tensor list) one trainable, one frozen plain and one
+    4-bit block, each a single row-sharded tensor: exact up to per-tensor padding."""
+    if counts.tensors:
+        return counts.tensors
+    layer = bool(counts.num_layers)
+    out = (
+        [TensorInfo(counts.trainable, counts.trainable, "trainable", layer, True)] if counts.trainable else []
+    )
+    plain = counts.frozen - counts.frozen_quantized
+    if plain:
+        out.append(TensorInfo(plain, plain, "compute", layer, True))
+    if counts.frozen_quantized:
+        out.append(TensorInfo(counts.frozen_quantized, counts.frozen_quantized, "nf4", layer, True))
+    return tuple(out)
