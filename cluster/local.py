@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 from cluster.environment import free_port
+from training.env_hooks import RDZV_CONNECT_TIMEOUT_S
 
 log = logging.getLogger("sharpen")
 
@@ -55,7 +56,7 @@ def launch(
 
     endpoint = rdzv_endpoint or f"127.0.0.1:{free_port()}"
     if node_rank > 0:
-        default = float(os.environ.get("SHARPEN_RDZV_CONNECT_TIMEOUT_S", "30"))
+        default = float(os.environ.get(RDZV_CONNECT_TIMEOUT_S, "30"))
         wait_for_endpoint(endpoint, connect_timeout_s or default)
     agent_logs = run_dir / "logs" / "agent"
     agent_logs.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,8 @@ import pytest
 import torch
 from e2e import ALPACA, assert_ok, base_job, losses, metrics, sharpen, write_job
 
+from training.env_hooks import PROBE_LOGITS
+
 pytestmark = pytest.mark.slow
 
 
@@ -126,7 +128,7 @@ def test_final_full_weights_reproduce_trained_logits(tiny_model, tmp_path):
 
     probe = tmp_path / "probe.pt"
     job = base_job(tiny_model, ALPACA, **two_ranks("fsdp"))
-    run_dir = run_job(tmp_path, "fsdp-final", job, env={"SHARPEN_PROBE_LOGITS": str(probe)})
+    run_dir = run_job(tmp_path, "fsdp-final", job, env={PROBE_LOGITS: str(probe)})
     trained = torch.load(probe)
     model = AutoModelForCausalLM.from_pretrained(run_dir / "final").eval()
     with torch.no_grad():
@@ -143,7 +145,7 @@ def test_final_lora_adapter_reproduces_trained_logits(tiny_model, tmp_path):
 
     probe = tmp_path / "probe.pt"
     job = base_job(tiny_model, ALPACA, finetune={"type": "lora", "r": 8, "alpha": 16}, **two_ranks("zero3"))
-    run_dir = run_job(tmp_path, "zero3-lora", job, env={"SHARPEN_PROBE_LOGITS": str(probe)})
+    run_dir = run_job(tmp_path, "zero3-lora", job, env={PROBE_LOGITS: str(probe)})
     trained = torch.load(probe)
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     with torch.no_grad():

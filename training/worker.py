@@ -22,6 +22,7 @@ from launcher.plan import Plan
 from strategies import create_strategy
 from strategies.base import DistEnv, StrategyOptions
 from training import checkpoint
+from training.env_hooks import PROBE_LOGITS
 from training.kernels import cpu_gemm
 from training.kernels.attention import collate_attention
 from training.kernels.fused_loss import fuse_frozen_head_loss
@@ -243,8 +244,8 @@ def main(run_dir: str) -> int:
     from training.export import save_probe_logits, write_final
 
     write_final(strategy, tokenizer, run_dir / "final", peft=spec.finetune.type != "full")
-    if os.environ.get("SHARPEN_PROBE_LOGITS"):
-        save_probe_logits(strategy, os.environ["SHARPEN_PROBE_LOGITS"], len(tokenizer))
+    if os.environ.get(PROBE_LOGITS):
+        save_probe_logits(strategy, os.environ[PROBE_LOGITS], len(tokenizer))
     strategy.barrier()
     wandb_run.finish()
     if env.is_main:
