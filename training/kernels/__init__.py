@@ -1,12 +1,20 @@
 """Optional faster paths for library models, each applied by one function and each proven equal to the plain path.
 
 `apply` installs them on a rank's model; the fp32 CPU matmul engine they run on is the job's one choice
-(`resolve_cpu_matmul` when planning, `agree_cpu_matmul` on the ranks: the same on every rank).
+(`resolve_cpu_matmul` when planning, `agree_cpu_matmul` on the ranks: the same on every rank). A kernel
+that copies or patches library code lists that code in its UPSTREAM, {qualified name: (digest of the
+installed source, what of the kernel follows it)}; tests/test_upstream.py fails when the installed
+library's source no longer has that digest (`upstream_digest`).
 """
 
 from __future__ import annotations
 
+import ast
+import hashlib
+import importlib
+import inspect
 import logging
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -107,3 +115,25 @@ def agree_cpu_matmul(
         log.info("CPU matmul engine: %s (model.cpu_matmul: %s; %s)", engine, requested, how)
     return engine
 
+
+def upstream_digest(qualified_name: str) -> str:
+    """A short hash of the installed source of `qualified_name` (package.module.Class.attribute), as code:
+    its docstrings, comments and layout left out, so only a change of what it does changes the hash."""
+    parts = qualified_name.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+            break
+        except ModuleNotFoundError:
+            continue
+    else:
+        raise ModuleNotFoundError(f"no module of {qualified_name} is installed")
+    for attribute in parts[split:]:
+        obj = getattr(obj, attribute)
+    tree = ast.parse(textwrap.dedent(inspect.getsource(obj)))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            if isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.unparse(tree).encode()).hexdigest()[:16]

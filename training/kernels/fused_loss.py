@@ -37,6 +37,16 @@ SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen
 # Logit elements of one chunk: 2^25 fp32 values are 128 MiB (256 tokens of a 128k vocabulary).
 CHUNK_ELEMENTS = 1 << 25
 _MARK = "_sharpen_fused_loss"
+# The library code copied here (training/kernels/__init__.py): the SUPPORTED models' forward, which
+# _fused_forward reproduces up to the projection (decoder, slice_logits_to_keep, lm_head and nothing more).
+UPSTREAM = {
+    f"transformers.models.{name.lower()}.modeling_{name.lower()}.{name}ForCausalLM.forward": (
+        "0aa066a8096e3b08",
+        "_fused_forward in training/kernels/fused_loss.py runs this forward's decoder call and slicing, then the "
+        "loss through lm_head's weight: anything added between the decoder and lm_head must be added there",
+    )
+    for name in ("Llama", "Mistral", "Qwen2", "Qwen3")
+}
 
 
 class _FrozenHeadCrossEntropy(torch.autograd.Function):

@@ -40,6 +40,16 @@ from training.kernels.cpu_gemm import linear, pad_tokens, token_contraction
 
 log = logging.getLogger(__name__)
 
+# The library code copied here (training/kernels/__init__.py): PEFT's LoRA linear forward, whose math and
+# fallbacks (disabled, merged, mixed batches, variants, dtype casts) _fused_forward and _LoraLinearFunction follow.
+UPSTREAM = {
+    "peft.tuners.lora.layer.Linear.forward": (
+        "0a8b96d29dea80c2",
+        "_fused_forward and _LoraLinearFunction in training/kernels/lora_fused.py: the same output "
+        "(base + lora_B(lora_A(dropout(x))) * scaling) and the same calls left to PEFT's forward",
+    ),
+}
+
 
 class _LoraLinearFunction(torch.autograd.Function):
     @staticmethod
