@@ -7,7 +7,6 @@ import gc
 import weakref
 from types import SimpleNamespace
 
-import pytest
 import torch
 from torch import nn
 
@@ -37,18 +36,19 @@ def pair_batch():
     )
 
 
-def test_a_model_built_at_a_freed_models_address_is_a_model_of_its_own():
+def test_a_model_built_at_a_freed_models_address_is_a_model_of_its_own(monkeypatch):
     """The reward loss hooks each model's score head the first time it sees the model. Keyed by id(), a
-    second model allocated where the first was freed was taken for the first: never hooked, no scores."""
+    second model allocated where the first was freed (so with its id) was taken for the first: never
+    hooked, no scores. Where CPython reuses the address is up to its allocator, so the methods' id() is
+    made to give every Scorer the same one here (the old code failed exactly so)."""
+    from training.methods import reward
+
+    monkeypatch.setattr(reward, "id", lambda obj: 1 if isinstance(obj, Scorer) else id(obj), raising=False)
     loss, batch = RewardLoss(), pair_batch()
     first = Scorer()
     loss.rewards(first, batch)
-    address = id(first)
     del first
-    built = [Scorer() for _ in range(200)]  # until one lands where the first was
-    second = next((model for model in built if id(model) == address), None)
-    if second is None:
-        pytest.skip("the interpreter put no new model where the first was")
+    second = Scorer()
     rewards, _ = loss.rewards(second, batch)
     with torch.no_grad():
         want = second.score(second.embed(batch.input_ids))[0, [2, 6], 0]  # each sequence's last token
