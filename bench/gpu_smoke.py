@@ -34,6 +34,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from training.env_hooks import FAULT  # noqa: E402
+
 STEPS = 12
 DEVICE = os.environ.get("SMOKE_DEVICE", "cuda")  # cpu: only to try this script where there is no GPU
 BF16_RTOL = 3e-2
@@ -163,7 +165,7 @@ def main() -> int:
             continue
         spec = job(model, cache, strategy, "full", "bf16")
         _, _, whole = run(f"{name}-whole", spec)
-        out, run_dir, _ = run(name, spec, env={"SHARPEN_FAULT": "kill-after-step:5"})
+        out, run_dir, _ = run(name, spec, env={FAULT: "kill-after-step:5"})
         killed = out.returncode != 0
         out2 = sharpen("resume", str(run_dir))
         (work / f"{name}-resume.log").write_text(out2.stdout + "\n--- stderr ---\n" + out2.stderr)

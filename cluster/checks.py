@@ -19,13 +19,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from training.env_hooks import DOCTOR_TIMEOUT_S
+
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 GIB = 1024**3
 PROBE_TIMEOUT_S = 120  # a first import from a cold network file system can take a minute
 CONNECT_TIMEOUT_S = 3.0
 # The all-reduce test: (bytes, timed iterations) per device. Gloo on a CPU moves ~1 GB/s, so less there.
 TEST_SIZE = {"cuda": (64 * 2**20, 10), "cpu": (16 * 2**20, 5)}
-TIMEOUT_VARIABLE, DEFAULT_TEST_TIMEOUT_S = "SHARPEN_DOCTOR_TIMEOUT_S", 120.0  # seconds the all-reduce test may take
+TIMEOUT_VARIABLE, DEFAULT_TEST_TIMEOUT_S = DOCTOR_TIMEOUT_S, 120.0  # seconds the all-reduce test may take
 # (module, what sharpen uses it for, when a job needs it). Without a job every dependency is needed; a job
 # also needs the packages its strategy declares (strategies/ knows them; `sharpen doctor` hands them in).
 PACKAGES = [

@@ -12,17 +12,27 @@ import uuid
 from pathlib import Path
 
 from cluster.environment import free_port
+from training.env_hooks import RDZV_CONNECT_TIMEOUT_S
 
 log = logging.getLogger("sharpen")
 
 WORKER_MODULE = "training.worker"
 
 
+def rank_threads(nproc_per_node: int) -> int | None:
+    """Threads each of this machine's ranks runs with: OMP_NUM_THREADS where set, else the cores split
+    between the ranks. None where OMP_NUM_THREADS is set to something torch's count is not read from."""
+    value = os.environ.get("OMP_NUM_THREADS")
+    if value is None:
+        return max(1, (os.cpu_count() or 1) // nproc_per_node)
+    return int(value) if value.strip().isdigit() else None
+
+
 def worker_environment(device: str, nproc_per_node: int) -> dict[str, str]:
     """Variables every rank inherits: threads split between the ranks on a CPU, DeepSpeed told the device."""
     env: dict[str, str] = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     if "OMP_NUM_THREADS" not in os.environ:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc_per_node))
+        env["OMP_NUM_THREADS"] = str(rank_threads(nproc_per_node))
     if device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
     return env
@@ -55,7 +65,7 @@ def launch(
 
     endpoint = rdzv_endpoint or f"127.0.0.1:{free_port()}"
     if node_rank > 0:
-        default = float(os.environ.get("SHARPEN_RDZV_CONNECT_TIMEOUT_S", "30"))
+        default = float(os.environ.get(RDZV_CONNECT_TIMEOUT_S, "30"))
         wait_for_endpoint(endpoint, connect_timeout_s or default)
     agent_logs = run_dir / "logs" / "agent"
     agent_logs.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,9 @@ class Plan(BaseModel):
     collective_timeout_s: int = COLLECTIVE_TIMEOUT_S
     data_cache: str | None = None
     reference: dict[str, Any] | None = None  # DPO's reference model: where it comes from, what it costs
+    # The fp32 CPU matmul engine of every rank (model.cpu_matmul resolved, training/kernels/__init__.py).
+    # None: auto, left to the ranks (rank 0 measures; it writes its choice here when the run starts).
+    cpu_matmul: Literal["aten", "onednn"] | None = None
     # The memory plan (launcher/planner.py): each candidate's bytes per rank at its micro batch, the chosen
     # one, and the GPU bytes fits were checked against (None: unknown, not checked).
     offload: str = "none"

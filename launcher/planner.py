@@ -265,6 +265,7 @@ def build_plan(
         per_node = f"{human_bytes(host * nproc)} per node of {nproc} rank(s)"
         notices.append(f"offload: {human_bytes(host)} of host memory per rank, {per_node} (not checked)")
     strategy, mbs, accum = chosen.strategy, chosen.micro_batch_size, chosen.grad_accum
+    cpu_matmul = planned_cpu_matmul(spec, device, compute, nnodes, nproc)
     job = spec.model_dump(mode="json")
     job["strategy"]["offload"] = chosen.offload  # what the ranks run with, when auto chose an offload
     plan = Plan(
@@ -288,6 +289,7 @@ def build_plan(
         params={"total": counts.total, "trainable": counts.trainable, "frozen": counts.frozen},
         state_bytes_per_rank=state_bytes(chosen.memory),
         reference=reference_model(spec),
+        cpu_matmul=cpu_matmul,
         offload=chosen.offload,
         gpu_memory_bytes=capacity,
         usable_bytes=usable,
@@ -302,6 +304,16 @@ def state_bytes(memory: MemoryEstimate) -> dict[str, int]:
     params, grads, optimizer (device, their sum `total`) and offloaded (host)."""
     device = {"params": memory.params, "grads": memory.grads, "optimizer": memory.optimizer}
     return {**device, "total": sum(device.values()), "offloaded": memory.offloaded}
+
+
+def planned_cpu_matmul(spec: JobSpec, device: str, compute: str, nnodes: int, nproc: int) -> str | None:
+    """model.cpu_matmul resolved (training/kernels/): auto is measured here when the ranks run here (one
+    local machine, at their thread count), else left to the ranks (None)."""
+    from cluster.local import rank_threads
+    from training.kernels import resolve_cpu_matmul
+
+    here = spec.cluster.kind == "local" and nnodes == 1
+    return resolve_cpu_matmul(spec.model.cpu_matmul, device, compute, rank_threads(nproc) if here else None)
 
 
 def default_run_dir(spec: JobSpec) -> Path:

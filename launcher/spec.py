@@ -53,6 +53,15 @@ class ModelSpec(Section):
             "norms, rotary, MLP and LoRA arithmetic; the first steps wait for the compiler. Not with zero1-3"
         ),
     )
+    cpu_matmul: Literal["auto", "aten", "onednn"] = Field(
+        "auto",
+        description=(
+            "Kernel of an fp32 CPU run's matmuls: aten (torch's own, MKL's sgemm) or onednn (oneDNN's matmul, "
+            "twice as fast on AMD cores where MKL runs its AVX2 code). auto times both once per machine and "
+            "takes oneDNN where it is clearly faster; one choice for every rank of the job. No effect on GPUs "
+            "or in bf16"
+        ),
+    )
     trust_remote_code: bool = Field(
         False, description="Run model code shipped with the checkpoint (transformers' trust_remote_code)"
     )

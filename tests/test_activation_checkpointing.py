@@ -22,7 +22,7 @@ from launcher.spec import JobSpec
 from strategies.activation_checkpointing import LOW_RANK, MODES, SelectivePolicy, checkpoint_kwargs
 from training.data.packing import collate
 from training.kernels.attention import PER_SAMPLE_SDPA
-from training.kernels.cpu_gemm import onednn_available
+from training.kernels.cpu_gemm import engine_scope, onednn_available
 from training.kernels.last_layer import prune_last_layer
 from training.kernels.lora_fused import fuse_lora_linears
 from training.methods.causal_lm import CausalLMLoss
@@ -52,9 +52,17 @@ def build(model_dir: Path, variant: str, mode: str) -> torch.nn.Module:
             if "lora_B" in name:
                 param.normal_(0, 0.1)
     if "fused" in variant:
-        assert fuse_lora_linears(model, onednn=variant.endswith("onednn"))
+        assert fuse_lora_linears(model)
     assert prune_last_layer(model)
     return model
+
+
+@pytest.fixture(autouse=True)
+def cpu_matmul_engine(request):
+    """The -onednn variant runs with this process's CPU matmul engine on oneDNN (training/kernels/cpu_gemm.py)."""
+    variant = request.node.callspec.params.get("variant", "") if hasattr(request.node, "callspec") else ""
+    with engine_scope("onednn" if variant.endswith("onednn") else "aten"):
+        yield
 
 
 def batch():

@@ -1,4 +1,5 @@
-"""training/cpu_gemm.py: oneDNN linears against aten's, the token padding, and how the engine is chosen."""
+"""training/kernels/cpu_gemm.py: oneDNN linears against aten's, the token padding, and how the job's one
+engine is chosen (training/kernels/__init__.py): once, by rank 0 where the plan left it open."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import json
 
 import pytest
 import torch
+from dist_harness import run, unwrap
 from torch import nn
 
 import training.flops
-from training.kernels import cpu_gemm
-from training.kernels.cpu_gemm import pad_tokens, use_onednn_linears
+from training.kernels import cpu_gemm, resolve_cpu_matmul
+from training.kernels.cpu_gemm import engine_scope, linear, pad_tokens, use_onednn_linears
 
 needs_onednn = pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="this torch has no oneDNN linear")
 
@@ -19,8 +21,11 @@ needs_onednn = pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="this 
 @pytest.mark.parametrize("rows", [0, 1, 31, 32, 33, 70])
 def test_pad_tokens_appends_zero_rows_up_to_the_bucket(rows):
     t = torch.randn(rows, 5)
-    assert pad_tokens(t, onednn=False) is t
-    padded = pad_tokens(t, onednn=True)
+    with engine_scope("aten"):
+        assert pad_tokens(t) is t
+    with engine_scope("onednn"):
+        padded = pad_tokens(t)
+        assert pad_tokens(t.double()).shape == t.shape  # oneDNN's engine is for fp32 operands only
     assert padded.shape == (-(-rows // cpu_gemm.TOKEN_BUCKET) * cpu_gemm.TOKEN_BUCKET, 5)
     assert torch.equal(padded[:rows], t)
     assert not padded[rows:].any()
@@ -106,23 +111,41 @@ def test_onednn_linears_leave_other_dtypes_and_autocast_to_aten():
     assert len(calls) == 3
 
 
-def test_engine_follows_the_override_and_the_device(monkeypatch, tmp_path):
-    cpu = torch.device("cpu")
-    monkeypatch.setenv(cpu_gemm.ENV, "aten")
-    assert cpu_gemm.engine(cpu, torch.float32, tmp_path / "c.json") == "aten"
-    monkeypatch.setenv(cpu_gemm.ENV, "onednn")
+def test_engine_follows_the_job_key_and_the_device(tmp_path):
+    threads, cache = torch.get_num_threads(), tmp_path / "c.json"
+    assert resolve_cpu_matmul("aten", "cpu", "fp32", threads, cache) == "aten"
     want = "onednn" if cpu_gemm.onednn_available() else "aten"
-    assert cpu_gemm.engine(cpu, torch.float32, tmp_path / "c.json") == want
-    # bf16 (torch already sends it to oneDNN) and GPUs keep aten's matmuls, whatever the override
-    assert cpu_gemm.engine(cpu, torch.bfloat16, tmp_path / "c.json") == "aten"
-    assert cpu_gemm.engine(torch.device("cuda"), torch.float32, tmp_path / "c.json") == "aten"
+    assert resolve_cpu_matmul("onednn", "cpu", "fp32", threads, cache) == want
+    # bf16 (torch already sends it to oneDNN) and GPUs keep aten's matmuls, whatever the job asks
+    assert resolve_cpu_matmul("onednn", "cpu", "bf16", threads, cache) == "aten"
+    assert resolve_cpu_matmul("onednn", "cuda", "fp32", threads, cache) == "aten"
+    assert not cache.exists()  # nothing measured for a choice the job made
+    # auto where the ranks run on machines the planner does not see: left to them
+    assert resolve_cpu_matmul("auto", "cpu", "fp32", None, cache) is None
+    assert resolve_cpu_matmul("auto", "cuda", "bf16", None, cache) == "aten"
+
+
+def test_linear_follows_the_process_engine_for_fp32_cpu_operands_only(monkeypatch):
+    calls = []
+    onednn = cpu_gemm.onednn_linear
+    monkeypatch.setattr(cpu_gemm, "onednn_linear", lambda *a: calls.append(a[0].dtype) or onednn(*a))
+    x, w = torch.randn(6, 8), torch.randn(4, 8)
+    with engine_scope("aten"):
+        aten = linear(x, w)
+    assert calls == [] and cpu_gemm.current_engine() == "aten"
+    with engine_scope("onednn"):
+        linear(x.double(), w.double())  # aten's: oneDNN's engine is for fp32
+        assert calls == [] and cpu_gemm.current_engine() == "onednn"
+        if cpu_gemm.onednn_available():
+            torch.testing.assert_close(linear(x, w), aten, rtol=1e-5, atol=1e-6)
+            assert calls == [torch.float32]
+    assert cpu_gemm.current_engine() == "aten"  # the scope put it back
 
 
 @needs_onednn
 @pytest.mark.parametrize("aten,onednn,want", [(1e11, 2.2e11, "onednn"), (1e11, 1.05e11, "aten"), (2e11, 1e11, "aten")])
 def test_auto_picks_onednn_only_where_it_is_clearly_faster(monkeypatch, tmp_path, aten, onednn, want):
     """Measured once per machine, then read from the cache; the MFU peak is the faster engine's rate."""
-    monkeypatch.delenv(cpu_gemm.ENV, raising=False)
     calls = []
 
     def fake(device, dtype, seconds=0.3, matmul=None):
@@ -131,8 +154,43 @@ def test_auto_picks_onednn_only_where_it_is_clearly_faster(monkeypatch, tmp_path
 
     monkeypatch.setattr(training.flops, "measured_peak_flops", fake)
     cache = tmp_path / "peak.json"
-    cpu = torch.device("cpu")
-    assert cpu_gemm.engine(cpu, torch.float32, cache) == want
-    assert cpu_gemm.engine(cpu, torch.float32, cache) == want
+    cpu, threads = torch.device("cpu"), torch.get_num_threads()
+    assert resolve_cpu_matmul("auto", "cpu", "fp32", threads, cache) == want
+    assert resolve_cpu_matmul("auto", "cpu", "fp32", threads, cache) == want
     assert training.flops.peak_flops(cpu, torch.float32, cache) == max(aten, onednn)
     assert len(calls) == 2 and len(json.loads(cache.read_text())) == 2  # each engine measured once
+
+
+def agree_with_own_cache(env, cache_dir: str, rates_by_rank: list[dict[str, float]]) -> tuple[str, str, str]:
+    """On one rank: (the engine its own cache picks, the engine the job agrees on, the one set here). Each
+    rank's matmul rates are its own (a machine of its own), measured into a cache of its own."""
+    from pathlib import Path
+
+    from training import flops
+    from training.kernels import agree_cpu_matmul
+
+    rates = rates_by_rank[env.rank]
+    flops.measured_peak_flops = lambda device, dtype, seconds=0.3, matmul=None: rates[
+        "onednn" if matmul is cpu_gemm.onednn_linear else "aten"
+    ]
+    cache = Path(cache_dir) / f"rank{env.rank}.json"
+    alone = resolve_cpu_matmul("auto", "cpu", "fp32", torch.get_num_threads(), cache)
+    agreed = agree_cpu_matmul(None, "auto", "fp32", env, cache)
+    return alone, agreed, cpu_gemm.current_engine()
+
+
+FASTER_ONEDNN, FASTER_ATEN = {"aten": 1e11, "onednn": 2.2e11}, {"aten": 2e11, "onednn": 1e11}
+
+
+@needs_onednn
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "rank0,rank1", [(FASTER_ONEDNN, FASTER_ATEN), (FASTER_ATEN, FASTER_ONEDNN)], ids=["rank0-onednn", "rank0-aten"]
+)
+def test_two_ranks_whose_caches_disagree_run_rank_0s_engine(tmp_path, rank0, rank1):
+    """Two machines of one job, each with its own cached rates: alone they would pick different engines;
+    the job runs one, rank 0's, on both (broadcast over gloo)."""
+    results = unwrap(run(agree_with_own_cache, 2, str(tmp_path), [rank0, rank1]))
+    want = cpu_gemm.faster_engine(rank0)
+    assert [alone for alone, _, _ in results] == [want, cpu_gemm.faster_engine(rank1)] != [want, want]
+    assert [(agreed, set_here) for _, agreed, set_here in results] == [(want, want), (want, want)]

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from e2e import EXAMPLES, assert_ok, base_job, sharpen, write_job
 
+from training.env_hooks import DOCTOR_TIMEOUT_S
+
 ALPACA = EXAMPLES / "data" / "alpaca_tiny.jsonl"
 HUB_MODEL = "example-org/tiny-llama"  # a hub id: checked only when downloaded, which the doctor never does
 UNREACHABLE = "192.0.2.1:29500"  # TEST-NET-1 (RFC 5737): never a host; refused or unanswered, never reached
@@ -59,7 +61,7 @@ def test_unreachable_master_and_hung_test_fail_within_seconds(tmp_path):
     rendezvous check names the address, and an all-reduce test past its limit is stopped and named."""
     start = time.monotonic()
     code, checks = doctor_json(
-        str(job_file(tmp_path, 2)), "--master", UNREACHABLE, env={"SHARPEN_DOCTOR_TIMEOUT_S": "1"}
+        str(job_file(tmp_path, 2)), "--master", UNREACHABLE, env={DOCTOR_TIMEOUT_S: "1"}
     )
     elapsed = time.monotonic() - start
     assert code == 1

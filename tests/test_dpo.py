@@ -15,6 +15,7 @@ from launcher.spec import DataSpec
 from training.data import prepare as D
 from training.data.formats import ALPACA_PROMPT_WITH_INPUT
 from training.data.packing import IGNORE_INDEX, collate
+from training.env_hooks import FAULT
 from training.methods.dpo import DPOLoss
 from training.methods.dpo_reference import AdapterDisabledReference
 
@@ -267,7 +268,7 @@ def test_zero3_full_dpo_resumes_after_a_kill_with_its_precomputed_reference(
     """kill -9 after step 3 (checkpoint at 2); the resumed run reads RUN/reference/ back (the model is no
     longer the initial one) and ends with the uninterrupted single-rank run's losses."""
     job = dpo_job(tiny_model, cache, "full", "zero3", 2)
-    run_dir, result = run_job(tmp_path, "crashed", job, env={"SHARPEN_FAULT": "kill-after-step:3"}, ok=False)
+    run_dir, result = run_job(tmp_path, "crashed", job, env={FAULT: "kill-after-step:3"}, ok=False)
     assert result.returncode == 1 and [r["step"] for r in train_rows(run_dir)] == [1, 2, 3]
     reference = (run_dir / "reference" / "logps.pt").stat().st_mtime_ns
     assert_ok(sharpen("resume", str(run_dir)))

@@ -20,6 +20,7 @@ import torch
 from e2e import EXAMPLES, REPO, assert_ok, base_job, sharpen, write_job
 
 from launcher import cli
+from training.env_hooks import PROBE_LOGITS
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +56,7 @@ def runs(tiny_model, tmp_path_factory) -> Path:
             resources={"gpus_per_node": ranks},
             train={"save_every": 2},
         )
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "SHARPEN_PROBE_LOGITS": str(root / f"{name}.probe.pt")}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", PROBE_LOGITS: str(root / f"{name}.probe.pt")}
         command = [sys.executable, "-m", "launcher.cli", "run", str(write_job(root / f"{name}.yaml", job))]
         started[name] = subprocess.Popen(
             [*command, "--output-dir", str(root / name)],
@@ -150,7 +151,7 @@ def test_zero3_run_resumed_on_one_rank_exports_what_it_trained(runs, tmp_path):
         str(run),
         "--set",
         "resources.gpus_per_node=1",
-        env={"SHARPEN_PROBE_LOGITS": str(resumed_probe)},
+        env={PROBE_LOGITS: str(resumed_probe)},
     )
     assert_ok(result)
     assert "resumed from" in result.stderr and (run / "checkpoints" / "step-2" / "universal").is_dir()

@@ -12,7 +12,7 @@ from torch import nn
 
 from strategies import create_strategy
 from strategies.base import DistEnv, StrategyOptions
-from training.kernels.cpu_gemm import onednn_available
+from training.kernels.cpu_gemm import engine_scope, onednn_available
 from training.kernels.lora_fused import fuse_lora_linears
 
 
@@ -31,7 +31,7 @@ class Block(nn.Module):
         return self.head(h.transpose(0, 1))
 
 
-def peft_pair(dropout: float, train_bias: bool = False, onednn: bool = False):
+def peft_pair(dropout: float, train_bias: bool = False):
     torch.manual_seed(0)
     base = Block()
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["up", "down", "head"])
@@ -43,7 +43,7 @@ def peft_pair(dropout: float, train_bias: bool = False, onednn: bool = False):
     if train_bias:
         model.base_model.model.up.base_layer.bias.requires_grad_(True)
     fused = copy.deepcopy(model)
-    assert fuse_lora_linears(fused, onednn) == 3
+    assert fuse_lora_linears(fused) == 3
     return model.train(), fused.train()
 
 
@@ -59,12 +59,18 @@ def run(model, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor, 
 ENGINES = [False, pytest.param(True, marks=pytest.mark.skipif(not onednn_available(), reason="no oneDNN"))]
 
 
+@pytest.fixture(params=ENGINES, ids=["aten", "onednn"])
+def onednn(request):
+    """The test runs with this process's CPU matmul engine set to aten, then to oneDNN (cpu_gemm.py)."""
+    with engine_scope("onednn" if request.param else "aten"):
+        yield request.param
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("train_bias", [False, True])
-@pytest.mark.parametrize("onednn", ENGINES, ids=["aten", "onednn"])
 def test_fused_equals_peft_outputs_and_gradients(dropout, train_bias, onednn):
-    """On oneDNN the 15 tokens are padded to a bucket of 32 inside (training/cpu_gemm.py)."""
-    peft_model, fused = peft_pair(dropout, train_bias, onednn)
+    """On oneDNN the 15 tokens are padded to a bucket of 32 inside (training/kernels/cpu_gemm.py)."""
+    peft_model, fused = peft_pair(dropout, train_bias)
     x = torch.randn(3, 5, 24)
     for seed in (1, 2):  # twice: dropout draws a fresh mask, the same one in both
         peft_model.zero_grad(set_to_none=True)
@@ -127,7 +133,6 @@ def test_zero3_keeps_peft_forward_other_strategies_fuse():
         assert not create_strategy(name, options, env).gathers_params_in_module_hooks, name
 
 
-@pytest.mark.parametrize("onednn", ENGINES)
 def test_fused_keeps_no_more_for_backward_than_peft(onednn):
     """The fused linear keeps its input (a view its consumers share), a 1-byte dropout mask and A's
     output: no flattened, padded or dropped copies, which it makes again in backward. PEFT keeps a dropped
@@ -137,12 +142,12 @@ def test_fused_keeps_no_more_for_backward_than_peft(onednn):
     x = torch.randn(tokens, 24)
     inputs = tokens * (24 + 40 + 24)  # input elements of the three adapted linears
     for dropout in (0.0, 0.3):
-        peft, fused = peft_pair(dropout, onednn=onednn)
+        peft, fused = peft_pair(dropout)
         got, want = saved_for_backward_bytes(fused, x), saved_for_backward_bytes(peft, x)
         assert got <= (want - 4 * inputs if dropout else want), (dropout, got, want)
     # 37 tokens: oneDNN pads them to 64 for its kernels, and only the matmul outputs that something keeps
     # (A's outputs; the `down` output its transposing consumer keeps) may carry those 27 rows
-    peft, fused = peft_pair(0.0, onednn=onednn)
+    peft, fused = peft_pair(0.0)
     x = torch.randn(37, 24)
     pad_rows = (64 - 37) * 4 * (3 * 4 + 24) if onednn else 0
     assert saved_for_backward_bytes(fused, x) <= saved_for_backward_bytes(peft, x) + pad_rows

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from e2e import ALPACA, assert_ok, base_job, losses, metrics, sharpen, write_job
 
+from training.env_hooks import FAULT, RDZV_CONNECT_TIMEOUT_S
+
 pytestmark = pytest.mark.slow
 
 STEPS = 6
@@ -31,7 +33,7 @@ def job_for(model: Path, finetune: str, strategy: str, ranks: int = 2, **extra) 
 def run(tmp_path: Path, name: str, job: dict, fault: str | None = None):
     run_dir = tmp_path / name
     job_file = write_job(tmp_path / f"{name}.yaml", job)
-    env = {"SHARPEN_FAULT": fault} if fault else None
+    env = {FAULT: fault} if fault else None
     return run_dir, sharpen("run", str(job_file), "--output-dir", str(run_dir), env=env)
 
 
@@ -239,7 +241,7 @@ def test_unreachable_rendezvous_fails_in_seconds_with_the_address(tiny_model, tm
     result = sharpen(
         "run", str(job_file), "--output-dir", str(tmp_path / "run"),
         "--nnodes", "2", "--node-rank", "1", "--master", endpoint,
-        env={"SHARPEN_RDZV_CONNECT_TIMEOUT_S": "3"},
+        env={RDZV_CONNECT_TIMEOUT_S: "3"},
     )
     assert result.returncode == 2, result.stderr
     assert f"cannot reach the rendezvous at {endpoint}" in result.stderr and "Traceback" not in result.stderr

@@ -14,6 +14,7 @@ from launcher.spec import JobSpec
 from training.data.formats import ALPACA_PROMPT_WITH_INPUT
 from training.data.packing import collate
 from training.data.prepare import load_prepared_eval
+from training.env_hooks import FAULT
 from training.methods.reward import RewardLoss
 
 # Separable: every rejected answer is hedged ("Maybe ..."), and wrong (examples/make_dataset.py).
@@ -101,7 +102,7 @@ def test_fsdp_reward_model_resumes_after_a_kill(tiny_model, straight, tmp_path):
     job = write_job(tmp_path / "job.yaml", reward_job(tiny_model, tmp_path / "cache", "full", "fsdp", 2))
     run_dir = tmp_path / "run"
     result = sharpen(
-        "run", str(job), "--output-dir", str(run_dir), env={"SHARPEN_FAULT": "kill-after-step:3"}
+        "run", str(job), "--output-dir", str(run_dir), env={FAULT: "kill-after-step:3"}
     )
     assert result.returncode == 1 and [r["step"] for r in split_rows(run_dir)[0]] == [1, 2, 3]
     assert_ok(sharpen("resume", str(run_dir)))

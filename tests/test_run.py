@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from e2e import ALPACA, assert_ok, base_job, losses, metrics, sharpen, write_job
+from e2e import ALPACA, REPO, assert_ok, base_job, losses, metrics, sharpen, write_job
+
+from training.env_hooks import PROBE_LOGITS
 
 pytestmark = pytest.mark.slow
 
@@ -62,17 +67,64 @@ def test_ddp_on_one_rank_is_single(tiny_model, reference_losses, tmp_path):
 
 @pytest.mark.parametrize("engine", ["aten", "onednn"])
 def test_both_cpu_matmul_engines_train_to_the_same_losses(tiny_model, reference_losses, tmp_path, engine):
-    """training/cpu_gemm.py: every linear of a full fine-tune on oneDNN (chosen where it is faster, as on
-    AMD cores) or on aten's mm; the reference run took whichever this machine prefers."""
+    """model.cpu_matmul (training/kernels/cpu_gemm.py): every linear of a full fine-tune on oneDNN (chosen
+    where it is faster, as on AMD cores) or on aten's mm; the reference run took whichever this machine
+    prefers. The engine run is the one plan.json and report.md name."""
     from training.kernels.cpu_gemm import onednn_available
 
     if engine == "onednn" and not onednn_available():
         pytest.skip("this torch has no oneDNN linear")
-    job = base_job(tiny_model, ALPACA, finetune={"type": "full"})
-    run_dir = run_job(tmp_path, engine, job, env={"SHARPEN_CPU_GEMM": engine})
+    job = base_job(tiny_model, ALPACA, model={"path": str(tiny_model), "cpu_matmul": engine}, finetune={"type": "full"})
+    run_dir = run_job(tmp_path, engine, job)
     assert losses(run_dir) == pytest.approx(reference_losses["full"], rel=1e-5)
     log = (run_dir / "logs" / "rank-0.log").read_text()
     assert ("matmuls on oneDNN" in log) == (engine == "onednn"), log
+    assert f"CPU matmul engine: {engine} (model.cpu_matmul: {engine}; decided when planning)" in log
+    assert json.loads((run_dir / "plan.json").read_text())["cpu_matmul"] == engine
+    assert f"| cpu_matmul | {engine} |" in (run_dir / "report.md").read_text()
+
+
+def test_two_machines_whose_caches_disagree_run_rank_0s_engine(tiny_model, tmp_path, monkeypatch):
+    """`sharpen run --nnodes 2`, node by node, on two "machines": a HOME each, so a cache of matmul rates
+    each, node 0's saying oneDNN is faster here, node 1's that aten is. Planned on one node of several,
+    auto is left to the ranks: rank 0 decides from its cache and both ranks run oneDNN, which plan.json
+    and report.md then name. Alone, node 1 would have run aten."""
+    from cluster.environment import free_port
+    from training import flops
+    from training.kernels import cpu_gemm
+
+    if not cpu_gemm.onednn_available():
+        pytest.skip("this torch has no oneDNN linear")
+    homes = [tmp_path / "home0", tmp_path / "home1"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks' thread count (OMP_NUM_THREADS=1), which keys the cached rates
+    try:
+        for home, rates in zip(homes, ({"aten": 1e11, "onednn": 2.2e11}, {"aten": 2e11, "onednn": 1e11}), strict=True):
+            monkeypatch.setattr(flops, "measured_peak_flops", lambda device, dtype, seconds=0.3, matmul=None, r=rates:
+                                r["onednn" if matmul is cpu_gemm.onednn_linear else "aten"])
+            flops.cpu_engine_rates(home / flops.PEAK_CACHE.relative_to("~"))
+    finally:
+        torch.set_num_threads(threads)
+    job = write_job(tmp_path / "job.yaml", base_job(tiny_model, ALPACA, train={"max_steps": 2}, strategy={"name": "ddp"}))
+    run_dir, master = tmp_path / "run", f"127.0.0.1:{free_port()}"
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "launcher.cli", "run", str(job), "--output-dir", str(run_dir),
+             "--nnodes", "2", "--node-rank", str(rank), "--master", master],
+            env={**os.environ, "OMP_NUM_THREADS": "1", "HOME": str(home)}, cwd=REPO,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for rank, home in enumerate(homes)
+    ]
+    for node in nodes:
+        _, err = node.communicate(timeout=600)
+        assert node.returncode == 0, err
+    for rank in (0, 1):
+        log = (run_dir / "logs" / f"rank-{rank}.log").read_text()
+        assert "CPU matmul engine: onednn (model.cpu_matmul: auto; rank 0's choice" in log, log
+        assert "matmuls on oneDNN" in log, log
+    assert json.loads((run_dir / "plan.json").read_text())["cpu_matmul"] == "onednn"
+    assert "| cpu_matmul | onednn |" in (run_dir / "report.md").read_text()
 
 
 @pytest.mark.parametrize("strategy,ranks", [("single", 1), ("fsdp", 2)])
@@ -126,7 +178,7 @@ def test_final_full_weights_reproduce_trained_logits(tiny_model, tmp_path):
 
     probe = tmp_path / "probe.pt"
     job = base_job(tiny_model, ALPACA, **two_ranks("fsdp"))
-    run_dir = run_job(tmp_path, "fsdp-final", job, env={"SHARPEN_PROBE_LOGITS": str(probe)})
+    run_dir = run_job(tmp_path, "fsdp-final", job, env={PROBE_LOGITS: str(probe)})
     trained = torch.load(probe)
     model = AutoModelForCausalLM.from_pretrained(run_dir / "final").eval()
     with torch.no_grad():
@@ -143,7 +195,7 @@ def test_final_lora_adapter_reproduces_trained_logits(tiny_model, tmp_path):
 
     probe = tmp_path / "probe.pt"
     job = base_job(tiny_model, ALPACA, finetune={"type": "lora", "r": 8, "alpha": 16}, **two_ranks("zero3"))
-    run_dir = run_job(tmp_path, "zero3-lora", job, env={"SHARPEN_PROBE_LOGITS": str(probe)})
+    run_dir = run_job(tmp_path, "zero3-lora", job, env={PROBE_LOGITS: str(probe)})
     trained = torch.load(probe)
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     with torch.no_grad():

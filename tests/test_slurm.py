@@ -22,6 +22,7 @@ from launcher.errors import UserError
 from launcher.planner import build_plan
 from launcher.shapes import ParamCounts
 from launcher.spec import JobSpec
+from training.env_hooks import UPDATE_GOLDEN
 
 GOLDEN = Path(__file__).parent / "golden"
 STEPS = 120  # 15-70 ms each here: long enough to signal the job mid-run, short enough for a quick test
@@ -63,7 +64,7 @@ def test_sbatch_script_matches_golden_file(launch, golden):
     """A change to the script is a reviewed diff: regenerate with SHARPEN_UPDATE_GOLDEN=1 and read it."""
     rendered = slurm.render_sbatch(golden_plan(launch), python="/opt/sharpen/venv/bin/python")
     path = GOLDEN / golden
-    if os.environ.get("SHARPEN_UPDATE_GOLDEN"):
+    if os.environ.get(UPDATE_GOLDEN):
         path.write_text(rendered)
     assert rendered == path.read_text()
 

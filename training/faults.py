@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import signal
 
-VARIABLE = "SHARPEN_FAULT"
+from training.env_hooks import FAULT
 
 
 def _parse() -> tuple[str, int, int | None] | None:
-    value = os.environ.get(VARIABLE, "").strip()
+    value = os.environ.get(FAULT, "").strip()
     if not value:
         return None
     point, _, rest = value.partition(":")

@@ -1,4 +1,8 @@
-"""Model FLOPs per token and the device's measured matmul rate: what MFU is computed from."""
+"""Model FLOPs per token and the device's measured matmul rate: what MFU is computed from.
+
+This module owns measuring a matmul rate, for MFU and for choosing the CPU matmul engine (the fp32 CPU
+rates of both engines, `cpu_engine_rates`); the kernels it times live in training/kernels/cpu_gemm.py.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from training.kernels.cpu_gemm import onednn_available, onednn_linear
 
 
 def matmul_params(model: nn.Module) -> tuple[int, int]:
@@ -71,12 +77,20 @@ def peak_flops(device: torch.device, dtype: torch.dtype, cache: Path | None = No
     """measured_peak_flops, measured once per machine and kept in `cache` (keyed by the device's name, the
     dtype, torch's thread count and version): its 0.3 s loop would otherwise come before every run's first
     step. Delete the file to measure again, e.g. after changing hardware under the same name. An fp32 CPU
-    run's peak is that of the faster of its two matmul engines (training/cpu_gemm.py)."""
+    run's peak is that of the faster of its two matmul engines (cpu_engine_rates)."""
     if device.type == "cpu" and dtype == torch.float32:
-        from training.kernels import cpu_gemm
-
-        return max(cpu_gemm.rates(cache).values())
+        return max(cpu_engine_rates(cache).values())
     return cached_measure(str(dtype), device, lambda: measured_peak_flops(device, dtype), cache)
+
+
+def cpu_engine_rates(cache: Path | None = None) -> dict[str, float]:
+    """fp32 matmul FLOP/s of this CPU by each engine ({"aten": ..., "onednn": ...} where available),
+    measured once per machine, thread count and torch version (kept in `cache`, as peak_flops)."""
+    cpu = torch.device("cpu")
+    measured = {"aten": lambda: measured_peak_flops(cpu, torch.float32)}
+    if onednn_available():
+        measured["onednn"] = lambda: measured_peak_flops(cpu, torch.float32, matmul=onednn_linear)
+    return {name: cached_measure(f"fp32 gemm {name}", cpu, measure, cache) for name, measure in measured.items()}
 
 
 def cached_measure(label: str, device: torch.device, measure, cache: Path | None = None) -> float:

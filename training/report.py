@@ -35,6 +35,8 @@ def summary(train: list[dict], evaluation: list[dict], plan: dict[str, Any], ext
         "strategy": plan.get("strategy"),
         "world_size": plan.get("world_size"),
         "device": plan.get("device"),
+        # the fp32 CPU matmul engine every rank ran (training/kernels/cpu_gemm.py); a GPU run has none to show
+        "cpu_matmul": plan.get("cpu_matmul") if plan.get("device") == "cpu" else None,
     }
     mfu = [r["mfu"] for r in steady if r.get("mfu") is not None]
     if mfu:

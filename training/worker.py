@@ -21,12 +21,10 @@ from cluster.slurm import STOP_FILE
 from launcher.plan import Plan
 from strategies import create_strategy
 from strategies.base import DistEnv, StrategyOptions
-from training import checkpoint
-from training.kernels import cpu_gemm
+from training import checkpoint, kernels
+from training.env_hooks import PROBE_LOGITS
 from training.kernels.attention import collate_attention
-from training.kernels.fused_loss import fuse_frozen_head_loss
-from training.kernels.last_layer import prune_last_layer
-from training.kernels.lora_fused import fuse_lora_linears
+from training.kernels.cpu_gemm import current_engine
 from training.loop import LoopConfig, lr_lambda, run_steps
 from training.methods import create_method
 from training.metrics import WandbRun
@@ -92,6 +90,8 @@ def setup_distributed(plan: Plan, penv: ProcessEnv) -> DistEnv:
 
 
 def build_strategy(plan: Plan, env: DistEnv, model):
+    """The plan's strategy, set up on `model` with the job's kernels (training/kernels/) and optimizer. Every
+    rank calls it: the CPU matmul engine is agreed on here (a collective where rank 0 chooses it)."""
     spec = plan.spec
     t = spec.train
     options = StrategyOptions(
@@ -106,17 +106,8 @@ def build_strategy(plan: Plan, env: DistEnv, model):
         layer_classes=decoder_layer_classes(model),
     )
     strategy = create_strategy(plan.strategy, options, env)
-    onednn = cpu_gemm.engine(env.device, options.compute_dtype) == "onednn"
-    if not strategy.gathers_params_in_module_hooks:
-        # no full logits for the loss where the output projection is frozen (LoRA, QLoRA: SFT, pretraining)
-        fuse_frozen_head_loss(model, onednn)
-    if not spec.model.compile and not strategy.gathers_params_in_module_hooks:
-        # fp32 CPU linears on oneDNN where this machine runs it faster than aten's mm (training/cpu_gemm.py)
-        fuse_lora_linears(model, onednn)  # a no-op for full fine-tuning and QLoRA (no plain LoRA linears)
-        prune_last_layer(model)  # the last layer's MLP at label positions only (SFT, pretraining)
-        if onednn:
-            changed = cpu_gemm.use_onednn_linears(model)
-            log.info("fp32 CPU matmuls on oneDNN, faster than aten's here (%d plain linear layers)", changed)
+    kernels.agree_cpu_matmul(plan.cpu_matmul, spec.model.cpu_matmul, plan.compute_dtype, env)
+    kernels.apply(model, strategy, compiled=spec.model.compile)
 
     # One kernel per tensor instead of ~10 ops each: on the CPU the default is the per-tensor Python loop
     # (no foreach kernels there). -1 ms of a 39 ms step on the CPU bench job. GPUs keep the foreach default.
@@ -177,6 +168,10 @@ def main(run_dir: str) -> int:
     tokenizer = load_tokenizer(spec)
     model = load_model(spec, plan.compute_dtype, env.device)
     strategy = build_strategy(plan, env, model)
+    if plan.cpu_matmul is None:  # auto, left open by the planner (other machines): record rank 0's choice
+        plan = plan.model_copy(update={"cpu_matmul": current_engine()})
+        if env.is_main:
+            plan.write(run_dir)
 
     start_step, state = 0, {}
     latest = checkpoint.latest_checkpoint(run_dir)
@@ -243,8 +238,8 @@ def main(run_dir: str) -> int:
     from training.export import save_probe_logits, write_final
 
     write_final(strategy, tokenizer, run_dir / "final", peft=spec.finetune.type != "full")
-    if os.environ.get("SHARPEN_PROBE_LOGITS"):
-        save_probe_logits(strategy, os.environ["SHARPEN_PROBE_LOGITS"], len(tokenizer))
+    if os.environ.get(PROBE_LOGITS):
+        save_probe_logits(strategy, os.environ[PROBE_LOGITS], len(tokenizer))
     strategy.barrier()
     wandb_run.finish()
     if env.is_main:

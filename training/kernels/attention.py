@@ -28,6 +28,15 @@ SEGMENTS_KWARG = "packed_segments"
 # Attention features the per-sample path does not implement; with any of them the row takes the dense
 # block mask instead (what every packed row did before, sliding windows included).
 _DENSE_ONLY = ("sliding_window", "softcap", "s_aux", "position_bias")
+# The library code copied here (training/kernels/__init__.py): transformers' sdpa attention function,
+# whose causal path (repeat_kv, is_causal, the [batch, T, heads, dim] output) per_sample_sdpa runs per sample.
+UPSTREAM = {
+    "transformers.integrations.sdpa_attention.sdpa_attention_forward": (
+        "12de12619b30c3d2",
+        "sdpa_per_sample_forward and per_sample_sdpa in training/kernels/attention.py: the same keys, values, "
+        "causality, scale and output layout, and _DENSE_ONLY naming every feature they do not implement",
+    ),
+}
 
 
 class PackedSegments:

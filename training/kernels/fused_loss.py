@@ -37,6 +37,16 @@ SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen
 # Logit elements of one chunk: 2^25 fp32 values are 128 MiB (256 tokens of a 128k vocabulary).
 CHUNK_ELEMENTS = 1 << 25
 _MARK = "_sharpen_fused_loss"
+# The library code copied here (training/kernels/__init__.py): the SUPPORTED models' forward, which
+# _fused_forward reproduces up to the projection (decoder, slice_logits_to_keep, lm_head and nothing more).
+UPSTREAM = {
+    f"transformers.models.{name.lower()}.modeling_{name.lower()}.{name}ForCausalLM.forward": (
+        "0aa066a8096e3b08",
+        "_fused_forward in training/kernels/fused_loss.py runs this forward's decoder call and slicing, then the "
+        "loss through lm_head's weight: anything added between the decoder and lm_head must be added there",
+    )
+    for name in ("Llama", "Mistral", "Qwen2", "Qwen3")
+}
 
 
 class _FrozenHeadCrossEntropy(torch.autograd.Function):
@@ -44,7 +54,7 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     frozen weight: the hidden states' gradient is computed in the forward and scaled in the backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, compute_dtype, onednn):
+    def forward(ctx, hidden, weight, bias, labels, compute_dtype):
         w = weight.to(compute_dtype)
         b = None if bias is None else bias.to(compute_dtype)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
@@ -53,7 +63,7 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], step):
             h = hidden[start : start + step].to(compute_dtype)
             y = labels[start : start + step]
-            logits = linear(pad_tokens(h, onednn), w, onednn, b)[: h.shape[0]].float()
+            logits = linear(pad_tokens(h), w, b)[: h.shape[0]].float()
             total += F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
             if grad is None:
                 continue
@@ -62,7 +72,7 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
             valid = y != IGNORE_INDEX
             dlogits.scatter_add_(1, y.clamp(min=0)[:, None], valid[:, None].to(dlogits.dtype).neg())
             dlogits.mul_(valid[:, None])
-            g = linear(pad_tokens(dlogits.to(compute_dtype), onednn), w.t(), onednn)[: h.shape[0]]
+            g = linear(pad_tokens(dlogits.to(compute_dtype)), w.t())[: h.shape[0]]
             grad[start : start + step] = g
         ctx.save_for_backward(grad)
         return total
@@ -70,16 +80,17 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None, None, None, None
+        return grad * grad_total.to(grad.dtype), None, None, None, None
 
 
-def frozen_head_loss_sum(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, onednn: bool = False):
+def frozen_head_loss_sum(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of `head(hidden)` against `labels` ([tokens, hidden], [tokens]), in the dtype an
-    autocast region would use for the projection (else the hidden states')."""
+    autocast region would use for the projection (else the hidden states'); its matmuls on this process's
+    CPU matmul engine (training/kernels/cpu_gemm.py)."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     with torch.autocast(device, enabled=False):
-        return _FrozenHeadCrossEntropy.apply(hidden, head.weight, head.bias, labels, dtype, onednn)
+        return _FrozenHeadCrossEntropy.apply(hidden, head.weight, head.bias, labels, dtype)
 
 
 def _fused_forward(self, *args, logits_to_keep=0, **kwargs):
@@ -99,12 +110,11 @@ def _fused_forward(self, *args, logits_to_keep=0, **kwargs):
     hidden = slice_logits_to_keep(self.model(**kwargs).last_hidden_state, logits_to_keep)
     if hidden.shape[:-1] != labels.shape:
         raise RuntimeError(f"hidden states of shape {tuple(hidden.shape)} for labels of shape {tuple(labels.shape)}")
-    onednn = getattr(self, "_sharpen_onednn", False) and hidden.device.type == "cpu"
-    loss = frozen_head_loss_sum(hidden.reshape(-1, hidden.shape[-1]), self.lm_head, labels.reshape(-1), onednn)
+    loss = frozen_head_loss_sum(hidden.reshape(-1, hidden.shape[-1]), self.lm_head, labels.reshape(-1))
     return CausalLMOutputWithPast(loss=loss)
 
 
-def fuse_frozen_head_loss(model: nn.Module, onednn: bool = False) -> bool:
+def fuse_frozen_head_loss(model: nn.Module) -> bool:
     """Install the fused loss in `model` (any wrapper of a supported causal LM whose lm_head is frozen);
     returns whether it applies. The loss asks `fuses_frozen_head_loss` before passing LABELS."""
     for module in model.modules():
@@ -114,7 +124,6 @@ def fuse_frozen_head_loss(model: nn.Module, onednn: bool = False) -> bool:
             if not hasattr(module, "_sharpen_full_forward"):
                 module._sharpen_full_forward = module.forward
                 module.forward = types.MethodType(_fused_forward, module)
-            module._sharpen_onednn = onednn
             setattr(model, _MARK, True)
             log.info("loss: cross-entropy through the frozen output projection in chunks, no full logits kept")
             return True

@@ -31,6 +31,23 @@ LABEL_POSITIONS = "sharpen_label_positions"
 # transformers 5's decoder layers whose forward is Llama's: norm, attention, residual, norm, MLP, residual.
 SUPPORTED = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
 _MARK = "_sharpen_prunes_last_layer"
+# The library code copied here (training/kernels/__init__.py): the SUPPORTED layers' forward, which
+# _pruned_body is, and the gradient checkpointing wrapper of their class forward, which _pruned_forward is.
+UPSTREAM = {
+    **{
+        f"transformers.models.{name.lower()}.modeling_{name.lower()}.{name}DecoderLayer.forward": (
+            "b555e7652f3e4349",
+            "_pruned_body in training/kernels/last_layer.py is this forward with the label positions kept after "
+            "attention (and SUPPORTED holds only layers whose forward is Llama's)",
+        )
+        for name in ("Llama", "Mistral", "Qwen2", "Qwen3")
+    },
+    "transformers.modeling_layers.GradientCheckpointingLayer.__init_subclass__": (
+        "5b74941eccaae1dd",
+        "_pruned_forward in training/kernels/last_layer.py checkpoints the pruned body as this wrapper "
+        "checkpoints the class forward it replaces (the cache arguments it drops, when it checkpoints)",
+    ),
+}
 
 
 def _pruned_forward(self, hidden_states, *args, **kwargs):

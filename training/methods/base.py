@@ -1,9 +1,13 @@
-"""What every method shares: LossOutput, the token loss, label columns, and the logits_to_keep probe."""
+"""What every method shares: LossOutput, the token loss, label columns, the logits_to_keep probe, and
+PerModel, what a method learns of a model once."""
 
 from __future__ import annotations
 
 import inspect
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -44,3 +48,23 @@ def takes_logits_to_keep(model: nn.Module) -> bool:
         if isinstance(module, PreTrainedModel):
             return "logits_to_keep" in inspect.signature(type(module).forward).parameters
     return False
+
+
+T = TypeVar("T")
+
+
+class PerModel(Generic[T]):
+    """`compute(model)`, once per model: what a loss reads of the model it is called with (its forward's
+    keywords, its kernels), kept as long as that model lives. Keyed by the model itself, weakly: a model
+    freed and another built in its memory (the same id()) is another model."""
+
+    def __init__(self, compute: Callable[[nn.Module], T]):
+        self._compute = compute
+        self._values: weakref.WeakKeyDictionary[nn.Module, T] = weakref.WeakKeyDictionary()
+
+    def __call__(self, model: nn.Module) -> T:
+        try:
+            return self._values[model]
+        except KeyError:
+            value = self._values[model] = self._compute(model)
+            return value

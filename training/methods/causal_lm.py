@@ -7,7 +7,7 @@ from torch import nn
 from training.kernels.fused_loss import LABELS as FUSED_LABELS
 from training.kernels.fused_loss import fuses_frozen_head_loss
 from training.kernels.last_layer import label_positions_kwargs, prunes_last_layer
-from training.methods.base import LossOutput, label_columns, takes_logits_to_keep, token_loss_sum
+from training.methods.base import LossOutput, PerModel, label_columns, takes_logits_to_keep, token_loss_sum
 
 
 class CausalLMLoss:
@@ -24,15 +24,11 @@ class CausalLMLoss:
     normaliser = "global_label_tokens"
 
     def __init__(self):
-        # id(model) -> (its forward takes logits_to_keep, its last layer is pruned, it computes the fused loss)
-        self._features: dict[int, tuple[bool, bool, bool]] = {}
+        self._features = PerModel(features)
 
     def __call__(self, model: nn.Module, batch) -> LossOutput:
-        if id(model) not in self._features:
-            self._features[id(model)] = (takes_logits_to_keep(model), prunes_last_layer(model),
-                                         fuses_frozen_head_loss(model))
         labels, keep = batch.labels, {}
-        slices, prunes, fused = self._features[id(model)]
+        slices, prunes, fused = self._features(model)
         if slices:
             columns = label_columns(batch)
             labels = labels[:, columns]
@@ -44,3 +40,8 @@ class CausalLMLoss:
         if out.logits.shape[:-1] != labels.shape:
             raise RuntimeError(f"logits of shape {tuple(out.logits.shape)} for labels of shape {tuple(labels.shape)}")
         return LossOutput(token_loss_sum(out.logits, labels))
+
+
+def features(model: nn.Module) -> tuple[bool, bool, bool]:
+    """(its forward takes logits_to_keep, its last layer is pruned, it computes the fused loss)."""
+    return takes_logits_to_keep(model), prunes_last_layer(model), fuses_frozen_head_loss(model)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.methods.base import IGNORE_INDEX, LossOutput, label_columns, takes_logits_to_keep
+from training.methods.base import IGNORE_INDEX, LossOutput, PerModel, label_columns, takes_logits_to_keep
 
 
 def sequence_index(position_ids: torch.Tensor) -> torch.Tensor:
@@ -81,13 +81,11 @@ class DPOLoss:
 
     def __init__(self, reference, beta: float = 0.1, loss: str = "sigmoid", label_smoothing: float = 0.0):
         self.reference, self.beta, self.loss, self.label_smoothing = reference, beta, loss, label_smoothing
-        self._slices: dict[int, bool] = {}
+        self._slices = PerModel(takes_logits_to_keep)
 
     def __call__(self, model: nn.Module, batch) -> LossOutput:
-        if id(model) not in self._slices:
-            self._slices[id(model)] = takes_logits_to_keep(model)
         reference = self.reference.logps(model, batch)  # first: its activations are gone before ours are made
-        policy, tokens = sequence_logps(model, batch, self._slices[id(model)])
+        policy, tokens = sequence_logps(model, batch, self._slices(model))
         if self.loss == "ipo":
             policy, reference = policy / tokens, reference / tokens
         losses, chosen, rejected = dpo_losses(

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from training.kernels.attention import collate_attention
-from training.methods.base import takes_logits_to_keep
+from training.methods.base import PerModel, takes_logits_to_keep
 from training.methods.dpo import sequence_logps
 
 log = logging.getLogger("sharpen")
@@ -29,13 +29,11 @@ class AdapterDisabledReference:
         if not found:
             raise ValueError("reference: the adapter-disabled reference needs a PEFT (LoRA/QLoRA) model")
         self.peft_model = found[0]
-        self.slices: dict[int, bool] = {}
+        self.slices = PerModel(takes_logits_to_keep)
 
     def logps(self, model: nn.Module, batch) -> torch.Tensor:
-        if id(model) not in self.slices:
-            self.slices[id(model)] = takes_logits_to_keep(model)
         with torch.no_grad(), self.peft_model.disable_adapter():
-            return sequence_logps(model, batch, self.slices[id(model)])[0]
+            return sequence_logps(model, batch, self.slices(model))[0]
 
 
 class PrecomputedReference:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.methods.base import LossOutput
+from training.methods.base import LossOutput, PerModel
 from training.methods.dpo import sequence_index
 
 
@@ -55,18 +55,16 @@ class RewardLoss:
     normaliser = "global_rows"
 
     def __init__(self):
-        self._models: dict[int, int | None] = {}  # id(model) -> its pad token id, once its head is hooked
+        self._pad_token_id = PerModel(self._hook_scores)  # a model's pad token id, once its head is hooked
         self._scores: list[torch.Tensor] = []
 
-    def _prepare(self, model: nn.Module) -> int | None:
-        if id(model) not in self._models:
-            score_head(model).register_forward_hook(lambda _m, _i, output: self._scores.append(output))
-            self._models[id(model)] = pad_token_id_of(model)
-        return self._models[id(model)]
+    def _hook_scores(self, model: nn.Module) -> int | None:
+        score_head(model).register_forward_hook(lambda _m, _i, output: self._scores.append(output))
+        return pad_token_id_of(model)
 
     def rewards(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(reward of every sequence [num_sequences], the model's own pooled output)."""
-        pad_token_id = self._prepare(model)
+        pad_token_id = self._pad_token_id(model)
         self._scores.clear()
         out = model(**batch.model_inputs())
         (scores,) = self._scores  # [1, T, 1]
