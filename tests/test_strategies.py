@@ -67,8 +67,6 @@ def build_model(model_dir: str, finetune: str) -> torch.nn.Module:
 
 
 def make_strategy(job: Job, env, model_dir: str):
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
     from strategies import create_strategy
     from strategies.base import StrategyOptions
 
@@ -77,7 +75,6 @@ def make_strategy(job: Job, env, model_dir: str):
         micro_batch_size=GLOBAL_BATCH // (env.world_size * job.gas),
         gradient_accumulation_steps=job.gas,
         max_grad_norm=MAX_GRAD_NORM,
-        layer_classes=(LlamaDecoderLayer,),
         **job.options,
     )
     strategy = create_strategy(job.strategy, options, env)

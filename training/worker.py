@@ -30,7 +30,7 @@ from training.kernels.lora_fused import fuse_lora_linears
 from training.loop import LoopConfig, lr_lambda, run_steps
 from training.methods import create_method
 from training.metrics import WandbRun
-from training.model import TORCH_DTYPES, decoder_layer_classes, load_model, load_tokenizer
+from training.model import TORCH_DTYPES, load_model, load_tokenizer
 
 log = logging.getLogger("sharpen")
 
@@ -103,7 +103,6 @@ def build_strategy(plan: Plan, env: DistEnv, model):
         offload_params=spec.strategy.offload == "params",
         reshard_after_forward=spec.strategy.reshard_after_forward,
         gradient_checkpointing=spec.model.gradient_checkpointing,
-        layer_classes=decoder_layer_classes(model),
     )
     strategy = create_strategy(plan.strategy, options, env)
     onednn = cpu_gemm.engine(env.device, options.compute_dtype) == "onednn"
