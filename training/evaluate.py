@@ -19,6 +19,7 @@ import torch
 
 from strategies.base import Strategy
 from training.data.packing import MicroBatch, collate
+from training.forward import run_forward
 
 log = logging.getLogger("sharpen")
 
@@ -82,9 +83,7 @@ def evaluate(strategy: Strategy, method, dataset, **batching) -> dict[str, float
             for micro, real in shard_micro_batches(
                 dataset, range(len(dataset)), rank=env.rank, world_size=env.world_size, **batching
             ):
-                micro = micro.to(env.device, dtype=strategy.options.compute_dtype)
-                with strategy.forward_context():
-                    out = method(model, micro)
+                out = run_forward(strategy, method, micro)
                 for name, value in {"loss": out.loss_sum, **out.metric_sums}.items():
                     # A throwaway batch adds zero, so every rank holds the same names for the all-reduce.
                     sums[name] = sums.get(name, 0) + value.detach().double() * float(real)
