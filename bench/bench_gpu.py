@@ -166,7 +166,8 @@ class Prepared:
         import yaml
 
         from launcher.jobfile import load_job
-        from training.data.prepare import load_prepared, prepare_dataset
+        from training.data.cache import load_prepared
+        from training.data.prepare import prepare_dataset
         from training.data.sampler import deal, epoch_order
 
         self.path = work / f"{spec_dict['name']}.yaml"

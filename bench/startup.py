@@ -67,7 +67,8 @@ def prepare(work: Path, threads: int) -> dict:
 
     from bench import bench_cpu
     from launcher.jobfile import load_job
-    from training.data.prepare import load_prepared, prepare_dataset
+    from training.data.cache import load_prepared
+    from training.data.prepare import prepare_dataset
     from training.data.sampler import step_batches
     from training.loop import lr_lambda
 
@@ -325,7 +326,7 @@ def replay_worker(clock: Clock, run_dir: Path) -> None:
     spec = plan.spec
     env = worker.setup_distributed(plan, worker.from_environment())
     torch.manual_seed(spec.train.seed)
-    from training.data.prepare import load_prepared, load_prepared_eval
+    from training.data.cache import load_prepared, load_prepared_eval
     from training.data.sampler import step_batches
 
     clock.mark("Plan.read, setup_distributed, import training.data")

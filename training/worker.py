@@ -170,7 +170,7 @@ def main(run_dir: str) -> int:
     env = setup_distributed(plan, penv)
     torch.manual_seed(spec.train.seed)
 
-    from training.data.prepare import load_prepared, load_prepared_eval
+    from training.data.cache import load_prepared, load_prepared_eval
     from training.data.sampler import step_batches
 
     tokenizer = load_tokenizer(spec)
