@@ -66,7 +66,8 @@ class Strategy(ABC):
 
     name: str = "base"
     # True where parameters are gathered in the forward hooks of the modules that own them (ZeRO-3): then
-    # nothing may read a submodule's weight without calling that submodule (training/lora_fused.py does).
+    # nothing may read a submodule's weight without calling that submodule (training/kernels/lora_fused.py
+    # does).
     gathers_params_in_module_hooks: bool = False
 
     def __init__(self, options: StrategyOptions, env: DistEnv):

@@ -1,7 +1,7 @@
 """Evaluation of every method on held-out rows: the method's own loss and metrics, on all ranks.
 
 The evaluation rows (data.eval files and the data.eval_split share of train, written by
-training/data.py into the cache's eval/ directory) are cut into chunks of ranks × micro batch, in
+training/data/prepare.py into the cache's eval/ directory) are cut into chunks of ranks × micro batch, in
 row order; rank r takes its slice of each chunk. Each rank's sums are all-reduced and divided by the
 whole set's count (label tokens for SFT, pairs for DPO and reward models): the same number on any
 number of ranks. Ranks left without rows in the last chunk run one throwaway forward, because under

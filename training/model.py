@@ -53,7 +53,7 @@ def load_model(spec: JobSpec, compute_dtype: str, device: torch.device) -> nn.Mo
 
     Reward modelling loads the base as AutoModelForSequenceClassification with one label: the base
     model's weights and a new `score` head (seeded by train.seed, so every rank starts alike). A config
-    without a pad token gets the tokenizer's (training/reward.py reads rewards where transformers'
+    without a pad token gets the tokenizer's (training/methods/reward.py reads rewards where transformers'
     pooling would, and the exported model then scores batches as it was trained)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
