@@ -3,7 +3,8 @@ checkpointing, and less kept for the backward than without, more than with full 
 
 The models are built as a rank builds them (training/model.py), with what the worker adds on a CPU: the
 fused LoRA linear (oneDNN's matmuls too, where available) and the pruned last layer, which calls the
-checkpoint function itself; then the strategy turns checkpointing on (Strategy.prepare_model). Adapters have dropout, so the recompute must draw the forward's masks.
+checkpoint function itself; then the strategy turns checkpointing on (Strategy.prepare_model). Adapters
+have dropout, so the recompute must draw the forward's masks.
 """
 
 from __future__ import annotations
