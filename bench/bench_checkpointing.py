@@ -39,7 +39,8 @@ MEMORY_STEPS = 10
 class CheckpointingBench:
     def __init__(self, work: Path, threads: int):
         from launcher.jobfile import load_job
-        from training.data.prepare import load_prepared, prepare_dataset
+        from training.data.cache import load_prepared
+        from training.data.prepare import prepare_dataset
 
         self.work, self.threads = work, threads
         self.model = build_model(work)

@@ -101,7 +101,8 @@ class CpuBench:
     def __init__(self, work: Path, threads: int):
         from bench.hf_trainer import lr_lambda as hf_lr_lambda
         from launcher.jobfile import load_job
-        from training.data.prepare import load_prepared, prepare_dataset
+        from training.data.cache import load_prepared
+        from training.data.prepare import prepare_dataset
         from training.loop import lr_lambda
 
         self.work, self.threads = work, threads

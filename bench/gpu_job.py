@@ -104,7 +104,8 @@ class Prepared:
         import yaml
 
         from launcher.jobfile import load_job
-        from training.data.prepare import load_prepared, prepare_dataset
+        from training.data.cache import load_prepared
+        from training.data.prepare import prepare_dataset
 
         self.path = work / f"{spec_dict['name']}.yaml"
         self.path.write_text(yaml.safe_dump(spec_dict, sort_keys=False))

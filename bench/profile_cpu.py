@@ -69,7 +69,8 @@ def profile_sharpen(bench: CpuBench, work: Path) -> Window:
 
     from launcher.planner import build_plan
     from strategies.base import DistEnv
-    from training.data.prepare import load_prepared, prepare_dataset
+    from training.data.cache import load_prepared
+    from training.data.prepare import prepare_dataset
     from training.data.sampler import step_batches
     from training.kernels.attention import collate_attention
     from training.loop import LoopConfig, run_steps

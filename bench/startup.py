@@ -67,7 +67,8 @@ def prepare(work: Path, threads: int) -> dict:
 
     from bench import bench_cpu
     from launcher.jobfile import load_job
-    from training.data.prepare import load_prepared, prepare_dataset
+    from training.data.cache import load_prepared
+    from training.data.prepare import prepare_dataset
     from training.data.sampler import step_batches
     from training.loop import lr_lambda
 

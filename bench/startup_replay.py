@@ -92,7 +92,7 @@ def replay_worker(clock: Clock, run_dir: Path) -> None:
     spec = plan.spec
     env = worker.setup_distributed(plan, worker.from_environment())
     torch.manual_seed(spec.train.seed)
-    from training.data.prepare import load_prepared, load_prepared_eval
+    from training.data.cache import load_prepared, load_prepared_eval
     from training.data.sampler import step_batches
 
     clock.mark("Plan.read, setup_distributed, import training.data")

@@ -50,6 +50,8 @@ def count_parameters(spec: JobSpec) -> ParamCounts:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from strategies.base import decoder_layer_classes
+
     config = load_config(spec)
     reward = spec.method.kind == "reward"  # a one-unit `score` head instead of the vocabulary projection
     if reward:
@@ -59,8 +61,8 @@ def count_parameters(spec: JobSpec) -> ParamCounts:
         model = auto.from_config(config, trust_remote_code=spec.model.trust_remote_code)
     ft = spec.finetune
     modules_to_save = [*ft.modules_to_save, *(["score"] if reward else [])]  # peft trains the head in full
-    layer_names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or ())}
-    in_layer = {id(p) for m in model.modules() if type(m).__name__ in layer_names for p in m.parameters()}
+    layers = decoder_layer_classes(model)  # the groups FSDP2 shards one by one
+    in_layer = {id(p) for m in model.modules() if isinstance(m, layers) for p in m.parameters()}
     output_layer = getattr(model, "score", None) if reward else model.get_output_embeddings()
     linear_weights = {id(m.weight): m for m in model.modules() if isinstance(m, torch.nn.Linear)}
     tensors: list[TensorInfo] = []

@@ -6,7 +6,7 @@ recomputes only the cheap ones (norms, rotary, SiLU, products, casts, dropout): 
 for a few percent of compute, as torchtitan's `selective` mode. It is torch's selective checkpointing
 (`create_selective_checkpoint_contexts`), passed as `context_fn` in the keywords transformers hands to
 `torch.utils.checkpoint.checkpoint`, so every caller of a layer's `_gradient_checkpointing_func` gets it:
-transformers' layers, training/last_layer.py's pruned last layer, PEFT, FSDP2 and ZeRO-3 alike.
+transformers' layers, training/kernels/last_layer.py's pruned last layer, PEFT, FSDP2 and ZeRO-3 alike.
 
 A matmul whose output is LOW_RANK or more times wider than its contraction is recomputed all the same:
 LoRA's B (rank r up to the layer's width) costs r multiply-adds per element to redo, and keeping it
@@ -38,9 +38,9 @@ MODES = ("none", "selective", "full")
 
 # Ops whose outputs selective checkpointing keeps (functional overloads only: an `.out` variant writes into
 # a buffer the recompute makes anew). Matmuls as aten sees them (nn.Linear is mm/addmm, batched matmuls
-# bmm/baddbmm) and oneDNN's linear (training/cpu_gemm.py), each with the operand whose last dimension is
-# the contraction; then sdpa's kernels (the CPU one is what training/attention.py's per-sample attention
-# calls) and flash-attn's (model.attention flash_attention_2).
+# bmm/baddbmm) and oneDNN's linear (training/kernels/cpu_gemm.py), each with the operand whose last
+# dimension is the contraction; then sdpa's kernels (the CPU one is what the per-sample attention of
+# training/kernels/attention.py calls) and flash-attn's (model.attention flash_attention_2).
 MATMULS = {"aten::mm": 0, "aten::bmm": 0, "mkldnn::_linear_pointwise": 0, "aten::addmm": 1, "aten::baddbmm": 1}
 ATTENTION = frozenset({
     "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",

@@ -53,8 +53,6 @@ class StrategyOptions:
     offload_params: bool = False
     reshard_after_forward: bool = True  # FSDP2: free gathered params after forward (ZeRO-3 like)
     gradient_checkpointing: str = "none"  # none | selective | full (strategies/activation_checkpointing.py)
-    # Classes of the model's repeated blocks (decoder layers): FSDP2 shards each of these on its own.
-    layer_classes: tuple[type, ...] = ()
 
 
 class Strategy(ABC):
@@ -68,10 +66,16 @@ class Strategy(ABC):
 
     name: str = "base"
     # True where parameters are gathered in the forward hooks of the modules that own them (ZeRO-3): then
-    # nothing may read a submodule's weight without calling that submodule (training/lora_fused.py does).
+    # nothing may read a submodule's weight without calling that submodule (training/kernels/lora_fused.py
+    # does).
     gathers_params_in_module_hooks: bool = False
 
     def __init__(self, options: StrategyOptions, env: DistEnv):
+        if options.compute_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(
+                f"{self.name}: compute dtype {options.compute_dtype} is not supported (fp32 or bf16; "
+                "fp16 would need a loss scaler)"
+            )
         self.options = options
         self.env = env
         self.model: nn.Module | None = None
@@ -84,6 +88,15 @@ class Strategy(ABC):
         self, model: nn.Module, make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory
     ) -> None:
         """Wrap or shard `model`, then build its optimizer and LR scheduler over the trainable params."""
+
+    def prepare_model(self, model: nn.Module, *, upcast_trainable: bool = True) -> None:
+        """What every strategy's setup does to the model first, before any wrapping: activation checkpointing
+        (module flags FSDP2 and ZeRO-3 must find set when they wrap) and fp32 trainable params (AdamW's
+        master weights; a strategy that keeps fp32 masters itself passes upcast_trainable=False)."""
+        if self.options.gradient_checkpointing != "none":
+            enable_gradient_checkpointing(model, self.options.gradient_checkpointing)
+        if upcast_trainable:
+            upcast_trainable_to_fp32(model)
 
     def unwrap(self) -> nn.Module:
         """The user's module (a transformers or PEFT model) under whatever wrapper this strategy added."""
@@ -216,11 +229,23 @@ def upcast_trainable_to_fp32(model: nn.Module) -> None:
 
 def enable_gradient_checkpointing(model: nn.Module, mode: str) -> None:
     """Activation checkpointing of every decoder layer of a transformers (or PEFT) model, `full` or
-    `selective` (strategies/activation_checkpointing.py); idempotent."""
+    `selective` (strategies/activation_checkpointing.py); idempotent.
+
+    Checkpointing is non-reentrant, so a layer whose input needs no gradient (LoRA over frozen embeddings,
+    QLoRA) still gives its adapters theirs; transformers also hooks the embeddings to make their output
+    require grad, as PEFT does."""
     enable = getattr(model, "gradient_checkpointing_enable", None)
     if enable is None:
         raise TypeError(f"{type(model).__name__} has no gradient_checkpointing_enable()")
     enable(gradient_checkpointing_kwargs=checkpoint_kwargs(mode))
+
+
+def decoder_layer_classes(model: nn.Module) -> tuple[type, ...]:
+    """Classes of the repeated blocks (decoder layers), from transformers' `_no_split_modules`: what FSDP2
+    shards one by one and model.compile compiles one by one. Empty for a model that names none."""
+    names = {name for module in model.modules() for name in (getattr(module, "_no_split_modules", None) or ())}
+    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
+    return tuple(sorted(classes, key=lambda c: c.__name__))
 
 
 def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float | None) -> torch.Tensor:

@@ -22,12 +22,10 @@ from strategies.base import (
     Strategy,
     StrategyOptions,
     cpu_fp32_copy,
-    enable_gradient_checkpointing,
     has_frozen_parameters,
     tensor_bytes,
     trainable_names,
     trainable_parameters,
-    upcast_trainable_to_fp32,
 )
 from strategies.deepspeed_sizes import PREFETCH_SHARE, persistence_threshold, reduce_bucket
 
@@ -49,19 +47,15 @@ class DeepSpeedStrategy(Strategy):
     inside its ZeRO optimizer; the forward needs no autocast."""
 
     def __init__(self, options: StrategyOptions, env: DistEnv, stage: int):
-        super().__init__(options, env)
         if stage not in (1, 2, 3):
             raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage}")
-        if options.compute_dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(
-                f"zero{stage}: compute dtype {options.compute_dtype} is not supported (fp32, bf16)"
-            )
+        self.stage = stage
+        self.name = f"zero{stage}"
+        super().__init__(options, env)
         if options.offload_params and stage != 3:
             raise ValueError(
                 f"zero{stage}: parameter offload needs ZeRO stage 3 (use zero3 or offload the optimizer)"
             )
-        self.stage = stage
-        self.name = f"zero{stage}"
         self.gathers_params_in_module_hooks = stage == 3
         self.engine: Any = None
         self._last_backward_at_boundary = False
@@ -101,10 +95,8 @@ class DeepSpeedStrategy(Strategy):
     ) -> None:
         import deepspeed
 
-        if self.options.gradient_checkpointing != "none":
-            enable_gradient_checkpointing(model, self.options.gradient_checkpointing)
-        if self.options.compute_dtype == torch.float32:
-            upcast_trainable_to_fp32(model)  # with bf16 DeepSpeed casts the module and keeps fp32 masters
+        # With bf16 DeepSpeed casts every param to bf16 and keeps fp32 masters itself: no upcast first.
+        self.prepare_model(model, upcast_trainable=self.options.compute_dtype == torch.float32)
         # The caller owns the process group; with one already initialised this only wraps it.
         self.ensure_process_group()
         deepspeed.init_distributed(dist_backend=self.env.backend, dist_init_required=False)

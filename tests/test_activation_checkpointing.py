@@ -3,7 +3,8 @@ checkpointing, and less kept for the backward than without, more than with full 
 
 The models are built as a rank builds them (training/model.py), with what the worker adds on a CPU: the
 fused LoRA linear (oneDNN's matmuls too, where available) and the pruned last layer, which calls the
-checkpoint function itself. Adapters have dropout, so the recompute must draw the forward's masks.
+checkpoint function itself; then the strategy turns checkpointing on (Strategy.prepare_model). Adapters
+have dropout, so the recompute must draw the forward's masks.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from launcher import shapes as memory
 from launcher.spec import JobSpec
 from strategies.activation_checkpointing import LOW_RANK, MODES, SelectivePolicy, checkpoint_kwargs
+from strategies.base import DistEnv, StrategyOptions
+from strategies.single import SingleStrategy
 from training.data.packing import collate
 from training.kernels.attention import PER_SAMPLE_SDPA
 from training.kernels.cpu_gemm import engine_scope, onednn_available
@@ -40,7 +43,7 @@ VARIANTS = [
 def build(model_dir: Path, variant: str, mode: str) -> torch.nn.Module:
     finetune = variant.split("-")[0]
     spec = JobSpec.model_validate({
-        "model": {"path": str(model_dir), "dtype": "fp32", "gradient_checkpointing": mode},
+        "model": {"path": str(model_dir), "dtype": "fp32"},
         "finetune": {"type": finetune, "r": 4, "alpha": 8, "dropout": 0.0 if finetune == "full" else 0.1},
         "data": {"train": [{"path": str(ALPACA)}]},
         "device": "cpu",
@@ -54,6 +57,7 @@ def build(model_dir: Path, variant: str, mode: str) -> torch.nn.Module:
     if "fused" in variant:
         assert fuse_lora_linears(model)
     assert prune_last_layer(model)
+    SingleStrategy(StrategyOptions(gradient_checkpointing=mode), DistEnv()).prepare_model(model)
     return model
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from launcher.errors import UserError
 from launcher.spec import DataSpec
+from training.data import cache as C
 from training.data import prepare as D
 from training.data import sampler as S
 from training.data.formats import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
@@ -65,7 +66,7 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 def prepared(model_dir, cache, path, fmt="alpaca", train_on="completion", **data):
     spec = DataSpec(train=[{"path": str(path), "format": fmt}], **data)
     kind = "pretrain" if fmt == "text" else "sft"
-    return D.load_prepared(D.prepare_dataset(spec, kind, str(model_dir), cache_root=cache, train_on=train_on))
+    return C.load_prepared(D.prepare_dataset(spec, kind, str(model_dir), cache_root=cache, train_on=train_on))
 
 
 def label_text(tokenizer, row) -> str:
@@ -112,7 +113,7 @@ def test_chat_only_assistant_tokens_carry_loss(model_dir, tmp_path, template):
         tok.save_pretrained(tok_dir)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     spec = DataSpec(train=[{"path": str(write_jsonl(tmp_path / "c.jsonl", [CHAT])), "format": "chat"}])
-    row = D.load_prepared(D.prepare_dataset(spec, "sft", str(tok_dir), cache_root=tmp_path / "c"))[0]
+    row = C.load_prepared(D.prepare_dataset(spec, "sft", str(tok_dir), cache_root=tmp_path / "c"))[0]
     assert tokenizer.decode(row["input_ids"]) == "<s>" + tokenizer.apply_chat_template(CHAT["messages"], tokenize=False) + "</s>"
     assert label_text(tokenizer, row) == "cold<|end|>\nThe sky is blue.<|end|>\n</s>"
     check_shifted(row)
@@ -169,7 +170,7 @@ def test_truncation_right_and_drop(model_dir, tmp_path):
     assert 0 < len(longer) < len(full) / 2
     assert max(right["length"]) == 48 and max(drop["length"]) <= 48
     assert len(drop) == len(full) - len(longer)
-    stats = json.loads((Path(right.cache_files[0]["filename"]).parent / D.META_FILE).read_text())["stats"]
+    stats = json.loads((Path(right.cache_files[0]["filename"]).parent / C.META_FILE).read_text())["stats"]
     assert stats["truncated"] == len(longer)
     assert len(right) == len(full) - stats["dropped_no_labels"]  # a prompt of 48+ tokens leaves nothing to learn
     cut = {tuple(r["input_ids"]): r for r in right if r["length"] == 48}
@@ -341,26 +342,27 @@ def test_too_few_rows_for_one_global_batch(model_dir, tmp_path):
 def test_second_call_hits_the_cache(model_dir, tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", ALPACA)
     spec = DataSpec(train=[{"path": str(path), "format": "alpaca"}])
-    before = D.builds_in_this_process
+    before = C.builds_in_this_process
     first = D.prepare_dataset(spec, "sft", str(model_dir), cache_root=tmp_path / "c")
-    stamp = (first / D.META_FILE).stat().st_mtime_ns
+    stamp = (first / C.META_FILE).stat().st_mtime_ns
     assert D.prepare_dataset(spec, "sft", str(model_dir), cache_root=tmp_path / "c") == first
-    assert D.builds_in_this_process == before + 1 and (first / D.META_FILE).stat().st_mtime_ns == stamp
+    assert C.builds_in_this_process == before + 1 and (first / C.META_FILE).stat().st_mtime_ns == stamp
     write_jsonl(path, ALPACA[:2])  # new contents: a new key
     assert D.prepare_dataset(spec, "sft", str(model_dir), cache_root=tmp_path / "c") != first
     longer = spec.model_copy(update={"max_length": 4096})
     assert D.prepare_dataset(longer, "sft", str(model_dir), cache_root=tmp_path / "c") != first
-    assert D.builds_in_this_process == before + 3
+    assert C.builds_in_this_process == before + 3
     assert all(len(p.name) == 24 for p in (tmp_path / "c").iterdir())  # no lock, error or temp dir left
 
 
 def _prepare_in_child(barrier, spec_json, model_dir, cache, results):
     from launcher.spec import DataSpec
-    from training.data import prepare as data
+    from training.data import cache as C
+    from training.data import prepare as D
 
     barrier.wait()
-    path = data.prepare_dataset(DataSpec.model_validate_json(spec_json), "sft", model_dir, cache_root=cache)
-    results.put((str(path), data.builds_in_this_process))
+    path = D.prepare_dataset(DataSpec.model_validate_json(spec_json), "sft", model_dir, cache_root=cache)
+    results.put((str(path), C.builds_in_this_process))
 
 
 def test_concurrent_processes_build_one_cache(model_dir, tmp_path):
@@ -382,7 +384,7 @@ def test_concurrent_processes_build_one_cache(model_dir, tmp_path):
 
 def test_lock_of_a_dead_builder_is_broken(model_dir, tmp_path):
     spec = DataSpec(train=[{"path": str(write_jsonl(tmp_path / "a.jsonl", ALPACA)), "format": "alpaca"}])
-    key = D.cache_key(spec, "sft", str(model_dir), "completion", False)
+    key = C.cache_key(spec, "sft", str(model_dir), "completion", False)
     dead = mp.get_context("spawn").Process(target=int)
     dead.start()
     dead.join()

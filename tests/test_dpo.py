@@ -12,6 +12,7 @@ import torch
 from e2e import EXAMPLES, assert_ok, base_job, metrics, sharpen, write_job
 
 from launcher.spec import DataSpec
+from training.data import cache as C
 from training.data import prepare as D
 from training.data.formats import ALPACA_PROMPT_WITH_INPUT
 from training.data.packing import IGNORE_INDEX, collate
@@ -54,7 +55,7 @@ def test_a_pair_is_one_row_of_chosen_then_rejected_with_the_prompt_masked(tiny_m
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    ds = D.load_prepared(prepared(tiny_model, cache))
+    ds = C.load_prepared(prepared(tiny_model, cache))
     record = json.loads(PREFS.read_text().splitlines()[0])
     row = ds[0]
     n_chosen, n_rejected = row["segment_lengths"]
@@ -80,7 +81,7 @@ def test_chat_preference_pairs_use_the_chat_template(tiny_model, cache, tmp_path
         {"role": "user", "content": "Give the opposite.\nhot"},
     ]
     path = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": prompt, "chosen": "cold", "rejected": "hot"}] * 2)
-    row = D.load_prepared(prepared(tiny_model, cache, path))[0]
+    row = C.load_prepared(prepared(tiny_model, cache, path))[0]
     n_chosen = row["segment_lengths"][0]
     text = tokenizer.decode(row["input_ids"][:n_chosen])
     assert text.startswith("<s><|system|>\nBe brief.<|end|>\n<|user|>\n") and text.endswith(
@@ -98,21 +99,21 @@ def test_chat_preference_pairs_use_the_chat_template(tiny_model, cache, tmp_path
     path = write_jsonl(tmp_path / "ultrafeedback.jsonl", [{"prompt": question, **answers}] * 2)
     again = write_jsonl(tmp_path / "plain.jsonl", [plain] * 2)
     assert (
-        D.load_prepared(prepared(tiny_model, cache, path))[0]
-        == D.load_prepared(prepared(tiny_model, cache, again))[0]
+        C.load_prepared(prepared(tiny_model, cache, path))[0]
+        == C.load_prepared(prepared(tiny_model, cache, again))[0]
     )
 
 
 def test_eval_split_is_held_out_deterministically(tiny_model, cache):
     first = prepared(tiny_model, cache, eval_split=0.1)
-    train, held = D.load_prepared(first), D.load_prepared_eval(first)
-    everything = D.load_prepared(prepared(tiny_model, cache))
+    train, held = C.load_prepared(first), C.load_prepared_eval(first)
+    everything = C.load_prepared(prepared(tiny_model, cache))
     assert len(held) == round(0.1 * len(everything))
     rows = Counter(map(tuple, everything["input_ids"]))
     assert Counter(map(tuple, train["input_ids"])) + Counter(map(tuple, held["input_ids"])) == rows
     again = prepared(tiny_model, cache / "again", eval_split=0.1)
-    assert D.load_prepared_eval(again)["input_ids"] == held["input_ids"]
-    assert D.load_prepared_eval(prepared(tiny_model, cache)) is None
+    assert C.load_prepared_eval(again)["input_ids"] == held["input_ids"]
+    assert C.load_prepared_eval(prepared(tiny_model, cache)) is None
 
 
 # ---------------------------------------------------------------- the loss
@@ -149,7 +150,7 @@ def test_dpo_loss_of_a_fixed_batch_equals_the_formula(tiny_model, cache, loss, s
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64)
     config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     policy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64), config)
-    ds = D.load_prepared(prepared(tiny_model, cache))
+    ds = C.load_prepared(prepared(tiny_model, cache))
     rows = [ds[i] for i in (0, 5, 9)]
     beta = 0.5
     out = DPOLoss(AdapterDisabledReference(policy), beta, loss, smoothing)(policy, collate(rows))

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from e2e import ALPACA, assert_ok, base_job, metrics, sharpen, write_job
 
-from training.data.prepare import load_prepared_eval
+from training.data.cache import load_prepared_eval
 
 
 def test_sft_eval_loss_and_perplexity_are_logged_and_exact(tiny_model, tmp_path):

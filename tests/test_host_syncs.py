@@ -28,7 +28,8 @@ from torch.utils._pytree import tree_flatten
 from launcher.spec import JobSpec
 from strategies.base import DistEnv, StrategyOptions
 from strategies.single import SingleStrategy
-from training.data.prepare import load_prepared, prepare_dataset
+from training.data.cache import load_prepared
+from training.data.prepare import prepare_dataset
 from training.data.sampler import step_batches
 from training.kernels.fused_loss import fuse_frozen_head_loss
 from training.kernels.last_layer import prune_last_layer

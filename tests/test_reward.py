@@ -11,9 +11,9 @@ import torch
 from e2e import EXAMPLES, assert_ok, base_job, metrics, sharpen, write_job
 
 from launcher.spec import JobSpec
+from training.data.cache import load_prepared_eval
 from training.data.formats import ALPACA_PROMPT_WITH_INPUT
 from training.data.packing import collate
-from training.data.prepare import load_prepared_eval
 from training.env_hooks import FAULT
 from training.methods.reward import RewardLoss
 
@@ -122,7 +122,8 @@ def test_lora_reward_model_exports_an_adapter_with_its_head(tiny_model, tmp_path
     from launcher.spec import DataSpec
     from strategies.base import DistEnv, StrategyOptions
     from strategies.single import SingleStrategy
-    from training.data.prepare import load_prepared, prepare_dataset
+    from training.data.cache import load_prepared
+    from training.data.prepare import prepare_dataset
     from training.export import write_final
     from training.model import load_model, load_tokenizer
 

@@ -67,8 +67,6 @@ def build_model(model_dir: str, finetune: str) -> torch.nn.Module:
 
 
 def make_strategy(job: Job, env, model_dir: str):
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
     from strategies import create_strategy
     from strategies.base import StrategyOptions
 
@@ -77,7 +75,6 @@ def make_strategy(job: Job, env, model_dir: str):
         micro_batch_size=GLOBAL_BATCH // (env.world_size * job.gas),
         gradient_accumulation_steps=job.gas,
         max_grad_norm=MAX_GRAD_NORM,
-        layer_classes=(LlamaDecoderLayer,),
         **job.options,
     )
     strategy = create_strategy(job.strategy, options, env)
@@ -378,6 +375,51 @@ def test_fsdp_finds_decoder_layers_without_being_told(tiny_model_dir, finetune):
     assert FSDPStrategy(StrategyOptions(), DistEnv())._layer_classes(model) == (LlamaDecoderLayer,)
     with pytest.raises(ValueError, match="no layer classes"):
         FSDPStrategy(StrategyOptions(), DistEnv())._layer_classes(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("strategy", ["single", "fsdp", "zero2"])
+def test_setup_turns_checkpointing_on_and_keeps_masters_fp32(tiny_model_dir, strategy):
+    """A bf16 LoRA model as training/model.py loads it (base, adapters and modules_to_save in bf16 or fp32 as
+    PEFT leaves them): after setup every decoder layer checkpoints, and the trainable params are fp32 where
+    the strategy's AdamW updates the module's own params; DeepSpeed with bf16 keeps its fp32 masters itself."""
+    from e2e import ALPACA
+
+    from launcher.spec import JobSpec
+    from strategies import create_strategy
+    from strategies.base import DistEnv, StrategyOptions, decoder_layer_classes
+    from training.model import load_model
+
+    spec = JobSpec.model_validate({
+        "model": {"path": tiny_model_dir, "dtype": "bf16", "gradient_checkpointing": "full"},
+        "finetune": {"type": "lora", "r": 4, "alpha": 8, "modules_to_save": ["lm_head"]},
+        "data": {"train": [{"path": str(ALPACA)}]},
+        "device": "cpu",
+    })  # fmt: skip
+    model = load_model(spec, "bf16", torch.device("cpu"))
+    layers = [m for m in model.modules() if isinstance(m, decoder_layer_classes(model))]
+    assert layers and not any(layer.gradient_checkpointing for layer in layers)  # the strategy's job, once
+    options = StrategyOptions(compute_dtype=torch.bfloat16, gradient_checkpointing=spec.model.gradient_checkpointing)
+    instance = create_strategy(strategy, options, DistEnv())
+    with contextlib.ExitStack() as stack:
+        if strategy == "fsdp":  # FSDP2 needs a process group even for one rank
+            import torch.distributed as dist
+
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            stack.callback(dist.destroy_process_group)
+        instance.setup(
+            model,
+            lambda params: torch.optim.AdamW(params),
+            lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0),
+        )
+        stack.callback(instance.teardown)
+        assert all(layer.gradient_checkpointing for layer in layers)
+        trainable = {p.dtype for p in instance.unwrap().parameters() if p.requires_grad}
+        frozen = {p.dtype for p in instance.unwrap().parameters() if not p.requires_grad}
+        assert trainable == ({torch.bfloat16} if strategy == "zero2" else {torch.float32})
+        assert frozen == {torch.bfloat16}
+        if strategy == "zero2":
+            masters = instance.engine.optimizer.single_partition_of_fp32_groups
+            assert masters and {m.dtype for m in masters} == {torch.float32}
 
 
 def test_tensor_bytes_counts_each_byte_once():

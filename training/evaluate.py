@@ -1,7 +1,7 @@
 """Evaluation of every method on held-out rows: the method's own loss and metrics, on all ranks.
 
 The evaluation rows (data.eval files and the data.eval_split share of train, written by
-training/data.py into the cache's eval/ directory) are cut into chunks of ranks × micro batch, in
+training/data/prepare.py into the cache's eval/ directory) are cut into chunks of ranks × micro batch, in
 row order; rank r takes its slice of each chunk. Each rank's sums are all-reduced and divided by the
 whole set's count (label tokens for SFT, pairs for DPO and reward models): the same number on any
 number of ranks. Ranks left without rows in the last chunk run one throwaway forward, because under
@@ -19,6 +19,7 @@ import torch
 
 from strategies.base import Strategy
 from training.data.packing import MicroBatch, collate
+from training.forward import run_forward
 
 log = logging.getLogger("sharpen")
 
@@ -82,9 +83,7 @@ def evaluate(strategy: Strategy, method, dataset, **batching) -> dict[str, float
             for micro, real in shard_micro_batches(
                 dataset, range(len(dataset)), rank=env.rank, world_size=env.world_size, **batching
             ):
-                micro = micro.to(env.device, dtype=strategy.options.compute_dtype)
-                with strategy.forward_context():
-                    out = method(model, micro)
+                out = run_forward(strategy, method, micro)
                 for name, value in {"loss": out.loss_sum, **out.metric_sums}.items():
                     # A throwaway batch adds zero, so every rank holds the same names for the all-reduce.
                     sums[name] = sums.get(name, 0) + value.detach().double() * float(real)

@@ -13,6 +13,7 @@ import torch
 
 from strategies.base import Strategy
 from training import checkpoint, faults
+from training.forward import run_forward
 from training.metrics import MetricsLog, Progress, Throughput, WandbRun
 
 log = logging.getLogger("sharpen")
@@ -83,10 +84,8 @@ def run_steps(
             denominator = getattr(step_batch, method.normaliser)
             micro_batches = step_batch.micro_batches
             for i, micro in enumerate(micro_batches):
-                micro = micro.to(env.device, dtype=strategy.options.compute_dtype)
                 with strategy.accumulate(i == len(micro_batches) - 1):
-                    with strategy.forward_context():
-                        out = method(strategy.model, micro)
+                    out = run_forward(strategy, method, micro)
                     # Gradients are averaged over ranks by every strategy, hence × world size; dividing by
                     # the whole step's count (not the micro-batch's) keeps accumulation exact.
                     strategy.backward(out.loss_sum * (cfg.world_size / denominator))

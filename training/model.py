@@ -1,4 +1,7 @@
-"""Loading the model a job trains: dtype, attention, 4-bit quantisation, PEFT adapters, checkpointing."""
+"""Loading the model a job trains: dtype, attention, 4-bit quantisation, PEFT adapters, regional compilation.
+
+Activation checkpointing and the fp32 upcast of trainable params are the strategy's (Strategy.prepare_model).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import torch
 from torch import nn
 
 from launcher.spec import JobSpec
-from strategies.base import enable_gradient_checkpointing
+from strategies.base import decoder_layer_classes
 from training.kernels.attention import kernel_name
 
 log = logging.getLogger("sharpen")
@@ -50,7 +53,7 @@ def load_model(spec: JobSpec, compute_dtype: str, device: torch.device) -> nn.Mo
 
     Reward modelling loads the base as AutoModelForSequenceClassification with one label: the base
     model's weights and a new `score` head (seeded by train.seed, so every rank starts alike). A config
-    without a pad token gets the tokenizer's (training/reward.py reads rewards where transformers'
+    without a pad token gets the tokenizer's (training/methods/reward.py reads rewards where transformers'
     pooling would, and the exported model then scores batches as it was trained)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -66,7 +69,7 @@ def load_model(spec: JobSpec, compute_dtype: str, device: torch.device) -> nn.Mo
         # fp32 master weights; the strategy runs the forward in bf16 (autocast, FSDP2 policy or DeepSpeed).
         kwargs["dtype"] = torch.float32
     elif ft.type == "lora":
-        # Frozen base in the compute dtype (half the memory on GPU); adapters are upcast to fp32 below.
+        # Frozen base in the compute dtype (half the memory on GPU); the strategy keeps the adapters fp32.
         kwargs["dtype"] = compute
     else:
         kwargs["dtype"] = compute
@@ -86,18 +89,10 @@ def load_model(spec: JobSpec, compute_dtype: str, device: torch.device) -> nn.Mo
     if ft.type == "qlora":
         from peft import prepare_model_for_kbit_training
 
-        # Checkpointing is enabled below, as for the other types (PEFT's would only make the same call).
+        # The strategy enables checkpointing, as for the other types (PEFT's would only make the same call).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    checkpointing = spec.model.gradient_checkpointing != "none"
-    if checkpointing:
-        enable_gradient_checkpointing(model, spec.model.gradient_checkpointing)
-
     if ft.type in ("lora", "qlora"):
         model = apply_lora(model, spec)
-        if checkpointing:
-            # With a frozen embedding nothing upstream of the adapters needs a gradient, so checkpointed
-            # blocks would see no grad-requiring input and the adapters would get none.
-            model.enable_input_require_grads()
     # from_pretrained returns the model in eval mode: without this, dropout (LoRA's too) never ran, and
     # transformers checkpoints a layer only while training, so gradient_checkpointing saved nothing.
     model.train()
@@ -112,7 +107,8 @@ def compile_layers(model: nn.Module) -> int:
     hooks run outside the compiled region: dynamo skips them). The layers share one code object, so
     dynamo compiles one graph and reuses it; a new micro-batch length recompiles once, then shapes are
     treated as dynamic. Returns the number of layers compiled."""
-    layers = [m for m in model.modules() if isinstance(m, decoder_layer_classes(model))]
+    classes = decoder_layer_classes(model)
+    layers = [m for m in model.modules() if isinstance(m, classes)]
     for layer in layers:
         layer.compile()
     log.info("model.compile: %d decoder layers compiled on first use", len(layers))
@@ -120,6 +116,7 @@ def compile_layers(model: nn.Module) -> int:
 
 
 def apply_lora(model: nn.Module, spec: JobSpec) -> nn.Module:
+    """The PEFT model of finetune's LoRA settings over `model`, its adapters seeded by train.seed."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     ft = spec.finetune
@@ -135,18 +132,4 @@ def apply_lora(model: nn.Module, spec: JobSpec) -> nn.Module:
         use_rslora=ft.use_rslora,
     )
     torch.manual_seed(spec.train.seed)  # identical adapter init on every rank (FSDP2 does not broadcast)
-    peft_model = get_peft_model(model, config)
-    for param in peft_model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()  # adapters and their optimizer state in full precision
-    return peft_model
-
-
-def decoder_layer_classes(model: nn.Module) -> tuple[type, ...]:
-    """Classes of the repeated blocks, from transformers' `_no_split_modules` (what FSDP shards one by one)."""
-    names: set[str] = set()
-    for module in model.modules():
-        for name in getattr(module, "_no_split_modules", None) or []:
-            names.add(name)
-    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
-    return tuple(sorted(classes, key=lambda c: c.__name__))
+    return get_peft_model(model, config)

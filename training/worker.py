@@ -28,7 +28,7 @@ from training.kernels.cpu_gemm import current_engine
 from training.loop import LoopConfig, lr_lambda, run_steps
 from training.methods import create_method
 from training.metrics import WandbRun
-from training.model import TORCH_DTYPES, decoder_layer_classes, load_model, load_tokenizer
+from training.model import TORCH_DTYPES, load_model, load_tokenizer
 
 log = logging.getLogger("sharpen")
 
@@ -103,7 +103,6 @@ def build_strategy(plan: Plan, env: DistEnv, model):
         offload_params=spec.strategy.offload == "params",
         reshard_after_forward=spec.strategy.reshard_after_forward,
         gradient_checkpointing=spec.model.gradient_checkpointing,
-        layer_classes=decoder_layer_classes(model),
     )
     strategy = create_strategy(plan.strategy, options, env)
     kernels.agree_cpu_matmul(plan.cpu_matmul, spec.model.cpu_matmul, plan.compute_dtype, env)
@@ -162,7 +161,7 @@ def main(run_dir: str) -> int:
     env = setup_distributed(plan, penv)
     torch.manual_seed(spec.train.seed)
 
-    from training.data.prepare import load_prepared, load_prepared_eval
+    from training.data.cache import load_prepared, load_prepared_eval
     from training.data.sampler import step_batches
 
     tokenizer = load_tokenizer(spec)

@@ -4,7 +4,7 @@ A row is a list of segments (original samples) laid end to end. Attention must n
 boundary, and with transformers 5.24 position_ids alone do not ensure that for sdpa or eager: the model
 builds a DynamicCache by default (config.use_cache), which turns off its packed-sequence detection. So
 rows with several segments get an explicit 4D block-causal mask, which create_causal_mask returns as is;
-or, for the per-sample sdpa kernel (training/attention.py), no mask but the segment lengths.
+or, for the per-sample sdpa kernel (training/kernels/attention.py), no mask but the segment lengths.
 """
 
 from __future__ import annotations

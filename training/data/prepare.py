@@ -1,19 +1,10 @@
-"""The data pipeline: files → tokenized, cached dataset → world-size invariant step batches.
-
-prepare_dataset tokenizes once per (data, tokenizer, settings) into a cache shared by every rank and
-node; load_prepared memory-maps it; step_batches deals each global batch to (micro step, rank) slots.
-"""
+"""Tokenizing a job's data: files → encoded samples (shifted labels, truncation, pairs) → packed rows,
+with the evaluation rows held out or encoded beside them, into the tokenize-once cache (cache.py)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import shutil
-import socket
-import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -21,73 +12,20 @@ import numpy as np
 
 from launcher.errors import UserError
 from launcher.spec import DataFile, DataSpec
+from training.data.cache import (
+    DEFAULT_ROOT,
+    EVAL_DIR,
+    EVAL_SPLIT_SEED,
+    META_FILE,
+    PIPELINE_VERSION,
+    build_once,
+    cache_key,
+    load_tokenizer,
+)
 from training.data.formats import FORMATS, Encoder, RecordError, load_source, record_location, source_files
-from training.data.packing import COLUMNS, IGNORE_INDEX, MicroBatch, pack_dataset, row_features
-
-__all__ = ["MicroBatch", "load_prepared", "load_prepared_eval", "prepare_dataset"]
+from training.data.packing import COLUMNS, IGNORE_INDEX, pack_dataset, row_features
 
 logger = logging.getLogger(__name__)
-
-# Bump when the stored layout or the tokenization rules change: old caches then stop matching.
-PIPELINE_VERSION = 1
-META_FILE = "sharpen-data.json"
-EVAL_DIR = "eval"  # the evaluation rows (data.eval, data.eval_split), inside the training data's directory
-EVAL_SPLIT_SEED = 0  # which rows data.eval_split holds out: fixed, so every run of the same data agrees
-CONTENT_HASH_MAX_BYTES = 32 << 20
-LOCK_HEARTBEAT_S = 5.0
-LOCK_STALE_S = 120.0
-builds_in_this_process = 0  # how many times this process tokenized a dataset (cache misses it built)
-
-
-def _fingerprint(path: Path) -> str:
-    stat = path.stat()
-    if stat.st_size <= CONTENT_HASH_MAX_BYTES:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    return f"{stat.st_size}:{stat.st_mtime_ns}"
-
-
-def _tokenizer_fingerprint(tokenizer_path: str, trust_remote_code: bool) -> str:
-    path = Path(tokenizer_path).expanduser()
-    if path.is_dir():
-        names = ("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "chat_template", "spiece")
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.startswith(names))
-        if files:
-            return hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in files)).hexdigest()
-    tokenizer = _load_tokenizer(tokenizer_path, trust_remote_code)  # a hub id: fingerprint what it loads to
-    state = [type(tokenizer).__name__, str(tokenizer.chat_template), tokenizer.special_tokens_map]
-    if tokenizer.is_fast:
-        state.append(tokenizer.backend_tokenizer.to_str())
-    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _load_tokenizer(tokenizer_path: str, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise UserError(f"cannot load the tokenizer {tokenizer_path!r}: {e}") from e
-
-
-def cache_key(data: DataSpec, method_kind: str, tokenizer_path: str, train_on: str, trust_remote_code: bool) -> str:
-    """Hash of everything that changes the tokenized output (file contents, not just names)."""
-
-    def files_key(section: str) -> list:
-        files = []
-        for i, file in enumerate(getattr(data, section)):
-            local = source_files(i, file, section)
-            content = [[str(p.resolve()), _fingerprint(p)] for p in local] if local is not None else "hub"
-            files.append([file.path, file.format, file.split, file.field, content])
-        return files
-
-    inputs = {
-        "version": PIPELINE_VERSION, "files": files_key("train"), "method": method_kind, "train_on": train_on,
-        "tokenizer": _tokenizer_fingerprint(tokenizer_path, trust_remote_code),
-        "max_length": data.max_length, "packing": data.packing, "truncation": data.truncation,
-    }
-    if data.eval or data.eval_split:  # only then: caches of jobs without eval data keep their keys
-        inputs["eval"] = {"files": files_key("eval"), "split": data.eval_split, "seed": EVAL_SPLIT_SEED}
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def prepare_dataset(
@@ -114,124 +52,9 @@ def prepare_dataset(
         if not data.padding_free:
             raise UserError("data.padding_free: false does not apply to preference pairs: chosen and rejected "
                             "of every pair go through one padding-free forward", hint="remove data.padding_free")
-    root = Path(cache_root or data.cache_dir or "~/.cache/sharpen/tokenized").expanduser()
+    root = Path(cache_root or data.cache_dir or DEFAULT_ROOT).expanduser()
     final = root / cache_key(data, method_kind, tokenizer_path, train_on, trust_remote_code)
-    if (final / META_FILE).exists():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    return _build_once(final, lambda out: _build(out, data, tokenizer_path, trust_remote_code, train_on))
-
-
-def load_prepared(path: Path):
-    """The dataset prepare_dataset wrote, memory-mapped (nothing is read into RAM until used)."""
-    import datasets
-
-    if not (Path(path) / META_FILE).exists():
-        raise UserError(f"{path} is not a dataset written by prepare_dataset (no {META_FILE})")
-    return datasets.load_from_disk(str(path))
-
-
-def load_prepared_eval(path: Path):
-    """The evaluation rows prepare_dataset wrote next to the training rows, or None when the job has none."""
-    import datasets
-
-    load_prepared(path)  # the same checks
-    eval_dir = Path(path) / EVAL_DIR
-    return datasets.load_from_disk(str(eval_dir)) if eval_dir.is_dir() else None
-
-
-# ---------------------------------------------------------------- one builder, many waiters
-
-
-def _build_once(final: Path, build) -> Path:
-    lock, error = final.with_name(final.name + ".lock"), final.with_name(final.name + ".error")
-    started, delay = time.time(), 0.05
-    while True:
-        if (final / META_FILE).exists():
-            return final
-        if _try_lock(lock):
-            stop = threading.Event()
-            threading.Thread(target=_heartbeat, args=(lock, stop), daemon=True).start()
-            tmp = final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            try:
-                if not (final / META_FILE).exists():
-                    error.unlink(missing_ok=True)
-                    try:
-                        build(tmp / "dataset")
-                    except UserError as e:
-                        error.write_text(str(e))
-                        raise
-                    _publish(tmp / "dataset", final)
-                return final
-            finally:
-                stop.set()
-                shutil.rmtree(tmp, ignore_errors=True)
-                lock.unlink(missing_ok=True)
-        if error.exists() and error.stat().st_mtime >= started - 1:
-            raise UserError(error.read_text())  # the build we waited for failed on the data: same message
-        _break_if_stale(lock)
-        time.sleep(delay)
-        delay = min(delay * 1.5, 2.0)
-
-
-def _try_lock(lock: Path) -> bool:
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{socket.gethostname()} {os.getpid()}\n")
-    return True
-
-
-def _heartbeat(lock: Path, stop: threading.Event) -> None:
-    while not stop.wait(LOCK_HEARTBEAT_S):
-        try:
-            os.utime(lock)
-        except OSError:
-            return
-
-
-def _break_if_stale(lock: Path) -> None:
-    """Remove a lock whose builder died: same host and its pid is gone, or no heartbeat for LOCK_STALE_S.
-
-    Renaming first makes the removal atomic; if two waiters both break and both build, the second
-    rename into place fails and that copy is discarded, so the cache stays one consistent directory.
-    """
-    try:
-        host, pid = lock.read_text().split()
-        age = time.time() - lock.stat().st_mtime
-    except (OSError, ValueError):
-        return
-    dead = host == socket.gethostname() and not _alive(int(pid))
-    if dead or age > LOCK_STALE_S:
-        logger.warning("removing the stale lock %s (builder %s:%s gone)", lock, host, pid)
-        stale = lock.with_name(f"{lock.name}.stale-{uuid.uuid4().hex[:8]}")
-        try:
-            os.rename(lock, stale)
-            stale.unlink()
-        except OSError:
-            return
-        for leftover in lock.parent.glob(f".{lock.name.removesuffix('.lock')}.tmp-{host}-{pid}-*"):
-            shutil.rmtree(leftover, ignore_errors=True)  # the dead builder's half-written directory
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _publish(built: Path, final: Path) -> None:
-    try:
-        os.rename(built, final)
-    except OSError:
-        if not (final / META_FILE).exists():
-            raise  # not a lost race: a real failure
+    return build_once(final, lambda out: _build(out, data, tokenizer_path, trust_remote_code, train_on))
 
 
 # ---------------------------------------------------------------- tokenizing
@@ -307,7 +130,6 @@ def _encode_source(
 
 
 def _build(out: Path, data: DataSpec, tokenizer_path: str, trust_remote_code: bool, train_on: str) -> None:
-    global builds_in_this_process
     import datasets
 
     work = out.parent / "work"
@@ -315,7 +137,7 @@ def _build(out: Path, data: DataSpec, tokenizer_path: str, trust_remote_code: bo
     bars = datasets.utils.logging.is_progress_bar_enabled()
     datasets.utils.logging.disable_progress_bar()
     try:
-        tokenizer = _load_tokenizer(tokenizer_path, trust_remote_code)
+        tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
         stats = {"records": 0, "truncated": 0, "dropped_too_long": 0, "dropped_no_labels": 0}
         ds = _encode_section("train", data, tokenizer, train_on, stats, work)
         if len(ds) == 0:
@@ -353,8 +175,7 @@ def _build(out: Path, data: DataSpec, tokenizer_path: str, trust_remote_code: bo
     }
     if eval_rows:
         meta |= {"eval_rows": eval_rows, "eval_stats": eval_stats}
-    (out / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    builds_in_this_process += 1
+    (out / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")  # last: it marks the entry finished
 
 
 def _encode_section(section: str, data: DataSpec, tokenizer, train_on: str, stats: dict, work: Path):

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from training.forward import run_forward
 from training.kernels.attention import collate_attention
 from training.methods.base import PerModel, takes_logits_to_keep
 from training.methods.dpo import sequence_logps
@@ -92,9 +93,8 @@ def precompute(strategy, logps_of, train_ds, train_rows, eval_ds, **batching) ->
             for micro, real in shard_micro_batches(
                 dataset, rows, rank=env.rank, world_size=env.world_size, row_offset=offset, **batching
             ):
-                micro = micro.to(env.device, dtype=strategy.options.compute_dtype)
-                with torch.no_grad(), strategy.forward_context():
-                    values = logps_of(model, micro).double().view(-1, 2)
+                with torch.no_grad():
+                    values = run_forward(strategy, logps_of, micro).double().view(-1, 2)
                 if real:
                     table[torch.as_tensor(micro.row_ids, device=env.device)] = values
     finally:
