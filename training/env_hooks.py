@@ -15,7 +15,7 @@ PROBE_LOGITS = "SHARPEN_PROBE_LOGITS"
 RDZV_CONNECT_TIMEOUT_S = "SHARPEN_RDZV_CONNECT_TIMEOUT_S"
 # cluster/checks.py: seconds doctor's communication test may take before it is reported hung (default 120)
 DOCTOR_TIMEOUT_S = "SHARPEN_DOCTOR_TIMEOUT_S"
-# tests/test_slurm.py: set to rewrite the golden sbatch files instead of comparing against them
+# tests/unit/test_sbatch.py: set to rewrite the golden sbatch files instead of comparing against them
 UPDATE_GOLDEN = "SHARPEN_UPDATE_GOLDEN"
 # bench/gpu_session.sh (shell, so it cannot import this): the GPU session's work directory
 GPU_WORK = "SHARPEN_GPU_WORK"

@@ -2,8 +2,9 @@
 planner can ask a strategy what it costs without importing it (strategies/__init__.py gives each its own).
 
 The byte model follows the strategies as implemented in strategies/ (torch 2.13, DeepSpeed 0.19,
-transformers 5.24, peft 0.21); tests/test_planner.py checks params, grads and optimizer against
-`Strategy.local_state_bytes()` on real ranks, and the activation model against the tensors autograd saves.
+transformers 5.24, peft 0.21); tests/ranks/test_planner_state.py checks params, grads and
+optimizer against `Strategy.local_state_bytes()` on real ranks, and tests/unit/test_planner.py the activation
+model against the tensors autograd saves.
 
 - single/ddp (replicated.py): fp32 trainable params and grads, AdamW moments; bf16 compute is autocast,
   which keeps a bf16 copy of each trainable weight it multiplies for the backward (a buffer). DDP's grads

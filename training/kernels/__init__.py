@@ -3,7 +3,7 @@
 `apply` installs them on a rank's model; the fp32 CPU matmul engine they run on is the job's one choice
 (`resolve_cpu_matmul` when planning, `agree_cpu_matmul` on the ranks: the same on every rank). A kernel
 that copies or patches library code lists that code in its UPSTREAM, {qualified name: (digest of the
-installed source, what of the kernel follows it)}; tests/test_upstream.py fails when the installed
+installed source, what of the kernel follows it)}; tests/unit/test_upstream.py fails when the installed
 library's source no longer has that digest (`upstream_digest`).
 """
 

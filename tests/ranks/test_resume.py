@@ -1,0 +1,245 @@
+"""Checkpoints that survive crashes: exact resume after a real kill -9, damaged checkpoints, wrong jobs."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+from support.e2e import ALPACA, assert_ok, base_job, losses, metrics, sharpen, write_job
+
+from training.env_hooks import FAULT, RDZV_CONNECT_TIMEOUT_S
+
+STEPS = 6
+
+
+def job_for(model: Path, finetune: str, strategy: str, ranks: int = 2, **extra) -> dict:
+    sections = {
+        "finetune": {"type": finetune, "r": 8, "alpha": 16, "dropout": 0.1},
+        "train": {"max_steps": STEPS, "save_every": 2, "keep_last": 2, "lr": 2.0e-3},
+        "strategy": {"name": strategy},
+        "resources": {"gpus_per_node": ranks},
+    }
+    for key, value in extra.items():
+        sections[key] = {**sections.get(key, {}), **value}
+    return base_job(model, ALPACA, **sections)
+
+
+def run(tmp_path: Path, name: str, job: dict, fault: str | None = None):
+    run_dir = tmp_path / name
+    job_file = write_job(tmp_path / f"{name}.yaml", job)
+    env = {FAULT: fault} if fault else None
+    return run_dir, sharpen("run", str(job_file), "--output-dir", str(run_dir), env=env)
+
+
+def assert_same_losses(got: list[float], want: list[float], rel: float = 1e-6) -> None:
+    assert len(got) == len(want), (got, want)
+    for step, (g, w) in enumerate(zip(got, want, strict=True), start=1):
+        assert math.isclose(g, w, rel_tol=rel), f"step {step}: resumed {g} vs uninterrupted {w}"
+
+
+@pytest.mark.parametrize(
+    "finetune,strategy",
+    # fsdp full is resumed (from a kill mid-save) and compared the same way below.
+    [("full", "ddp"), ("full", "zero2"), ("full", "zero3"), ("lora", "fsdp"), ("lora", "zero3")],
+)
+def test_resume_after_kill_equals_uninterrupted_run(tiny_model, tmp_path, finetune, strategy):
+    """kill -9 of every rank after step 3 (checkpoint at 2); `sharpen resume` ends with the same losses,
+    step for step, as a run that was never stopped (LoRA dropout on, so RNG state matters too)."""
+    job = job_for(tiny_model, finetune, strategy)
+    straight_dir, result = run(tmp_path, "straight", job)
+    assert_ok(result)
+
+    crashed_dir, result = run(tmp_path, "crashed", job, fault="kill-after-step:3")
+    assert result.returncode == 1, result.stderr
+    assert "SIGKILL" in result.stderr
+    assert [r["step"] for r in metrics(crashed_dir)] == [1, 2, 3]
+
+    result = sharpen("resume", str(crashed_dir))
+    assert_ok(result)
+    assert "resuming from it" in result.stderr and "step 2" in result.stderr
+    assert_same_losses(losses(crashed_dir), losses(straight_dir))
+    assert [r["step"] for r in metrics(crashed_dir)] == list(range(1, STEPS + 1))
+
+
+def test_one_rank_killed_stops_the_run_quickly(tiny_model, tmp_path):
+    """kill -9 of rank 1 alone: rank 0 is left in a collective; the launcher must stop it and exit 1."""
+    job = job_for(tiny_model, "full", "ddp", train={"max_steps": 40, "save_every": 0})
+    start = time.monotonic()
+    run_dir, result = run(tmp_path, "killed", job, fault="kill-after-step:2@1")
+    elapsed = time.monotonic() - start
+    assert result.returncode == 1
+    assert "rank 1 failed" in result.stderr and "SIGKILL" in result.stderr
+    assert elapsed < 60, f"the launcher took {elapsed:.0f}s to give up"
+    assert "Traceback" not in result.stderr.split("last lines of its log")[0]
+
+
+def test_one_rank_killed_is_reported_and_resumes(tiny_model, tmp_path):
+    """One CPU rank is forked from the launcher rather than spawned by the agent: a kill -9 of it is still
+    reported by rank with its signal, exit 1, and `sharpen resume` ends with the uninterrupted losses."""
+    job = job_for(tiny_model, "lora", "single", ranks=1)
+    straight_dir, result = run(tmp_path, "straight", job)
+    assert_ok(result)
+    crashed_dir, result = run(tmp_path, "crashed", job, fault="kill-after-step:3")
+    assert result.returncode == 1
+    assert "rank 0 failed (killed by SIGKILL)" in result.stderr and "Traceback" not in result.stderr
+    assert [r["step"] for r in metrics(crashed_dir)] == [1, 2, 3]
+    assert_ok(sharpen("resume", str(crashed_dir)))
+    assert_same_losses(losses(crashed_dir), losses(straight_dir))
+
+
+def test_sigterm_to_the_launcher_stops_its_one_rank(tiny_model, tmp_path):
+    """SIGTERM to `sharpen run` (a scheduler, `kill`): passed on to the rank as the agent does, reported
+    without a traceback, exit 1, and no process left behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+    from support.e2e import REPO
+
+    job = job_for(tiny_model, "lora", "single", ranks=1, train={"max_steps": 100_000, "save_every": 0})
+    job_file, run_dir = write_job(tmp_path / "long.yaml", job), tmp_path / "long"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", "run", str(job_file), "--output-dir", str(run_dir)],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (run_dir / "metrics.jsonl").is_file() and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    ranks = psutil.Process(launcher.pid).children(recursive=True)
+    assert len(ranks) == 1
+    launcher.send_signal(signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode == 1, stderr
+    assert "rank 0 failed (killed by SIGTERM)" in stderr and "Traceback" not in stderr
+    assert not ranks[0].is_running()
+
+
+def test_kill_during_save_resumes_from_the_previous_checkpoint(tiny_model, tmp_path):
+    job = job_for(tiny_model, "full", "fsdp")
+    straight_dir, result = run(tmp_path, "straight", job)
+    assert_ok(result)
+    run_dir, result = run(tmp_path, "in-save", job, fault="kill-in-save:4")
+    assert result.returncode == 1
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["step-2", "step-4.tmp"], names
+
+    result = sharpen("resume", str(run_dir))
+    assert_ok(result)
+    assert "ignoring" in result.stderr and "step-4.tmp" in result.stderr
+    assert "complete checkpoint at step 2" in result.stderr
+    assert_same_losses(losses(run_dir), losses(straight_dir))
+    assert not (run_dir / "checkpoints" / "step-4.tmp").exists()
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tiny_model, tmp_path_factory) -> Path:
+    """A 2-rank fsdp run killed after step 3: checkpoint step-2 complete, resumable."""
+    tmp = tmp_path_factory.mktemp("stopped")
+    job = job_for(tiny_model, "full", "fsdp", logging={"every": 1, "progress": False,
+                                                       "wandb": {"project": "t", "mode": "offline"}})
+    run_dir, result = run(tmp, "stopped", job, fault="kill-after-step:3")
+    assert result.returncode == 1
+    return run_dir
+
+
+def snapshot(directory: Path) -> dict[str, tuple[int, float]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime) for p in directory.rglob("*") if p.is_file()}
+
+
+def test_truncated_checkpoint_is_refused_naming_the_file(stopped_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(stopped_run, run_dir)
+    shard = max((run_dir / "checkpoints" / "step-2").rglob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    before = snapshot(run_dir)
+    result = sharpen("resume", str(run_dir))
+    assert result.returncode == 2
+    assert shard.name in result.stderr and "truncated" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert snapshot(run_dir) == before, "a refused resume must not touch the run dir"
+
+
+def test_corrupted_checkpoint_is_refused(stopped_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(stopped_run, run_dir)
+    shard = next((run_dir / "checkpoints" / "step-2").rglob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    result = sharpen("resume", str(run_dir))
+    assert result.returncode == 2
+    assert shard.name in result.stderr and "corrupted" in result.stderr
+
+
+def test_resume_with_another_job_lists_the_differences(stopped_run):
+    result = sharpen("resume", str(stopped_run), "--set", "finetune.type=lora", "--set", "method.train_on=all")
+    assert result.returncode == 2
+    assert "finetune.type: 'full' → 'lora'" in result.stderr
+    assert "method.train_on: 'completion' → 'all'" in result.stderr
+
+
+def test_resume_refuses_a_strategy_that_cannot_read_the_checkpoint(stopped_run):
+    result = sharpen("resume", str(stopped_run), "--set", "strategy.name=zero2")
+    assert result.returncode == 2
+    assert "written by strategy fsdp" in result.stderr
+
+
+def test_resume_on_one_rank_continues_the_same_wandb_run(stopped_run, tmp_path):
+    """FSDP checkpoint from 2 ranks resumed on 1 (DCP reshards), continuing the same W&B run."""
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(stopped_run, run_dir)
+    wandb_id = (run_dir / "wandb_id").read_text().strip()
+    result = sharpen("resume", str(run_dir), "--set", "resources.gpus_per_node=1")
+    assert_ok(result)
+    assert json.loads((run_dir / "plan.json").read_text())["world_size"] == 1
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, STEPS + 1))
+    assert (run_dir / "wandb_id").read_text().strip() == wandb_id
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(wandb_id in p.name for p in runs)
+
+
+def test_resume_without_a_complete_checkpoint(tiny_model, tmp_path):
+    job = job_for(tiny_model, "full", "single", ranks=1, train={"max_steps": 4, "save_every": 2})
+    run_dir, result = run(tmp_path, "early", job, fault="kill-after-step:1")
+    assert result.returncode == 1
+    result = sharpen("resume", str(run_dir))
+    assert result.returncode == 2 and "no complete checkpoint" in result.stderr
+
+
+def test_unreachable_rendezvous_fails_in_seconds_with_the_address(tiny_model, tmp_path):
+    from cluster.environment import free_port
+
+    job_file = write_job(tmp_path / "job.yaml", job_for(tiny_model, "full", "ddp"))
+    endpoint = f"127.0.0.1:{free_port()}"  # nobody listens there
+    start = time.monotonic()
+    result = sharpen(
+        "run", str(job_file), "--output-dir", str(tmp_path / "run"),
+        "--nnodes", "2", "--node-rank", "1", "--master", endpoint,
+        env={RDZV_CONNECT_TIMEOUT_S: "3"},
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"cannot reach the rendezvous at {endpoint}" in result.stderr and "Traceback" not in result.stderr
+    assert time.monotonic() - start < 30
+
+
+def test_export_refuses_a_damaged_checkpoint(stopped_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(stopped_run, run_dir)
+    shard = next((run_dir / "checkpoints" / "step-2").rglob("*.distcp"))
+    shard.write_bytes(b"")
+    result = sharpen("export", str(run_dir), "--to", str(tmp_path / "out"))
+    assert result.returncode == 2 and shard.name in result.stderr
+    assert not (tmp_path / "out").exists()
