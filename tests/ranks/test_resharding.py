@@ -9,7 +9,6 @@ over its ranks, so a resumed run must reproduce the two-rank run's losses after 
 
 from __future__ import annotations
 
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,13 +118,7 @@ def run_job(env, job: Job, model_dir: str) -> dict:
 
 def run_jobs(env, jobs: dict[str, Job], model_dir: str) -> dict:
     """All jobs in one process group; a failing job is reported as that job's error."""
-    results = {}
-    for name, job in jobs.items():
-        try:
-            results[name] = run_job(env, job, model_dir)
-        except Exception:
-            results[name] = dist_harness.RankError(env.rank, f"job {name}:\n{traceback.format_exc()}")
-    return results
+    return dist_harness.run_each(env, jobs, lambda env, job: run_job(env, job, model_dir))
 
 
 # -- the three spawns --------------------------------------------------------------------------------

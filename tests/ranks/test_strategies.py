@@ -132,16 +132,8 @@ def run_job(env, job: Job, model_dir: str) -> dict:
 
 
 def run_jobs(env, jobs: dict[str, Job], model_dir: str) -> dict:
-    """All jobs in one process group; one job failing is reported as that job's error, not the batch's."""
-    import traceback
-
-    results = {}
-    for name, job in jobs.items():
-        try:
-            results[name] = run_job(env, job, model_dir)
-        except Exception:
-            results[name] = dist_harness.RankError(env.rank, f"job {name}:\n{traceback.format_exc()}")
-    return results
+    """All jobs in one process group; a failing job is reported as that job's error."""
+    return dist_harness.run_each(env, jobs, lambda env, job: run_job(env, job, model_dir))
 
 
 # -- the three spawns --------------------------------------------------------------------------------

@@ -101,6 +101,18 @@ def run(fn: Callable, world_size: int, *args: Any, timeout: float = 300) -> list
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
 
 
+def run_each(env, jobs: dict[str, Any], run_one: Callable[[Any, Any], Any]) -> dict[str, Any]:
+    """`run_one(env, job)` for every job on this rank, in one process group: a job that fails is reported
+    as that job's RankError, not the whole batch's."""
+    results = {}
+    for name, job in jobs.items():
+        try:
+            results[name] = run_one(env, job)
+        except Exception:
+            results[name] = RankError(env.rank, f"job {name}:\n{traceback.format_exc()}")
+    return results
+
+
 def _log_tail(out_dir: str, rank: int, chars: int = 4000) -> str:
     path = Path(out_dir) / f"rank{rank}.log"
     text = path.read_text(errors="replace") if path.exists() else ""
