@@ -1,4 +1,4 @@
-"""The loss through a frozen output projection: plain (full logits) beside fused (training/fused_loss.py).
+"""The loss through a frozen output projection: plain (full logits) beside fused (training/kernels/fused_loss.py).
 
 A LoRA Llama with a large vocabulary (default: Llama 3's 128256) and small layers, so the loss is most
 of the step, on the CPU in fp32: one row of labelled tokens (pretraining), forward and backward. Prints

@@ -14,7 +14,7 @@ Launch modes (cluster.slurm.launch):
   size. For clusters that forbid processes outside srun's accounting, or bind GPUs per task.
 
 Time limits: ``--signal=B:USR2@signal_lead_s`` sends USR2 to the batch shell only; its trap touches
-RUN/slurm/stop, which rank 0 sees at its next step (cluster/signals.py). A file, not a signal forwarded
+RUN/slurm/stop, which rank 0 sees at its next step (training/preemption.py). A file, not a signal forwarded
 through srun and the agent, because the agent treats signals as the end of its workers, and a file works
 the same in both launch modes. Preemption: SLURM sends SIGTERM (after GraceTime), the same signal as a
 plain scancel, so it is not taken as a stop request; with PreemptMode=REQUEUE SLURM requeues the job

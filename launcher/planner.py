@@ -323,7 +323,7 @@ def default_run_dir(spec: JobSpec) -> Path:
 
 
 def reference_model(spec: JobSpec) -> dict[str, Any] | None:
-    """Where DPO's reference log-probabilities come from and what they cost (training/dpo.py); None otherwise.
+    """Where DPO's reference log-probabilities come from and what they cost (training/methods/dpo.py); None otherwise.
 
     Neither source holds a second copy of the model: LoRA switches its adapter off for a no-grad forward
     each micro-batch; full fine-tuning (or reference: precompute) runs the initial model once before step 1."""

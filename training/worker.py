@@ -126,7 +126,7 @@ def build_strategy(plan: Plan, env: DistEnv, model):
 
 
 def make_method(plan: Plan, strategy, run_dir: Path, dataset, eval_dataset, resumed: bool, pad_token_id: int):
-    """The job's loss; for DPO with its reference (training/dpo.py), which may be precomputed here."""
+    """The job's loss; for DPO with its reference (training/methods/dpo.py), which may be precomputed here."""
     spec = plan.spec
     reference = None
     if spec.method.kind == "dpo":

@@ -1,4 +1,4 @@
-"""Per-sample sdpa (training/attention.py) against the dense block-causal mask it replaces."""
+"""Per-sample sdpa (training/kernels/attention.py) against the dense block-causal mask it replaces."""
 
 from __future__ import annotations
 

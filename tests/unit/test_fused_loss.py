@@ -1,4 +1,4 @@
-"""training/fused_loss.py: the loss through a frozen output projection in chunks gives the loss and every
+"""training/kernels/fused_loss.py: the loss through a frozen output projection in chunks gives the loss and every
 gradient of the plain one (logits, fp32 cross-entropy, autograd), and keeps no logits for the backward."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""training/last_layer.py: the last layer's MLP at label positions gives the loss and gradients of the full
+"""training/kernels/last_layer.py: the last layer's MLP at label positions gives the loss and gradients of the full
 model, padding-free or padded, with gradient checkpointing, LoRA and the per-sample attention."""
 
 from __future__ import annotations

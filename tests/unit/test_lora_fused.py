@@ -1,4 +1,4 @@
-"""The fused LoRA linear (training/lora_fused.py) against PEFT's own forward: outputs, every gradient, RNG."""
+"""The fused LoRA linear (training/kernels/lora_fused.py) against PEFT's own forward: outputs, every gradient, RNG."""
 
 from __future__ import annotations
 

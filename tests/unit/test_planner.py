@@ -178,7 +178,7 @@ def test_full_fine_tuning_peaks_measured_on_an_h200(
 
 
 def test_cpu_sdpa_packed_rows_have_no_mask():
-    """On the CPU, sdpa runs a padding-free row per sample (training/attention.py): no T x T block mask,
+    """On the CPU, sdpa runs a padding-free row per sample (training/kernels/attention.py): no T x T block mask,
     neither the bool mask nor each layer's float copy of it."""
     counts = ParamCounts(0, 0, 0, 0, 2, 256, 1000, 688, 8, 2, 32)
     cuda = Setting(strategy="zero2", compute_dtype="fp32", micro_batch_size=2, max_length=512)

@@ -1,6 +1,6 @@
 """The last decoder layer's MLP at the label positions only: the rest of its output is never read.
 
-A causal LM's loss reads the final hidden states only where a token has a label (training/methods.py
+A causal LM's loss reads the final hidden states only where a token has a label (training/methods/causal_lm.py
 already computes the logits there alone). Attention still needs every position of the last layer (its
 keys and values), but everything after it -- the residual add, the post-attention norm and the MLP --
 is per position, so at positions without a label it computes values nothing reads, and its backward

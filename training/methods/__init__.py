@@ -6,7 +6,7 @@ from __future__ import annotations
 
 
 def create_method(kind: str, settings=None, reference=None):
-    """The loss of method `kind`. DPO also takes its method section and its reference (training/dpo.py)."""
+    """The loss of method `kind`. DPO also takes its method section and its reference (training/methods/dpo.py)."""
     if kind in ("sft", "pretrain"):
         from training.methods.causal_lm import CausalLMLoss
 

@@ -18,7 +18,7 @@ class CausalLMLoss:
     pure waste (measured on the CPU bench job: 80% of positions, 10% of the step). The loss is the same
     sum over the same tokens. The positions come from the collator, found on the host (label_columns).
     Where the output projection is frozen (LoRA, QLoRA) the model computes the loss itself, in chunks that
-    never hold the logits of every position at once (training/fused_loss.py).
+    never hold the logits of every position at once (training/kernels/fused_loss.py).
     """
 
     normaliser = "global_label_tokens"
@@ -32,9 +32,9 @@ class CausalLMLoss:
         if slices:
             columns = label_columns(batch)
             labels = labels[:, columns]
-            # A pruned last layer (training/last_layer.py) already returns only these positions.
+            # A pruned last layer (training/kernels/last_layer.py) already returns only these positions.
             keep = label_positions_kwargs(columns) if prunes else {"logits_to_keep": columns}
-        if fused:  # the model returns the summed loss and no logits (training/fused_loss.py)
+        if fused:  # the model returns the summed loss and no logits (training/kernels/fused_loss.py)
             return LossOutput(model(**batch.model_inputs(), **keep, **{FUSED_LABELS: labels}).loss)
         out = model(**batch.model_inputs(), **keep)
         if out.logits.shape[:-1] != labels.shape:

@@ -1,7 +1,7 @@
 """Direct preference optimisation: the policy's log-ratio of chosen over rejected, against a reference model.
 
 A micro-batch is one padding-free row chosen₁ rejected₁ chosen₂ rejected₂ … (each pair is one stored
-row, training/data.py): one forward gives every sequence's summed log-probability of its answer tokens.
+row, training/data/): one forward gives every sequence's summed log-probability of its answer tokens.
 The reference model's log-probabilities come from one of two places, never from a second copy:
 
 - adapter disabled (LoRA/QLoRA, reference: auto): the same model under peft's disable_adapter(), a

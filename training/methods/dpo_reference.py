@@ -63,7 +63,7 @@ class PrecomputedReference:
 
 
 def rows_used(num_rows: int, global_batch_size: int, max_steps: int, seed: int, shuffle: bool) -> np.ndarray:
-    """The training rows that steps 1..max_steps read (training/data.py step_batches' order), sorted."""
+    """The training rows that steps 1..max_steps read (training/data/ step_batches' order), sorted."""
     from training.data.sampler import epoch_order
 
     steps_per_epoch = num_rows // global_batch_size
