@@ -20,6 +20,7 @@ Loc = tuple[Any, ...]
 EPOCHS = "sharpen counts optimizer steps: set train.max_steps"
 ACCUMULATION = "set train.global_batch_size instead; accumulation is derived"
 ZERO = "set strategy.name: zero1, zero2 or zero3 (sharpen writes the DeepSpeed config)"
+REWARD_MODEL = "add {model: DIR_OR_HUB_ID} to method.rewards"
 ALIASES = {
     "learning_rate": "train.lr", "lr_scheduler_type": "train.lr_scheduler", "scheduler": "train.lr_scheduler",
     "per_device_train_batch_size": "train.micro_batch_size", "micro_batch": "train.micro_batch_size",
@@ -44,12 +45,23 @@ ALIASES = {
     "dataset": "data.train", "datasets": "data.train", "training": "train", "trainer": "train", "lora": "finetune",
     "peft": "finetune", "output": "output_dir", "out_dir": "output_dir", "wandb": "logging.wandb",
     "wandb_project": "logging.wandb.project", "report_to": "logging.wandb", "slurm": "cluster.slurm",
+    # online RL (TRL's GRPOConfig, OpenRLHF, verl)
+    "reward_funcs": "method.rewards", "reward_functions": "method.rewards", "loss_type": "method.loss",
+    "reward_weights": "give each method.rewards entry its own weight", "reward_model": REWARD_MODEL,
+    "reward_model_path": REWARD_MODEL, "reward_pretrain": REWARD_MODEL, "max_new_tokens": "method.max_completion_length",
+    "max_prompt_length": "data.max_length", "generate_max_len": "method.max_completion_length",
+    "response_length": "method.max_completion_length", "n_samples_per_prompt": "method.num_generations",
+    "group_size": "method.num_generations", "kl_coef": "method.beta", "init_kl_coef": "method.beta",
+    "kl_loss_coef": "method.beta", "cliprange": "method.epsilon", "clip_range": "method.epsilon",
+    "clip_ratio": "method.epsilon", "epsilon_low": "method.epsilon", "clip_ratio_high": "method.epsilon_high",
+    "num_ppo_epochs": "method.num_iterations", "ppo_epochs": "method.num_iterations",
 }
 VALUE_ALIASES = {  # normalised (lower case, no - _ space) → choice
     "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32", "fa2": "flash_attention_2",
     "flashattention": "flash_attention_2", "flashattn": "flash_attention_2", "sharegpt": "chat", "messages": "chat",
     "conversation": "chat", "conversations": "chat", "raw": "text", "pairwise": "preference", "pairs": "preference",
-    "dpo": "preference", "fsdp2": "fsdp", "gpu": "cuda",
+    "dpo": "preference", "fsdp2": "fsdp", "gpu": "cuda", "prompts": "prompt", "promptonly": "prompt",
+    "rl": "prompt", "drgrpo": "dr_grpo",
 }
 SHORTHAND = {"model": "path", "method": "kind", "finetune": "type", "strategy": "name", "cluster": "kind",
              "data.train": "path", "data.eval": "path", "logging.wandb": "project"}

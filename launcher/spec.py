@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+
+from launcher.method_spec import (  # noqa: F401  (the method sections are part of this module's schema)
+    METHOD_FORMATS,
+    SUPERVISED_FORMATS,
+    DPOMethod,
+    GenerationSpec,
+    GRPOMethod,
+    Method,
+    PretrainMethod,
+    RewardMethod,
+    RewardSpec,
+    Section,
+    SFTMethod,
+)
 
 Checkpointing = Literal["none", "selective", "full"]
 CHECKPOINTING: tuple[str, ...] = get_args(Checkpointing)  # from the least recompute to the most
@@ -16,12 +31,6 @@ CHECKPOINTING: tuple[str, ...] = get_args(Checkpointing)  # from the least recom
 # context={RULES_CONTEXT: [rule, ...]})` checks them with the others, each rule a JobSpec's (field, message) list.
 RULES_CONTEXT = "rules"
 Rule = Callable[["JobSpec"], list[tuple[str, str]]]
-
-
-class Section(BaseModel):
-    """Base of every section: unknown keys are errors, never silently dropped."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelSpec(Section):
@@ -113,59 +122,16 @@ class FinetuneSpec(Section):
     )
 
 
-class SFTMethod(Section):
-    """Supervised fine-tuning: next-token loss on prompt/completion or chat data."""
-
-    kind: Literal["sft"] = Field("sft", description="Supervised fine-tuning (formats alpaca, chat, text)")
-    train_on: Literal["completion", "all"] = Field(
-        "completion", description="Which tokens carry loss: only the completion (default) or the whole text"
-    )
-
-
-class PretrainMethod(Section):
-    """Continued pretraining: next-token loss on every token of raw text."""
-
-    kind: Literal["pretrain"] = Field(description="Next-token prediction on raw text (format text)")
-
-
-class DPOMethod(Section):
-    """Direct preference optimisation on chosen/rejected pairs against a frozen reference model."""
-
-    kind: Literal["dpo"] = Field(description="Direct preference optimisation (format preference)")
-    beta: float = Field(
-        0.1, gt=0, description="Strength of the pull toward the reference model; higher stays closer"
-    )
-    loss: Literal["sigmoid", "ipo", "hinge"] = Field(
-        "sigmoid", description="sigmoid (the DPO paper), ipo, or hinge (SLiC)"
-    )
-    label_smoothing: float = Field(
-        0.0,
-        ge=0,
-        lt=0.5,
-        description="Assumed share of flipped preference labels (conservative DPO; sigmoid loss only)",
-    )
-    reference: Literal["auto", "precompute"] = Field(
-        "auto",
-        description="Reference log-probabilities: auto (computed during training) or precompute (one pass before training)",
-    )
-
-
-class RewardMethod(Section):
-    """Reward modelling: a scalar head trained so chosen answers score above rejected ones."""
-
-    kind: Literal["reward"] = Field(description="Reward model training (format preference)")
-
-
-Method = Annotated[SFTMethod | PretrainMethod | DPOMethod | RewardMethod, Field(discriminator="kind")]
-
-
 class DataFile(Section):
     """One data file or dataset, an item of data.train or data.eval."""
 
     path: str = Field(description="A .jsonl/.json/.parquet/.csv file, a directory, or a hub dataset name")
-    format: Literal["alpaca", "chat", "text", "preference"] = Field(
+    format: Literal["alpaca", "chat", "text", "preference", "prompt"] = Field(
         "alpaca",
-        description="alpaca (instruction, input, output), chat (messages), text (raw text), preference (prompt, chosen, rejected)",
+        description=(
+            "alpaca (instruction, input, output), chat (messages), text (raw text), preference (prompt, chosen, "
+            "rejected), prompt (a prompt to generate from, for grpo; every other field reaches the reward functions)"
+        ),
     )
     split: str = Field("train", description="Split to read from a hub dataset or a dataset directory")
     field: str | None = Field(None, description="The column holding the text (text) or messages (chat)")
@@ -371,18 +337,20 @@ class JobSpec(Section):
             why = f"train.micro_batch_size x ranks ({mbs} x {world} = {step})"
             add(("train.global_batch_size", f"{gbs} is not divisible by {why}; try {options}"))
         kind = self.method.kind
-        reads = {"dpo": ("preference",), "reward": ("preference",), "pretrain": ("text",)}
-        reads = reads.get(kind, ("alpaca", "chat", "text"))
+        reads = METHOD_FORMATS.get(kind, SUPERVISED_FORMATS)
+        readers = {fmt: [k for k, formats in METHOD_FORMATS.items() if fmt in formats] for fmt in ("preference", "prompt")}
         for split in ("train", "eval"):
             for i, f in enumerate(getattr(self.data, split)):
                 if f.format not in reads:
-                    tip = (
-                        "; preference data is for method.kind dpo or reward"
-                        if f.format == "preference"
-                        else ""
-                    )
+                    tip = f"; {f.format} data is for method.kind {' or '.join(readers[f.format])}" if f.format in readers else ""
                     why = f"{f.format!r} does not fit method.kind {kind!r}, which reads format {' or '.join(reads)}"
                     add((f"data.{split}.{i}.format", why + tip))
+        if isinstance(self.method, GRPOMethod) and gbs % self.method.num_generations:
+            group = self.method.num_generations
+            step = math.lcm(group, mbs * world) if isinstance(mbs, int) else group  # hints that fit both rules
+            options = " or ".join(str(n) for n in (gbs // step * step, (gbs // step + 1) * step) if n > 0)
+            why = f"completions per step, is not a multiple of method.num_generations ({group}, one group per prompt)"
+            add(("train.global_batch_size", f"{gbs}, the {why}; try {options}"))
         if train.warmup_steps and train.warmup_steps >= train.max_steps:
             add(
                 (
