@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,8 @@ from launcher.errors import UserError
 from launcher.job_messages import count, dotted, got, problem_lines, report, show
 from launcher.spec import RULES_CONTEXT, JobSpec, resolve_path
 from strategies.job_rules import job_problems
+from training.data.prompts import data_columns
+from training.rollout.rewards import check_reward_function, resolve_reference
 
 Loc = tuple[Any, ...]
 HINT = "`sharpen schema` lists every key with its type, default and meaning (also docs/job-reference.md)"
@@ -45,9 +49,7 @@ def load_job(path: str | Path, overrides: Sequence[str] = (), *, check_inputs: b
     except pydantic.ValidationError as exc:
         problems += [text for text, _ in problem_lines(exc, parsed, lines)]
     if check_inputs:  # also for an invalid file: every problem at once
-        problems += _check_fields(
-            _input_fields(spec.model_dump()) if spec else _input_fields(raw, base), base
-        )
+        problems += _check_inputs(spec.model_dump() if spec else raw, base if spec is None else None, base)
     if problems or spec is None:
         where = " and its --set overrides" if any(p.startswith("--set ") for p in problems) else ""
         raise UserError(report(f"{path}: {count(problems)} in the job file{where}", problems), hint=HINT)
@@ -80,8 +82,9 @@ def format_errors(exc: pydantic.ValidationError, source: str) -> str:
 
 
 def check_inputs(spec: JobSpec, *, base: Path | None = None) -> list[str]:
-    """Problems with local inputs: missing data files, model or tokenizer directories without their files."""
-    return _check_fields(_input_fields(spec.model_dump()), base)
+    """Problems with local inputs: missing data files, model or tokenizer directories without their files,
+    reward functions that do not import or cannot take TRL's arguments."""
+    return _check_inputs(spec.model_dump(), None, base)
 
 
 # ---- reading and overriding ----------------------------------------------------------------------------------
@@ -189,6 +192,11 @@ def _resolve_paths(spec: JobSpec, base: Path) -> None:
     spec.model.path = resolve_path(spec.model.path, base)
     for f in [*spec.data.train, *spec.data.eval]:
         f.path = resolve_path(f.path, base)
+    for reward in getattr(spec.method, "rewards", ()):  # grpo: every rank finds them wherever it starts
+        if reward.function:
+            reward.function = resolve_reference(reward.function, base)
+        if reward.model:
+            reward.model = resolve_path(reward.model, base)
     for section, key in ((spec.model, "tokenizer"), (spec.data, "cache_dir"), (spec, "output_dir")):
         if getattr(section, key):
             setattr(section, key, resolve_path(getattr(section, key), base))
@@ -206,12 +214,55 @@ def _input_fields(data: dict, base: Path | None = None) -> list[tuple[str, str]]
         fields += [
             (f"data.{split}.{i}.path", f.get("path")) for i, f in enumerate(items) if isinstance(f, dict)
         ]
+    fields += [(f"method.rewards.{i}.model", r.get("model")) for i, r in enumerate(_rewards(data))]
     return [(f, resolve_path(v, base) if base else v) for f, v in fields if isinstance(v, str) and v]
+
+
+def _check_inputs(data: dict, resolve_base: Path | None, base: Path | None) -> list[str]:
+    """Every input's problems: the model's and the data's first, then each reward's (models and functions) in order."""
+    problems = _check_fields(_input_fields(data, resolve_base), base) + _check_reward_functions(data, base)
+    reward_index = re.compile(r"^method\.rewards\.(\d+)\.")
+
+    def order(problem: str) -> tuple[int, int]:
+        found = reward_index.match(problem)
+        return (1, int(found[1])) if found else (0, 0)
+
+    return sorted(problems, key=order)
+
+
+def _rewards(data: dict) -> list[dict]:
+    """The reward entries of a dumped spec or a raw dict (grpo), each a mapping."""
+    method = data.get("method") if isinstance(data.get("method"), dict) else {}
+    rewards = method.get("rewards") if isinstance(method.get("rewards"), list) else []
+    return [r for r in rewards if isinstance(r, dict)]
+
+
+def _check_reward_functions(data: dict, base: Path | None) -> list[str]:
+    """Each reward function imported here, before any rank starts, and its signature checked against the
+    columns the data gives it (when every training file's columns can be read from its start)."""
+    rewards = [(i, r["function"]) for i, r in enumerate(_rewards(data)) if isinstance(r.get("function"), str)]
+    if not rewards:
+        return []
+    columns: set[str] | None = set()
+    for field, value in _input_fields(data, base):
+        if field.startswith("data.train."):
+            found = data_columns(Path(value).expanduser()) if Path(value).expanduser().is_file() else None
+            columns = None if found is None or columns is None else columns | set(found)
+    if columns is not None:
+        section = data.get("data") if isinstance(data.get("data"), dict) else {}
+        train = section.get("train") if isinstance(section.get("train"), list) else []
+        columns -= {f.get("field") or "prompt" for f in train if isinstance(f, dict)}  # it arrives as `prompts`
+    problems = []
+    for i, text in rewards:
+        found = check_reward_function(text, base, columns)
+        if found:
+            problems.append(f"method.rewards.{i}.function: {text!r}: {found[0]}; {found[1]}")
+    return problems
 
 
 def _check_fields(fields: list[tuple[str, str]], base: Path | None) -> list[str]:
     roots = [*([base] if base else []), Path.cwd()]
-    problems = []
+    problems, reward_models = [], [f for f, _ in fields if f.startswith("method.rewards.")]
     for field, value in fields:
         path, is_data = Path(value).expanduser(), field.startswith("data.")
         local = value.startswith(("./", "../", "/", "~")) or path.exists()
@@ -228,10 +279,29 @@ def _check_fields(fields: list[tuple[str, str]], base: Path | None) -> list[str]
             continue
         elif not path.is_dir():
             problems.append(f"{given} is a file; give the directory save_pretrained wrote, or a hub id")
-        elif field == "model.path" and not (path / "config.json").exists():
+        elif field in ("model.path", *reward_models) and not (path / "config.json").exists():
             problems.append(f"{given} has no config.json; give the directory save_pretrained wrote")
+        elif field in reward_models:
+            problems += _reward_model_problems(given, path)
         elif field == "model.tokenizer" and not any((path / n).exists() for n in TOKENIZER_FILES):
             problems.append(f"{given} has no {' or '.join(TOKENIZER_FILES)}")
+    return problems
+
+
+def _reward_model_problems(given: str, path: Path) -> list[str]:
+    """A reward model directory is scored with its own tokenizer, through a sequence-classification head."""
+    problems = []
+    if not any((path / n).exists() for n in TOKENIZER_FILES):
+        problems.append(f"{given} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); it scores with its own")
+    try:
+        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        architectures = []
+    if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        problems.append(
+            f"{given} is a {architectures[0]}, not a sequence-classification model; give a reward model "
+            "(e.g. the final/ of a sharpen run with method.kind reward)"
+        )
     return problems
 
 

@@ -134,7 +134,9 @@ class DataFile(Section):
         ),
     )
     split: str = Field("train", description="Split to read from a hub dataset or a dataset directory")
-    field: str | None = Field(None, description="The column holding the text (text) or messages (chat)")
+    field: str | None = Field(
+        None, description="The column holding the text (text), the messages (chat) or the prompt (prompt)"
+    )
     weight: float = Field(1.0, gt=0, description="Reserved: sampling weight when mixing files")
 
 

@@ -5,7 +5,8 @@ and one tokenization of the whole text (with offsets) that maps spans to tokens.
 text once, instead of prompt and completion separately, keeps the tokens exactly those a model sees
 when the text is tokenized at inference, and works alike for byte-level and sentencepiece tokenizers.
 A new record format is one entry in FORMATS. Preference records encode to a (chosen, rejected) pair
-of such sequences, which the pipeline stores as one row of two segments.
+of such sequences, which the pipeline stores as one row of two segments. Prompt records (grpo) have
+no target at all: they encode to the prompt's ids, the prompt, and the record's other columns.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ class Format:
     name: str
     required: Callable[[str | None], tuple[str, ...]]  # DataFile.field -> the columns a file must have
     example: dict[str, Any]
-    encode: Callable[[dict[str, list], Encoder], list]  # per record: (ids, targets), or a pair of them
+    encode: Callable[[dict[str, list], Encoder], list]  # per record: (ids, targets), a pair of them, or a prompt
     paired: bool = False  # each record is a (chosen, rejected) pair of sequences
+    prompts_only: bool = False  # each record is a prompt to generate from: (ids, prompt, other columns)
 
     def example_line(self) -> str:
         return json.dumps(self.example)
@@ -263,6 +265,36 @@ def encode_preference(batch: dict[str, list], enc: Encoder):
     return [(encoded[k], encoded[k + 1]) for k in range(0, len(encoded), 2)]
 
 
+def encode_prompt(batch: dict[str, list], enc: Encoder):
+    """Each record to (prompt ids, the prompt as given, its other columns); BOS first, no EOS (it is continued).
+
+    A string prompt is tokenized as it is; messages are rendered with the chat template and its generation
+    prompt, so the ids end where the assistant's answer begins."""
+    name, tokenizer = enc.field or "prompt", enc.tokenizer
+    prompts, texts = [], []
+    for i, record in enumerate(_rows(batch)):
+        value = record.get(name)
+        if value is None:
+            raise RecordError(i, f"field '{name}' is missing")
+        if isinstance(value, list):
+            if not tokenizer.chat_template:
+                raise RecordError(None, "message prompts need a chat template, and the tokenizer has none; use strings")
+            value = _messages(record, name, i)
+            texts.append(tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True))
+        elif isinstance(value, str):
+            texts.append(value)
+        else:
+            raise RecordError(i, f"field '{name}' must be a string or a list of messages, got {type(value).__name__}")
+        prompts.append(value)
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    bos = [] if enc.bos_id is None else [enc.bos_id]
+    others = [{k: v for k, v in record.items() if k != name} for record in _rows(batch)]
+    return [
+        ((bos if bos and (not row or row[0] != bos[0]) else []) + list(row), prompt, other)
+        for row, prompt, other in zip(ids, prompts, others, strict=True)
+    ]
+
+
 FORMATS: dict[str, Format] = {
     "alpaca": Format(
         "alpaca",
@@ -283,6 +315,13 @@ FORMATS: dict[str, Format] = {
         {"prompt": "2+2? ", "chosen": "4", "rejected": "5"},
         encode_preference,
         paired=True,
+    ),
+    "prompt": Format(
+        "prompt",
+        lambda field: (field or "prompt",),
+        {"prompt": "Name a colour: ", "answer": "blue"},
+        encode_prompt,
+        prompts_only=True,
     ),
 }
 

@@ -1,4 +1,4 @@
-"""Tokenizing a job's data: files → encoded samples (shifted labels, truncation, pairs) → packed rows,
+"""Tokenizing a job's data: files → encoded samples (shifted labels, truncation, pairs, prompts) → packed rows,
 with the evaluation rows held out or encoded beside them, into the tokenize-once cache (cache.py)."""
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from training.data.cache import (
 )
 from training.data.formats import FORMATS, Encoder, RecordError, load_source, record_location, source_files
 from training.data.packing import COLUMNS, IGNORE_INDEX, pack_dataset, row_features
+from training.data.prompts import PROMPT_COLUMNS, finish_prompt, prompt_features
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ def prepare_dataset(
         if not data.padding_free:
             raise UserError("data.padding_free: false does not apply to preference pairs: chosen and rejected "
                             "of every pair go through one padding-free forward", hint="remove data.padding_free")
+    if data.packing and any(FORMATS[f.format].prompts_only for f in (*data.train, *data.eval)):
+        raise UserError("data.packing: prompts are not packed (each is generated from on its own)",
+                        hint="remove data.packing")
     root = Path(cache_root or data.cache_dir or DEFAULT_ROOT).expanduser()
     final = root / cache_key(data, method_kind, tokenizer_path, train_on, trust_remote_code)
     return build_once(final, lambda out: _build(out, data, tokenizer_path, trust_remote_code, train_on))
@@ -105,6 +109,8 @@ def _encode_source(
             hint=f"a valid {file.format} record: {fmt.example_line()}",
         )
 
+    names, features = (PROMPT_COLUMNS, prompt_features()) if fmt.prompts_only else (COLUMNS, row_features())
+
     def encode(batch: dict, indices: list[int]) -> dict:
         try:
             encoded = fmt.encode(batch, enc)
@@ -112,19 +118,21 @@ def _encode_source(
             where = "" if e.index is None else record_location(path, indices[e.index]) + ": "
             example = f"a valid {file.format} record: {fmt.example_line()}"
             raise UserError(f"{label}: {where}{e.message}", hint=example) from None
-        columns: dict[str, list] = {c: [] for c in COLUMNS}
+        columns: dict[str, list] = {c: [] for c in names}
         for item in encoded:
-            if fmt.paired:
+            if fmt.prompts_only:
+                sample = finish_prompt(*item, data.max_length, data.truncation, stats)
+            elif fmt.paired:
                 sample = _finish_pair(*item, data.max_length, data.truncation, stats)
             else:
                 sample = _finish_sample(*item, data.max_length, data.truncation, stats)
             if sample:
-                for column, value in zip(COLUMNS, sample, strict=True):
+                for column, value in zip(names, sample, strict=True):
                     columns[column].append(value)
         return columns
 
     return ds.map(
-        encode, batched=True, with_indices=True, remove_columns=ds.column_names, features=row_features(),
+        encode, batched=True, with_indices=True, remove_columns=ds.column_names, features=features,
         cache_file_name=str(out / f"encoded-{uuid.uuid4().hex}.arrow"), new_fingerprint=uuid.uuid4().hex, desc=None,
     )
 
@@ -169,13 +177,17 @@ def _build(out: Path, data: DataSpec, tokenizer_path: str, trust_remote_code: bo
         )
     meta = {
         "pipeline_version": PIPELINE_VERSION, "rows": len(ds), "stats": stats,
-        "tokens": int(np.asarray(ds.with_format("arrow")["length"]).sum()),
-        "label_tokens": int(np.asarray(ds.with_format("arrow")["num_label_tokens"]).sum()),
+        "tokens": _total(ds, "length"),
+        "label_tokens": _total(ds, "num_label_tokens"),  # none in prompt rows: nothing is trained on a prompt
         "tokenizer": tokenizer_path, "train_on": train_on, "data": data.model_dump(),
     }
     if eval_rows:
         meta |= {"eval_rows": eval_rows, "eval_stats": eval_stats}
     (out / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")  # last: it marks the entry finished
+
+
+def _total(ds, column: str) -> int:
+    return int(np.asarray(ds.with_format("arrow")[column]).sum()) if column in ds.column_names else 0
 
 
 def _encode_section(section: str, data: DataSpec, tokenizer, train_on: str, stats: dict, work: Path):
