@@ -18,6 +18,7 @@ import yaml
 
 from launcher.errors import UserError
 from launcher.job_messages import count, dotted, got, problem_lines, report, show
+from launcher.method_spec import REWARD_FUNCTION
 from launcher.spec import RULES_CONTEXT, JobSpec, resolve_path
 from strategies.job_rules import job_problems
 from training.data.prompts import data_columns
@@ -240,7 +241,8 @@ def _rewards(data: dict) -> list[dict]:
 def _check_reward_functions(data: dict, base: Path | None) -> list[str]:
     """Each reward function imported here, before any rank starts, and its signature checked against the
     columns the data gives it (when every training file's columns can be read from its start)."""
-    rewards = [(i, r["function"]) for i, r in enumerate(_rewards(data)) if isinstance(r.get("function"), str)]
+    rewards = [(i, r["function"]) for i, r in enumerate(_rewards(data))
+               if isinstance(r.get("function"), str) and REWARD_FUNCTION.match(r["function"])]  # else: the schema says
     if not rewards:
         return []
     columns: set[str] | None = set()

@@ -75,18 +75,18 @@ def signature_problem(fn: Callable, columns: Collection[str] | None) -> str | No
         return None
     var_keyword = any(p.kind is p.VAR_KEYWORD for p in params)
     named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    if COMPLETIONS not in named and not var_keyword:
-        return f"it takes no 'completions' argument; reward functions are called as {SIGNATURE}"
     given = {*ALWAYS_PASSED, *(columns or ())}
     for p in params:
         if p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         if p.kind is p.POSITIONAL_ONLY:
-            return f"its argument {p.name!r} is positional-only; arguments are passed by keyword: {SIGNATURE}"
+            return f"its argument {p.name!r} is positional-only; arguments are passed by keyword"
         if columns is not None and p.name not in given:
             have = ", ".join(sorted(columns)) or "none"
             return (f"its argument {p.name!r} gets no value: it is not prompts, completions or completion_ids, "
                     f"nor a column of the data (its other columns: {have})")
+    if COMPLETIONS not in named and not var_keyword:
+        return "it takes no 'completions' argument (nor **kwargs)"
     return None
 
 
