@@ -77,7 +77,9 @@ class GRPOMicroBatch(MicroBatch):
 def completion_row(prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> dict:
     """One stored-row dict of prompt + completion with shifted labels on the completion tokens only."""
     if not prompt_ids:
-        raise ValueError("a completion needs a prompt of at least one token (its first token is predicted from it)")
+        raise ValueError(
+            "a completion needs a prompt of at least one token (its first token is predicted from it)"
+        )
     ids = [*prompt_ids, *completion_ids]
     labels = [IGNORE_INDEX] * (len(prompt_ids) - 1) + list(completion_ids) + [IGNORE_INDEX]
     return {"input_ids": ids, "labels": labels, "segment_lengths": [len(ids)]}
@@ -106,7 +108,9 @@ def collate_completions(
             continue
         lengths = [len(c) for c in completion_ids]
         if [v.numel() for v in values] != lengths:
-            raise ValueError(f"{name}: {[v.numel() for v in values]} values for completions of {lengths} tokens")
+            raise ValueError(
+                f"{name}: {[v.numel() for v in values]} values for completions of {lengths} tokens"
+            )
         per_token[name] = torch.cat([v.reshape(-1).float() for v in values])
     fields = {name: getattr(micro, name) for name in MicroBatch.__dataclass_fields__}
     return GRPOMicroBatch(**fields, advantages=advantages.reshape(-1).float(), **per_token)
