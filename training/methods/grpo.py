@@ -18,7 +18,9 @@ The loss is a sum over the micro-batch; the loop divides by one global count of 
 
 TRL (grpo_trainer.py `_compute_loss`) has the same three formulas, but grpo and dr_grpo divide per
 micro-batch and then by the accumulation steps and the processes: the step's mean only when every
-micro-batch holds as many completions. Here the division is by the step's count, always exact.
+micro-batch holds as many completions. Here the division is by the step's count, always exact. TRL's
+dapo divides by the global completion tokens of the generation batch: the same as here when one
+generation batch feeds one optimizer step (TRL's default, steps_per_generation = accumulation steps).
 """
 
 from __future__ import annotations
