@@ -314,6 +314,16 @@ def test_a_lora_model_generates_through_its_adapter_and_without_it_as_the_base(t
         assert generate(lora, prompts, keys_for(prompts), s, PAD, EOS).token_ids == want
 
 
+def test_a_wrapped_model_generates_as_the_model(model, prompts):
+    """Under a wrapper that holds the model as `.module` (torch's DataParallel here, DDP on ranks): the
+    config and the cache keyword are read from the model inside, the forward is the wrapper's."""
+    s = settings(max_completion_length=10)
+    want = generate(model, prompts, keys_for(prompts), s, PAD, EOS, return_logprobs=True)
+    wrapped = generate(nn.DataParallel(model), prompts, keys_for(prompts), s, PAD, EOS, return_logprobs=True)
+    assert wrapped.token_ids == want.token_ids
+    assert all(torch.equal(a, b) for a, b in zip(wrapped.logprobs, want.logprobs, strict=True))
+
+
 # -- settings and inputs ------------------------------------------------------------------------------
 
 

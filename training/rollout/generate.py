@@ -167,10 +167,18 @@ def sample_tokens(scores: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.T
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
 
 
-def _forward_names(model: nn.Module) -> tuple[str, bool]:
-    """The cache keyword of the underlying transformers model (`cache` from transformers 5.x, before it
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside `model`: under a wrapper that keeps it as `.module` (DDP, a DeepSpeed
+    engine) and a PEFT model's adapters. Its config and forward signature are read; the forward itself is
+    always the wrapper's, so that the wrapper's hooks run."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _forward_names(base: nn.Module) -> tuple[str, bool]:
+    """The cache keyword of a transformers model (`cache` from transformers 5.x, before it
     `past_key_values`), and whether it takes logits_to_keep (the lm_head at the last position only)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     params = inspect.signature(base.forward).parameters
     return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
 
@@ -214,7 +222,8 @@ def generate(
     rows, length = len(prompts), settings.max_completion_length
     uniforms = row_uniforms(keys, length).to(device)
     input_ids, mask, positions = _left_padded(prompts, pad_token_id, device)
-    cache_keyword, keeps_logits = _forward_names(model)
+    base = transformers_model(model)
+    cache_keyword, keeps_logits = _forward_names(base)
     extra = {"logits_to_keep": 1} if keeps_logits else {}
 
     was_training = model.training
@@ -223,7 +232,7 @@ def generate(
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     try:
         with torch.no_grad():
-            cache = DynamicCache(config=model.config)
+            cache = DynamicCache(config=base.config)
             out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                         use_cache=True, **{cache_keyword: cache}, **extra)
             next_position = positions[:, -1:] + 1
