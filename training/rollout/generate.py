@@ -1,0 +1,273 @@
+"""Sampled completions from a causal LM, each row seeded by its own key, so that a row's completion depends
+only on its prompt, its key and the model: not on the batch it shares, the rank it runs on, or a resume.
+
+transformers' `generate` draws every row's token from one global RNG, so a completion changes with what
+else is in its batch. Here each row has its own torch.Generator, seeded from a stable hash of its key
+(seed, step, prompt index, generation index), and spends one uniform draw per generated token on an
+inverse-CDF sample of its own distribution. The batch is left-padded with an attention mask and position
+ids (a row's logits do not depend on its padding) and decoded with transformers' DynamicCache.
+
+The logits are processed as transformers' sampling does (TRL hands its GRPO settings to `generate`), in
+its order: repetition penalty, min_new_tokens (EOS masked), temperature, top_k, top_p. One difference:
+the repetition penalty counts a row's own prompt and completion tokens, never its padding (transformers
+penalises the pad token in padded rows, which would make a row depend on its batch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+# The generation_kwargs this decode loop implements (TRL passes these on to transformers' generate);
+# anything else in a job's generation_kwargs is a job-file error, not something to drop silently.
+GENERATION_KWARGS = frozenset({"min_new_tokens", "top_k", "repetition_penalty"})
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How completions are sampled: the job's method.max_completion_length, temperature, top_p and its
+    generation_kwargs (top_k 0: off, as in transformers)."""
+
+    max_completion_length: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_new_tokens: int = 0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_completion_length < 1:
+            problems.append(f"max_completion_length must be >= 1, got {self.max_completion_length}")
+        if not self.temperature > 0:
+            problems.append(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if self.min_new_tokens < 0:
+            problems.append(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+        if not self.repetition_penalty > 0:
+            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @classmethod
+    def from_method(cls, method: Any) -> SamplingSettings:
+        """The settings of a GRPO method section (max_completion_length, temperature, top_p,
+        generation_kwargs); an unknown generation_kwargs key is a ValueError naming it."""
+        extra: Mapping[str, Any] = dict(getattr(method, "generation_kwargs", None) or {})
+        unknown = sorted(set(extra) - GENERATION_KWARGS)
+        if unknown:
+            raise ValueError(
+                f"generation_kwargs {unknown} are not supported; supported: {sorted(GENERATION_KWARGS)}"
+            )
+        return cls(
+            max_completion_length=int(method.max_completion_length),
+            temperature=float(method.temperature),
+            top_p=float(method.top_p),
+            top_k=int(extra.get("top_k") or 0),
+            min_new_tokens=int(extra.get("min_new_tokens") or 0),
+            repetition_penalty=float(extra.get("repetition_penalty", 1.0)),
+        )
+
+
+@dataclass(frozen=True)
+class Completions:
+    """Per row: the completion's token ids (its EOS kept, as TRL does), whether it ended by EOS (else it
+    was cut at max_completion_length), and, when asked for, the log-probability of each chosen token
+    under the distribution it was sampled from (after every logits processor)."""
+
+    token_ids: list[list[int]]
+    ended_by_eos: list[bool]
+    logprobs: list[torch.Tensor] | None = None
+
+    @property
+    def truncated(self) -> list[bool]:
+        """Rows cut at max_completion_length."""
+        return [not eos for eos in self.ended_by_eos]
+
+    @property
+    def num_tokens(self) -> int:
+        """Generated tokens over all rows."""
+        return sum(len(ids) for ids in self.token_ids)
+
+
+def row_seed(key: Sequence[int]) -> int:
+    """A row's generator seed: a stable hash of its key (the same on every machine and Python run,
+    which Python's hash() is not), 63 bits."""
+    text = ",".join(str(int(part)) for part in key)
+    digest = hashlib.sha256(text.encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def group_keys(seed: int, step: int, prompt_indices: Sequence[int], num_generations: int) -> list[tuple[int, ...]]:
+    """The keys of a step's rows: each prompt's group of `num_generations`, prompt by prompt."""
+    return [(seed, step, int(p), g) for p in prompt_indices for g in range(num_generations)]
+
+
+def row_uniforms(keys: Sequence[Sequence[int]], length: int) -> torch.Tensor:
+    """[rows, length] float64 uniforms in [0, 1): row i's t-th draw is token t's. Drawn on CPU generators
+    so that a key gives the same draws on every device."""
+    draws = []
+    for key in keys:
+        generator = torch.Generator().manual_seed(row_seed(key))
+        draws.append(torch.rand(length, generator=generator, dtype=torch.float64))
+    return torch.stack(draws)
+
+
+def process_logits(
+    scores: torch.Tensor,
+    settings: SamplingSettings,
+    new_tokens: int,
+    eos_token_ids: torch.Tensor,
+    seen: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[rows, vocab] next-token logits → the logits sampled from, as transformers' processors would:
+    repetition penalty on `seen` tokens ([rows, vocab] bool), EOS masked while fewer than min_new_tokens
+    were generated (`new_tokens` so far), temperature, top_k, top_p. Returns a new float32 tensor."""
+    scores = scores.float().clone()
+    if settings.repetition_penalty != 1.0 and seen is not None:
+        penalised = torch.where(scores < 0, scores * settings.repetition_penalty, scores / settings.repetition_penalty)
+        scores = torch.where(seen, penalised, scores)
+    if new_tokens < settings.min_new_tokens:
+        scores[:, eos_token_ids.to(scores.device)] = -torch.inf
+    if settings.temperature != 1.0:
+        scores = scores / settings.temperature
+    if settings.top_k:
+        k = min(settings.top_k, scores.shape[-1])
+        kth = torch.topk(scores, k).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, -torch.inf)  # ties with the k-th are kept, as transformers
+    if settings.top_p < 1.0:
+        ascending, order = torch.sort(scores, descending=False)
+        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= 1 - settings.top_p
+        drop[:, -1] = False  # the most likely token always stays
+        scores = scores.masked_fill(drop.scatter(1, order, drop), -torch.inf)
+    return scores
+
+
+def sample_tokens(scores: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row from softmax(scores) by inverse CDF at the row's uniform (a token of probability
+    0 is never chosen); returns the tokens and their log-probabilities."""
+    logp = torch.log_softmax(scores, dim=-1)
+    probs = logp.exp()
+    cdf = probs.double().cumsum(dim=-1)
+    target = (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    # A uniform that rounds up to the total mass would fall past the last token: take the likeliest.
+    past_end = tokens >= scores.shape[-1]
+    tokens = torch.where(past_end, probs.argmax(dim=-1), tokens.clamp(max=scores.shape[-1] - 1))
+    return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
+
+
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside `model`: under a wrapper that keeps it as `.module` (DDP, a DeepSpeed
+    engine) and a PEFT model's adapters. Its config and forward signature are read; the forward itself is
+    always the wrapper's, so that the wrapper's hooks run."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _forward_names(base: nn.Module) -> tuple[str, bool]:
+    """The cache keyword of a transformers model (`cache` from transformers 5.x, before it
+    `past_key_values`), and whether it takes logits_to_keep (the lm_head at the last position only)."""
+    params = inspect.signature(base.forward).parameters
+    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
+
+
+def _left_padded(prompts: Sequence[Sequence[int]], pad_token_id: int, device: torch.device):
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        if prompt:
+            input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, width - len(prompt) :] = 1
+    # Each row's positions count its own tokens from 0; a pad's position is never attended to.
+    positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+    return input_ids.to(device), mask.to(device), positions.to(device)
+
+
+def generate(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    keys: Sequence[Sequence[int]],
+    settings: SamplingSettings,
+    pad_token_id: int,
+    eos_token_id: int | Sequence[int],
+    return_logprobs: bool = False,
+) -> Completions:
+    """Sample one completion per prompt row, row i from its own generator seeded by keys[i]: a row's
+    completion is the same in any batch. A row stops at EOS (kept) or at max_completion_length; the loop
+    stops when every row has. Runs in eval mode under no_grad with the KV cache on, whatever the model's
+    config.use_cache says, and puts the model back in the mode it was in."""
+    if len(prompts) != len(keys):
+        raise ValueError(f"{len(prompts)} prompts but {len(keys)} keys: one key per row")
+    if not prompts:
+        return Completions([], [], [] if return_logprobs else None)
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("an empty prompt: every row needs at least one token to condition on")
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
+    rows, length = len(prompts), settings.max_completion_length
+    uniforms = row_uniforms(keys, length).to(device)
+    input_ids, mask, positions = _left_padded(prompts, pad_token_id, device)
+    base = transformers_model(model)
+    cache_keyword, keeps_logits = _forward_names(base)
+    extra = {"logits_to_keep": 1} if keeps_logits else {}
+
+    was_training = model.training
+    model.eval()
+    tokens_by_step, logps_by_step = [], []
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    try:
+        with torch.no_grad():
+            cache = DynamicCache(config=base.config)
+            out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                        use_cache=True, **{cache_keyword: cache}, **extra)
+            next_position = positions[:, -1:] + 1
+            seen = None
+            for step in range(length):
+                logits = out.logits[:, -1, :]
+                if settings.repetition_penalty != 1.0 and seen is None:
+                    seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
+                    seen.scatter_(1, input_ids, mask.bool())  # the prompt's own tokens, not its padding
+                scores = process_logits(logits, settings, step, eos_ids, seen)
+                token, logp = sample_tokens(scores, uniforms[:, step])
+                token = torch.where(done, pad_token_id, token)  # finished rows feed pads, never read
+                tokens_by_step.append(token)
+                logps_by_step.append(logp)
+                done = done | torch.isin(token, eos_ids)
+                if step + 1 == length or bool(done.all()):
+                    break
+                if seen is not None:
+                    seen.scatter_(1, token[:, None], True)
+                mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=1)
+                out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
+                            use_cache=True, **{cache_keyword: cache}, **extra)
+                next_position = next_position + 1
+    finally:
+        model.train(was_training)
+    return _completions(tokens_by_step, logps_by_step, eos_ids, return_logprobs)
+
+
+def _completions(tokens_by_step, logps_by_step, eos_ids: torch.Tensor, return_logprobs: bool) -> Completions:
+    """Each row's tokens up to and including its first EOS."""
+    tokens = torch.stack(tokens_by_step, dim=1).cpu()
+    logps = torch.stack(logps_by_step, dim=1).float().cpu()
+    is_eos = torch.isin(tokens, eos_ids.cpu())
+    ended = is_eos.any(dim=1)
+    lengths = torch.where(ended, is_eos.int().argmax(dim=1) + 1, tokens.shape[1]).tolist()
+    token_ids = [tokens[row, :n].tolist() for row, n in enumerate(lengths)]
+    logprobs = [logps[row, :n].clone() for row, n in enumerate(lengths)] if return_logprobs else None
+    return Completions(token_ids, ended.tolist(), logprobs)
