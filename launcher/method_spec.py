@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+GRPOLossType = Literal["grpo", "dr_grpo", "dapo"]
+RewardScaling = Literal["group", "batch", "none"]
+GRPO_LOSSES: tuple[str, ...] = get_args(GRPOLossType)
+REWARD_SCALINGS: tuple[str, ...] = get_args(RewardScaling)
 
 # `path/to/file.py:name` or `package.module:name`: a reward function's source, then its name there.
 REWARD_FUNCTION = re.compile(r"^(?P<source>[^:]+):(?P<name>[A-Za-z_][A-Za-z0-9_]*)$")
@@ -119,7 +124,7 @@ class GRPOMethod(Section):
     beta: float = Field(
         0.0, ge=0, description="Weight of the KL to the reference model (k3 estimator); 0: no reference is held"
     )
-    loss: Literal["grpo", "dr_grpo", "dapo"] = Field(
+    loss: GRPOLossType = Field(
         "dapo",
         description=(
             "How token losses are averaged: grpo (per completion, then over completions), dr_grpo (over "
@@ -130,7 +135,7 @@ class GRPOMethod(Section):
     epsilon_high: float | None = Field(
         None, gt=0, description="Upper clip range (DAPO's clip-higher); null: the same as epsilon"
     )
-    scale_rewards: Literal["group", "batch", "none"] = Field(
+    scale_rewards: RewardScaling = Field(
         "group",
         description="Divide advantages by the reward std of the group, of the whole batch, or not at all (Dr. GRPO)",
     )

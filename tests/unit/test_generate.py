@@ -6,8 +6,8 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from types import SimpleNamespace
 
+import pydantic
 import pytest
 import torch
 from torch import nn
@@ -328,14 +328,16 @@ def test_a_wrapped_model_generates_as_the_model(model, prompts):
 
 
 def test_settings_come_from_a_method_section_and_refuse_what_the_loop_does_not_do():
-    method = SimpleNamespace(max_completion_length=64, temperature=0.9, top_p=0.95,
-                             generation_kwargs={"min_new_tokens": 3, "top_k": 40, "repetition_penalty": 1.1})
+    from launcher.method_spec import GRPOMethod
+
+    rewards = [{"function": "rewards.py:correct"}]
+    method = GRPOMethod(kind="grpo", max_completion_length=64, temperature=0.9, top_p=0.95, rewards=rewards,
+                        generation_kwargs={"min_new_tokens": 3, "top_k": 40, "repetition_penalty": 1.1})
     assert SamplingSettings.from_method(method) == SamplingSettings(64, 0.9, 0.95, 40, 3, 1.1)
-    assert SamplingSettings.from_method(SimpleNamespace(max_completion_length=8, temperature=1.0, top_p=1.0,
-                                                        generation_kwargs={})) == SamplingSettings(8)
-    method.generation_kwargs = {"num_beams": 4}
-    with pytest.raises(ValueError, match="num_beams"):
-        SamplingSettings.from_method(method)
+    plain = GRPOMethod(kind="grpo", max_completion_length=8, rewards=rewards)
+    assert SamplingSettings.from_method(plain) == SamplingSettings(8)
+    with pytest.raises(pydantic.ValidationError, match="num_beams"):
+        GRPOMethod(kind="grpo", rewards=rewards, generation_kwargs={"num_beams": 4})
     for bad in ({"temperature": 0.0}, {"top_p": 0.0}, {"top_k": -1}, {"max_completion_length": 0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SamplingSettings(**{"max_completion_length": 4, **bad})

@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from launcher.method_spec import GRPO_LOSSES
 from training.data.packing import MicroBatch, collate
 from training.methods.base import IGNORE_INDEX, LossOutput, PerModel, label_columns, takes_logits_to_keep
 from training.methods.dpo import sequence_index
 
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 # The global count of the step each loss type is divided by: the step batch the loop reads carries them.
 NORMALISERS = {
     "dapo": "global_completion_tokens",
@@ -195,8 +195,8 @@ class GRPOLoss:
         temperature: float = 1.0,
         num_iterations: int = 1,
     ):
-        if loss not in LOSS_TYPES:
-            raise ValueError(f"GRPO loss must be one of {LOSS_TYPES}, not {loss!r}")
+        if loss not in GRPO_LOSSES:
+            raise ValueError(f"GRPO loss must be one of {GRPO_LOSSES}, not {loss!r}")
         self.loss, self.normaliser = loss, NORMALISERS[loss]
         self.epsilon_low = epsilon
         self.epsilon_high = epsilon if epsilon_high is None else epsilon_high

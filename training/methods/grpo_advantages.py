@@ -17,7 +17,8 @@ from typing import NamedTuple
 
 import torch
 
-SCALES = ("group", "batch", "none")
+from launcher.method_spec import REWARD_SCALINGS
+
 STD_EPSILON = 1e-4  # TRL's: a group of equal rewards gets advantage 0 instead of 0/0
 
 
@@ -41,8 +42,8 @@ def nanstd(values: torch.Tensor, dim: int | None = None, keepdim: bool = False) 
 def group_advantages(rewards: torch.Tensor, num_generations: int, scale: str) -> Advantages:
     """A = r - mean(group); "group": / (std(group) + 1e-4), "batch": / (std(all rewards) + 1e-4),
     "none": not divided (Dr. GRPO). `rewards`: [prompts x num_generations], prompt-major."""
-    if scale not in SCALES:
-        raise ValueError(f"scale_rewards must be one of {SCALES}, not {scale!r}")
+    if scale not in REWARD_SCALINGS:
+        raise ValueError(f"scale_rewards must be one of {REWARD_SCALINGS}, not {scale!r}")
     if rewards.dim() != 1 or num_generations < 1 or rewards.numel() % num_generations:
         raise ValueError(
             f"rewards must be one vector of whole groups of {num_generations}, got shape {tuple(rewards.shape)}"

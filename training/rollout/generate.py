@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
+from launcher.method_spec import GRPOMethod
+
 # The generation_kwargs this decode loop implements (TRL passes these on to transformers' generate);
 # anything else in a job's generation_kwargs is a job-file error, not something to drop silently.
-GENERATION_KWARGS = frozenset({"min_new_tokens", "top_k", "repetition_penalty"})
 
 
 @dataclass(frozen=True)
@@ -59,22 +59,17 @@ class SamplingSettings:
             raise ValueError("; ".join(problems))
 
     @classmethod
-    def from_method(cls, method: Any) -> SamplingSettings:
-        """The settings of a GRPO method section (max_completion_length, temperature, top_p,
-        generation_kwargs); an unknown generation_kwargs key is a ValueError naming it."""
-        extra: Mapping[str, Any] = dict(getattr(method, "generation_kwargs", None) or {})
-        unknown = sorted(set(extra) - GENERATION_KWARGS)
-        if unknown:
-            raise ValueError(
-                f"generation_kwargs {unknown} are not supported; supported: {sorted(GENERATION_KWARGS)}"
-            )
+    def from_method(cls, method: GRPOMethod) -> SamplingSettings:
+        """The settings of a GRPO method section: max_completion_length, temperature, top_p, and the
+        generation_kwargs it sets (the schema, launcher/method_spec.py GenerationSpec, refuses others)."""
+        extra = method.generation_kwargs.model_dump(exclude_none=True)
         return cls(
-            max_completion_length=int(method.max_completion_length),
-            temperature=float(method.temperature),
-            top_p=float(method.top_p),
-            top_k=int(extra.get("top_k") or 0),
-            min_new_tokens=int(extra.get("min_new_tokens") or 0),
-            repetition_penalty=float(extra.get("repetition_penalty", 1.0)),
+            max_completion_length=method.max_completion_length,
+            temperature=method.temperature,
+            top_p=method.top_p,
+            top_k=extra.get("top_k", 0),
+            min_new_tokens=extra.get("min_new_tokens", 0),
+            repetition_penalty=extra.get("repetition_penalty", 1.0),
         )
 
 
