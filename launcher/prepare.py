@@ -8,11 +8,18 @@ from pathlib import Path
 
 def prepare_run(spec, run_dir: Path, *, device: str | None = None, nnodes: int | None = None, cache_root=None):
     """Plan, check an existing run dir, tokenize the data once, write plan.json. Returns the Plan."""
+    from launcher.errors import UserError
     from launcher.plan import Plan
     from launcher.planner import build_plan
     from launcher.resume import prepare_resume
     from training.data.prepare import prepare_dataset
+    from training.methods import TRAINED_KINDS
 
+    if spec.method.kind not in TRAINED_KINDS:  # before anything is written or tokenized
+        raise UserError(
+            f"method.kind: this version of sharpen checks and plans {spec.method.kind} jobs, but cannot train them yet",
+            f"`sharpen plan` shows the plan; method.kind {', '.join(TRAINED_KINDS)} train today",
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     previous = Plan.read(run_dir) if (run_dir / "plan.json").is_file() else None
     plan, notices = build_plan(spec, run_dir, device=device, nnodes=nnodes)

@@ -94,6 +94,16 @@ def test_each_bad_setting_is_exit_2_with_its_field(override: str, message: str, 
     assert f"\n  --set {override}: {problem}" in err, err
 
 
+def test_run_refuses_a_grpo_job_before_anything_is_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """grpo checks and plans, but its rollouts are not in the loop yet: `sharpen run` says so, exit 2, and
+    leaves no run dir behind (a rank would have failed on its first step)."""
+    run_dir = tmp_path / "run"
+    assert main(["run", str(GOOD / "grpo_prompts.yaml"), "--output-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "error: method.kind: this version of sharpen checks and plans grpo jobs, but cannot train them yet" in err
+    assert "Traceback" not in err and not run_dir.exists()
+
+
 def test_reward_function_problems_are_exit_2_before_any_rank(capsys: pytest.CaptureFixture[str]):
     assert main(["plan", str(BAD / "grpo_reward_functions.yaml")]) == 2
     out, err = capsys.readouterr()

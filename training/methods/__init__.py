@@ -4,6 +4,9 @@ and ranks never skew the mean. One file a method; base.py holds what they share.
 
 from __future__ import annotations
 
+# The method kinds a rank can train. grpo validates and plans, but its rollouts are not in the loop yet.
+TRAINED_KINDS = ("sft", "pretrain", "reward", "dpo")
+
 
 def create_method(kind: str, settings=None, reference=None):
     """The loss of method `kind`. DPO also takes its method section and its reference (training/methods/dpo.py)."""
