@@ -43,6 +43,9 @@ def summary(train: list[dict], evaluation: list[dict], plan: dict[str, Any], ext
         figures["mfu"] = statistics.median(mfu)
     if evaluation:
         figures["final_eval_loss"] = evaluation[-1].get("eval/loss")
+    rewards = [r["reward"] for r in train if r.get("reward") is not None]  # grpo: the mean reward per step
+    if rewards:
+        figures.update(first_reward=rewards[0], final_reward=rewards[-1], max_reward=max(rewards))
     figures.update(extra)
     return figures
 
@@ -64,7 +67,7 @@ def write_report(run_dir: Path, plan: dict[str, Any], extra: dict[str, Any] | No
         if key in ("strategy", "world_size", "device") or value is None:
             continue
         lines.append(f"| {key} | {_fmt(value)} |")
-    lines += ["", "![loss, learning rate and throughput](report.png)", ""]
+    lines += ["", "![loss, learning rate, throughput (and reward)](report.png)", ""]
     (run_dir / "report.md").write_text("\n".join(lines))
     return figures
 
@@ -81,8 +84,15 @@ def _plot(path: Path, train: list[dict], evaluation: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    rewarded = [r for r in train if r.get("reward") is not None]  # grpo
+    fig, axes = plt.subplots(1, 4 if rewarded else 3, figsize=(17 if rewarded else 13, 3.6))
     steps = [r["step"] for r in train]
+    if rewarded:
+        at, mean = [r["step"] for r in rewarded], [r["reward"] for r in rewarded]
+        std = [r.get("reward_std") or 0.0 for r in rewarded]
+        axes[3].plot(at, mean)
+        axes[3].fill_between(at, [m - d for m, d in zip(mean, std, strict=True)], [m + d for m, d in zip(mean, std, strict=True)], alpha=0.2)
+        axes[3].set_title("reward (mean ± std)")
     axes[0].plot(steps, [r["loss"] for r in train], label="train")
     if evaluation:
         axes[0].plot([r["step"] for r in evaluation], [r.get("eval/loss") for r in evaluation], "o-", label="eval")
