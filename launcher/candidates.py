@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from launcher.shapes import activation_phases, decode_logits_bytes, kv_cache_bytes, reward_model_parameters
 from launcher.spec import JobSpec
 from strategies import footprint
-from strategies.footprint.counts import DTYPE_BYTES, MemoryEstimate, ParamCounts, Setting
+from strategies.footprint.counts import DTYPE_BYTES, MemoryEstimate, ParamCounts, Setting, tensors_of
 
 GIB = 1024**3
 CUDA_RESERVED = GIB  # CUDA context, cuBLAS workspace and NCCL buffers: never available to tensors
@@ -125,6 +125,22 @@ def rollout(counts: ParamCounts, s: Setting) -> dict[str, int] | None:
         "reward_model_bytes": s.held_model_bytes,
         "generation_peak_bytes": estimate(counts, s)[0].generation,
     }
+
+
+def generation_gather(counts: ParamCounts, s: Setting, usable: int | None, generation_peak: int,
+                      asked: str = "auto") -> dict:
+    """How generation reaches the parameters of a strategy that shards them (fsdp, zero3: its frozen copy
+    is smaller than the whole model): gathered once for the whole rollout, every parameter whole on each
+    rank in the compute dtype for its span (on the CPU bench 1.5-2.9x faster generation under fsdp, 10.8x
+    under zero3, docs/BENCHMARKS.md), where that fits beside the generation peak; else one gather per
+    forward, ranks decoding in lockstep (method.generation_gather chooses either). Strategies that hold whole
+    parameters: nothing to gather."""
+    whole = DTYPE_BYTES[s.compute_dtype] * sum(t.numel for t in tensors_of(counts))
+    if footprint(s.strategy).frozen_copy_bytes(counts, s) >= whole:
+        return {"gather": "none", "gathered_bytes": 0}
+    if asked == "rollout" or (asked == "auto" and (usable is None or generation_peak + whole <= usable)):
+        return {"gather": "rollout", "gathered_bytes": whole}
+    return {"gather": "forward", "gathered_bytes": 0}
 
 
 @dataclass(frozen=True)

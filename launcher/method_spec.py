@@ -145,6 +145,13 @@ class GRPOMethod(Section):
     rewards: list[RewardSpec] = Field(
         min_length=1, description="Rewards summed by weight: [{function: rewards.py:name}, {model: DIR, weight: 0.5}]"
     )
+    generation_gather: Literal["auto", "rollout", "forward"] = Field(
+        "auto",
+        description=(
+            "Under fsdp and zero3: gather the whole model once per rollout (faster) or per forward (less memory); "
+            "auto: once per rollout where the plan finds room"
+        ),
+    )
 
 
 Method = Annotated[

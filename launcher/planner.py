@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from launcher import __version__
-from launcher.candidates import Candidate, estimate, gpu_capacity, rollout, setting_for, usable_bytes
+from launcher.candidates import (
+    Candidate,
+    estimate,
+    generation_gather,
+    gpu_capacity,
+    rollout,
+    setting_for,
+    usable_bytes,
+)
 from launcher.errors import UserError
 from launcher.plan import Plan
 from launcher.shapes import count_parameters, human_bytes
@@ -266,9 +274,11 @@ def build_plan(
         notices.append(f"offload: {human_bytes(host)} of host memory per rank, {per_node} (not checked)")
     strategy, mbs, accum = chosen.strategy, chosen.micro_batch_size, chosen.grad_accum
     cpu_matmul = planned_cpu_matmul(spec, device, compute, nnodes, nproc)
-    rollout_plan = rollout(
-        counts, setting_for(spec, strategy, chosen.offload, world, device, compute, mbs, accum)
-    )
+    chosen_setting = setting_for(spec, strategy, chosen.offload, world, device, compute, mbs, accum)
+    rollout_plan = rollout(counts, chosen_setting)
+    if rollout_plan is not None:
+        peak = rollout_plan["generation_peak_bytes"]
+        rollout_plan.update(generation_gather(counts, chosen_setting, usable, peak, spec.method.generation_gather))
     job = spec.model_dump(mode="json")
     job["strategy"]["offload"] = chosen.offload  # what the ranks run with, when auto chose an offload
     plan = Plan(

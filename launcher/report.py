@@ -65,8 +65,15 @@ def rollout_line(r: dict) -> str:
         f"{r['generation_batch']} completions a rank generated as one batch of up to {r['row_length']} tokens: "
         f"KV cache {human_bytes(r['kv_cache_bytes'])}, decode logits {human_bytes(r['decode_logits_bytes'])}, "
         f"reference {human_bytes(r['reference_bytes'])}, reward models {human_bytes(r['reward_model_bytes'])}; "
-        f"generation peak {human_bytes(r['generation_peak_bytes'])}"
+        f"generation peak {human_bytes(r['generation_peak_bytes'])}{GATHER_NOTE[r.get('gather', 'none')](r)}"
     )
+
+
+GATHER_NOTE = {
+    "none": lambda r: "",
+    "rollout": lambda r: f", plus the whole model gathered once per rollout ({human_bytes(r['gathered_bytes'])})",
+    "forward": lambda r: "; parameters gathered per forward (the whole model gathered once would not fit)",
+}
 
 
 def candidates_table(plan: Plan):

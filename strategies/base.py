@@ -108,6 +108,13 @@ class Strategy(ABC):
         model.requires_grad_(False)
         return model.to(self.env.device).eval()
 
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[bool]:
+        """The whole model on every rank for a span of no-grad forwards (a rollout): one gather for all
+        of them instead of one per forward where the strategy shards parameters. Yields whether a forward
+        inside is still a collective (then every rank must run as many). Here: nothing to gather."""
+        yield self.collective_forward
+
     def unwrap(self) -> nn.Module:
         """The user's module (a transformers or PEFT model) under whatever wrapper this strategy added."""
         assert self.model is not None

@@ -130,6 +130,33 @@ class DeepSpeedStrategy(Strategy):
         self._frozen_engines.append(engine)
         return engine.module.eval()
 
+    @contextlib.contextmanager
+    def gathered(self):
+        """ZeRO-3: every parameter gathered once (GatheredParameters) and the module hooks that would gather
+        and release them per module taken off for the span, then put back with the coordinator's trace
+        invalidated (the forwards inside ran another module order), as TRL's unwrap_model_for_generation
+        does with DeepSpeed 0.19. Stages 1-2 hold whole parameters already."""
+        if self.stage != 3:
+            yield False
+            return
+        import deepspeed
+
+        offload = self.engine.optimizer.parameter_offload
+        module = offload.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters())):
+            for param in module.parameters():
+                param.ds_active_sub_modules.clear()
+            for hook in [*offload.forward_hooks, *offload.backward_hooks]:
+                hook.remove()
+            offload.forward_hooks, offload.backward_hooks = [], []
+            try:
+                yield False
+            finally:
+                coordinator = offload.param_coordinator
+                if not coordinator.is_invalid_trace():
+                    coordinator._invalidate_trace()
+                offload._register_deepspeed_module(module)
+
     def accumulate(self, is_last_micro_step: bool) -> contextlib.AbstractContextManager:
         """Tells ZeRO whether this backward ends the step (it reduces / finalises partitions then)."""
         self.engine.set_gradient_accumulation_boundary(is_last_micro_step)

@@ -68,6 +68,28 @@ class FSDPStrategy(TorchNativeStrategy):
         fully_shard(model, **shard_kwargs)
         return model.eval()
 
+    @contextlib.contextmanager
+    def gathered(self):
+        """Every group unsharded once (in the compute dtype, as for a forward) and kept so across the
+        forwards inside: they are then local, no collective, and each rank may stop when its rows are done.
+        Afterwards each group's resharding is as it was (FSDP2 keeps the root's unsharded after forward by
+        itself; set_reshard_after_forward would pin it) and the parameters are sharded again."""
+        modules = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        saved = [(m._get_fsdp_state()._auto_reshard_after_forward,
+                  [g.post_forward_mesh_info for g in m._get_fsdp_state()._fsdp_param_groups]) for m in modules]
+        for m in modules:
+            m.unshard()
+        self.model.set_reshard_after_forward(False)
+        try:
+            yield False
+        finally:
+            for m, (auto, infos) in zip(modules, saved, strict=True):
+                state = m._get_fsdp_state()
+                state._auto_reshard_after_forward = auto
+                for group, info in zip(state._fsdp_param_groups, infos, strict=True):
+                    group.post_forward_mesh_info = info
+                m.reshard()
+
     def _mixed_precision(self) -> MixedPrecisionPolicy:
         if self.options.compute_dtype == torch.bfloat16:
             return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

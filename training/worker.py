@@ -149,6 +149,7 @@ def rollout_steps(plan: Plan, strategy, loss, dataset, tokenizer, run_dir: Path,
         seed=spec.train.seed, shuffle=spec.data.shuffle, start_step=start_step,
         attention=collate_attention(spec.model.attention, strategy.env.device), run_dir=run_dir,
         log_every=spec.logging.every, max_steps=spec.train.max_steps, reference=reference, resume_from=latest,
+        gather=(plan.rollout or {}).get("gather", "forward"),
     )
 
 

@@ -89,12 +89,17 @@ def test_reward_rises_on_a_toy_task_and_every_figure_is_logged(grpo_inputs, tmp_
 
 
 @pytest.mark.parametrize(
-    "finetune,strategy", [("full", "ddp"), ("full", "fsdp"), ("full", "zero3"), ("lora", "fsdp"), ("lora", "zero3")]
+    "finetune,strategy,gather",
+    [("full", "ddp", "none"), ("full", "fsdp", "rollout"), ("full", "zero3", "rollout"), ("lora", "fsdp", "forward"),
+     ("lora", "zero3", "forward")],
 )
-def test_two_ranks_reproduce_one_rank(grpo_inputs, single_runs, tmp_path, finetune, strategy):
+def test_two_ranks_reproduce_one_rank(grpo_inputs, single_runs, tmp_path, finetune, strategy, gather):
     """The same completions (seeded per prompt and generation, not per rank), rewards, KL and clipped
-    losses, step for step: FSDP2 and ZeRO-3 generate in lockstep, the reference is sharded like the policy."""
-    run_dir, _ = run_job(tmp_path, strategy, grpo_job(grpo_inputs, finetune, strategy, 2, **EXACT))
+    losses, step for step, the reference sharded like the policy. FSDP2 and ZeRO-3 generate with the
+    model gathered once per rollout (auto, where it fits) or per forward, the ranks decoding in lockstep."""
+    asked = {"generation_gather": "forward"} if gather == "forward" else {}
+    run_dir, _ = run_job(tmp_path, strategy, grpo_job(grpo_inputs, finetune, strategy, 2, **EXACT, **asked))
+    assert json.loads((run_dir / "plan.json").read_text())["rollout"]["gather"] == gather
     rows, want = train_rows(run_dir), train_rows(single_runs[finetune])
     assert_same(rows, want, f"{finetune} {strategy}")
     assert rows[0]["kl"] == 0.0 or abs(rows[0]["kl"]) < 1e-7  # step 1: the policy is the reference

@@ -211,3 +211,25 @@ def test_sharpen_plan_prints_the_rollout(policy, tmp_path, capsys):
     assert "4 completions a rank generated as one batch of up to 17 tokens: KV cache 34.00 KiB" in out
     assert "decode logits 6.00 KiB, reference 419.25 KiB, reward models 0 B" in out  # 4 x 107,328 bytes
     assert "global 4 samples of up to 17 tokens" in out
+
+
+def test_generation_gathers_the_whole_model_once_where_it_fits(policy, tmp_path: Path):
+    """fsdp and zero3 shard parameters: a rollout gathers them once (the whole model in the compute dtype
+    beside the generation peak) when that fits, else per forward; ddp holds them whole already."""
+    from launcher.candidates import generation_gather, setting_for
+
+    spec = grpo(policy)
+    whole = 4 * count_parameters(spec).total  # fp32
+    for strategy, want in (("fsdp", "rollout"), ("zero3", "rollout"), ("ddp", "none"), ("zero2", "none")):
+        planned = plan(on_ranks(spec, strategy, 2), tmp_path).rollout
+        assert planned["gather"] == want, (strategy, planned)
+        assert planned["gathered_bytes"] == (whole if want == "rollout" else 0)
+    asked = spec.model_copy(update={"method": spec.method.model_copy(update={"generation_gather": "forward"})})
+    assert plan(on_ranks(asked, "fsdp", 2), tmp_path).rollout["gather"] == "forward"
+
+    counts = count_parameters(spec)
+    s = setting_for(on_ranks(spec, "fsdp", 2), "fsdp", "none", 2, "cpu", "fp32", 2, 1)
+    peak = 10_000_000
+    assert generation_gather(counts, s, peak + whole, peak)["gather"] == "rollout"
+    assert generation_gather(counts, s, peak + whole - 1, peak)["gather"] == "forward"
+    assert generation_gather(counts, s, peak + whole - 1, peak, "rollout")["gather"] == "rollout"

@@ -20,6 +20,7 @@ share (`save` / `restore`), and a resume on any world size reassembles the whole
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -119,6 +120,7 @@ class RolloutSteps:
         reference: Callable[[nn.Module, object], torch.Tensor] | None = None,
         scorer: RewardScorer | None = None,
         resume_from: Path | None = None,
+        gather: str = "forward",
     ):
         self.strategy, self.env, self.loss, self.method = strategy, strategy.env, loss, method
         self.dataset, self.tokenizer = dataset, tokenizer
@@ -129,7 +131,7 @@ class RolloutSteps:
         self.per_rank = global_batch_size // self.env.world_size
         self.seed, self.shuffle, self.attention = seed, shuffle, attention
         self.settings = SamplingSettings.from_method(method)
-        self.reference, self.run_dir = reference, Path(run_dir)
+        self.reference, self.run_dir, self.gather = reference, Path(run_dir), gather
         self.log_every, self.max_steps = log_every, max_steps
         self.scorer = scorer or RewardScorer(
             method.rewards, dtype=strategy.options.compute_dtype, device=self.env.device
@@ -187,10 +189,13 @@ class RolloutSteps:
         prompt_ids = [samples[row].input_ids for row in slot_rows]
 
         started = time.perf_counter()
-        all_done = self._all_done if self.strategy.collective_forward else None
-        with self.strategy.forward_context():
+        if self.gather == "rollout":  # the plan found room: one gather for every forward of the rollout
+            gather = self.strategy.gathered()
+        else:
+            gather = contextlib.nullcontext(self.strategy.collective_forward)
+        with gather as collective, self.strategy.forward_context():
             out = generate(self.strategy.unwrap(), prompt_ids, keys, self.settings, self.pad, self.eos,
-                           all_done=all_done)
+                           all_done=self._all_done if collective else None)
         generated_s = time.perf_counter() - started
 
         started = time.perf_counter()
@@ -272,9 +277,11 @@ class RolloutSteps:
     def _log_completions(self, r: Rollout, prompts, texts, values: torch.Tensor, names: list[str]) -> None:
         """Prompts, completions, rewards and advantages of logged steps (the first LOGGED_PER_STEP of each),
         written by rank 0; the other ranks send theirs."""
-        step = r.index * self.loss.num_iterations + 1
-        if not (step % self.log_every == 0 or step == self.max_steps):
+        first = r.index * self.loss.num_iterations + 1  # the steps this generation batch trains
+        steps = range(first, min(first + self.loss.num_iterations, self.max_steps + 1))
+        if not any(s % self.log_every == 0 or s == self.max_steps for s in steps):
             return
+        step = first
         keep = max(0, min(self.per_rank, LOGGED_PER_STEP - self.env.rank * self.per_rank))
         rows = [
             {"step": step, "prompt": prompts[i], "completion": texts[i],
