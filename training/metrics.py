@@ -114,6 +114,18 @@ class WandbRun:
         if self._run is not None:
             self._run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
+    def log_table(self, key: str, rows: list[dict[str, Any]], step: int) -> None:
+        """Rows of one step as a W&B table (GRPO's completions); nested values as JSON text."""
+        if self._run is None or not rows:
+            return
+        import json
+
+        import wandb
+
+        columns = list(rows[0])
+        data = [[json.dumps(v) if isinstance(v, (dict, list)) else v for v in (row.get(c) for c in columns)] for row in rows]
+        self._run.log({key: wandb.Table(columns=columns, data=data)}, step=step)
+
     def finish(self) -> None:
         if self._run is not None:
             self._run.finish()

@@ -57,6 +57,7 @@ def test_reward_rises_on_a_toy_task_and_every_figure_is_logged(grpo_inputs, tmp_
     """40 steps of full fine-tuning on one rank: a random tiny model learns to write letters."""
     job = grpo_job(grpo_inputs, steps=40, rewards=[{"function": f"{REWARDS}:letters"},
                                                    {"function": f"{REWARDS}:length", "weight": 0.0}])
+    job["logging"]["wandb"] = {"project": "sharpen-tests", "mode": "offline"}
     run_dir, _ = run_job(tmp_path, "toy", job)
     rows = train_rows(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 41))
@@ -84,14 +85,18 @@ def test_reward_rises_on_a_toy_task_and_every_figure_is_logged(grpo_inputs, tmp_
         group = logged[start : start + 4]
         assert len({row["prompt"] for row in group}) == 1
         assert abs(sum(row["advantage"] for row in group)) < 1e-4
+    tables = sorted((run_dir / "wandb").glob("offline-run-*/files/media/table/completions_*.table.json"))
+    assert len(tables) == 40, tables  # a W&B table of each logged step's completions
+    table = json.loads(tables[0].read_text())
+    assert table["columns"][:3] == ["step", "prompt", "completion"] and len(table["data"]) == 16
     report = (run_dir / "report.md").read_text()
     assert "| final_reward |" in report and (run_dir / "report.png").is_file()
 
 
 @pytest.mark.parametrize(
     "finetune,strategy,gather",
-    [("full", "ddp", "none"), ("full", "fsdp", "rollout"), ("full", "zero3", "rollout"), ("lora", "fsdp", "forward"),
-     ("lora", "zero3", "forward")],
+    [("full", "ddp", "none"), ("full", "fsdp", "rollout"), ("full", "zero2", "none"), ("full", "zero3", "rollout"),
+     ("lora", "fsdp", "forward"), ("lora", "zero3", "forward")],
 )
 def test_two_ranks_reproduce_one_rank(grpo_inputs, single_runs, tmp_path, finetune, strategy, gather):
     """The same completions (seeded per prompt and generation, not per rank), rewards, KL and clipped

@@ -121,6 +121,7 @@ class RolloutSteps:
         scorer: RewardScorer | None = None,
         resume_from: Path | None = None,
         gather: str = "forward",
+        on_logged: Callable[[list[dict], int], None] | None = None,
     ):
         self.strategy, self.env, self.loss, self.method = strategy, strategy.env, loss, method
         self.dataset, self.tokenizer = dataset, tokenizer
@@ -132,6 +133,7 @@ class RolloutSteps:
         self.seed, self.shuffle, self.attention = seed, shuffle, attention
         self.settings = SamplingSettings.from_method(method)
         self.reference, self.run_dir, self.gather = reference, Path(run_dir), gather
+        self.on_logged = on_logged  # rank 0: the logged completions of a step, also to W&B as a table
         self.log_every, self.max_steps = log_every, max_steps
         self.scorer = scorer or RewardScorer(
             method.rewards, dtype=strategy.options.compute_dtype, device=self.env.device
@@ -297,7 +299,11 @@ class RolloutSteps:
             gathered: list = [None] * self.env.world_size
             dist.all_gather_object(gathered, rows)
             rows = [row for part in gathered for row in part]
-        if not self.env.is_main or self._logged_rows >= LOGGED_AT_MOST:
+        if not self.env.is_main:
+            return
+        if self.on_logged is not None:
+            self.on_logged(rows, step)
+        if self._logged_rows >= LOGGED_AT_MOST:
             return
         rows = rows[: LOGGED_AT_MOST - self._logged_rows]
         with (self.run_dir / COMPLETIONS_FILE).open("a") as f:
