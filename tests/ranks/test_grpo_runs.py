@@ -161,3 +161,11 @@ def test_a_reward_that_goes_wrong_mid_run_stops_it_with_one_message(grpo_inputs,
     assert result.returncode == 1, result.stderr
     assert "reward 'one_short_at_step_2' at step 2: returned 7 rewards for 8 completions" in result.stderr, result.stderr
     assert [r["step"] for r in train_rows(run_dir)] == [1]
+
+
+def test_qlora_generates_through_its_adapter_and_its_reference_is_the_adapter_disabled(grpo_inputs, tmp_path):
+    run_dir, _ = run_job(tmp_path, "qlora", grpo_job(grpo_inputs, "qlora", steps=3, beta=0.1))
+    rows = train_rows(run_dir)
+    assert rows[0]["kl"] == 0.0 and rows[2]["kl"] > 0  # the adapter moves the policy off the base
+    assert all(0 <= r["reward"] <= 1 and math.isfinite(r["loss"]) for r in rows)
+    assert json.loads((run_dir / "plan.json").read_text())["reference"]["source"] == "adapter_disabled"
