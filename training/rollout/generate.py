@@ -178,6 +178,14 @@ def _forward_names(base: nn.Module) -> tuple[str, bool]:
     return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
 
 
+def shared_prompts(prompts: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
+    """(the first row of each distinct prompt, each row's index among those): rows of equal prompts share one prefill."""
+    first: dict[tuple[int, ...], int] = {}
+    inverse = [first.setdefault(tuple(p), len(first)) for p in prompts]
+    rows = {index: row for row, index in reversed(list(enumerate(inverse)))}
+    return [rows[i] for i in range(len(first))], inverse
+
+
 def _left_padded(prompts: Sequence[Sequence[int]], pad_token_id: int, device: torch.device):
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
@@ -233,12 +241,23 @@ def generate(
     try:
         with torch.no_grad():
             cache = DynamicCache(config=base.config)
-            out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+            # A prompt shared by several rows (a GRPO group) is prefilled once; its cache and logits are
+            # then copied to each of its rows.
+            first_rows, inverse = shared_prompts(prompts)
+            shared = len(first_rows) < rows
+            pick = torch.tensor(first_rows, device=device) if shared else slice(None)
+            out = model(input_ids=input_ids[pick], attention_mask=mask[pick], position_ids=positions[pick],
                         use_cache=True, **{cache_keyword: cache}, **extra)
+            logits_rows = None
+            if shared:
+                logits_rows = torch.tensor(inverse, device=device)
+                cache.reorder_cache(logits_rows)
             next_position = positions[:, -1:] + 1
             seen = None
             for step in range(length):
                 logits = out.logits[:, -1, :]
+                if logits_rows is not None:  # the prefill's: one row per distinct prompt
+                    logits, logits_rows = logits[logits_rows], None
                 if settings.repetition_penalty != 1.0 and seen is None:
                     seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
                     seen.scatter_(1, input_ids, mask.bool())  # the prompt's own tokens, not its padding
