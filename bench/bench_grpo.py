@@ -28,10 +28,16 @@ repeats; the ratio sharpen/TRL of the medians and its range over the A/B pairs. 
 (user + system of the process tree over the same steps, read from outside by the harness) are the steadier
 figure on a shared machine.
 
-Where a step goes: sharpen logs `time/generate_s`, `time/score_s` and `time/update_s` per step in
-metrics.jsonl; TRL's split comes from bench/trl_grpo.py's subclass of GRPOTrainer (generate: `_generate`;
-score: the rest of `_generate_and_score_completions`, the reward functions included; update: the rest of
-the step). Each phase is the median over the measured steps of a run, then the median over runs.
+Where a step goes, in four parts that add up to the step's wall time:
+- sharpen: metrics.jsonl's `time/generate_s` (training/rollout/generate.py's decode loop), `time/score_s`
+  (decoding the completions to text and the reward functions), `time/update_s` (the micro-batches' forward
+  and backward and the strategy's optimizer step); other = the step less those three (the group
+  advantages, building the micro-batches, logging);
+- TRL: bench/trl_grpo.py's subclass of GRPOTrainer: generate = `_generate` (tokenize, `model.generate`,
+  decode), score = `_calculate_rewards`, update = the loss's forward and backward plus clipping and AdamW,
+  other = the rest (padding the completions into tensors, advantages, TRL's metrics, the dataloader,
+  logging).
+Each part is the median over the measured steps of a run, then the median over runs.
 """
 
 from __future__ import annotations
@@ -69,7 +75,7 @@ LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
 REWARD_FILE = BENCH / "grpo_rewards.py"
 REWARDS = ("says_answer", "echoes_prompt")
 DATA_FILE = REPO / "examples" / "data" / "alpaca_tiny.jsonl"
-PHASES = ("generate_s", "score_s", "update_s")
+PHASES = ("generate_s", "score_s", "update_s", "other_s")
 SHARPEN_PHASES = {"generate_s": "time/generate_s", "score_s": "time/score_s", "update_s": "time/update_s"}
 
 
@@ -172,11 +178,20 @@ class GrpoBench:
             self.job_path, self.work / "runs" / f"sharpen-{self.finetune}-{repeat}", steps=STEPS,
             env=arms.process_env(self.threads), window=(SKIP_STEPS, STEPS),
         )
-        tokens = [r.get("tokens/generated", r.get("completion_tokens")) for r in rows]
+        # Generated tokens a step: the logged mean completion length x completions (None where not logged).
+        tokens = [None if r.get("completions/mean_length") is None else round(r["completions/mean_length"] *
+                  COMPLETIONS_PER_STEP) for r in rows]
+        if any(r.get(k) not in (None, MAX_COMPLETION) for r in rows for k in ("completions/min_length",
+                                                                               "completions/max_length")):
+            raise AssertionError(f"sharpen's completions are not all {MAX_COMPLETION} tokens long")
         step_times = [r["elapsed_s"] for r in rows]
         step_s = [b - a for a, b in zip([0.0, *step_times], step_times, strict=False)]
-        phases = [{key: r.get(name) for key, name in SHARPEN_PHASES.items()} | {"step_s": s}
-                  for r, s in zip(rows, step_s, strict=True)]
+        phases = []
+        for r, s in zip(rows, step_s, strict=True):
+            p = {key: r.get(name) for key, name in SHARPEN_PHASES.items()} | {"step_s": s}
+            timed = [p[k] for k in SHARPEN_PHASES]
+            p["other_s"] = s - sum(timed) if None not in timed else None
+            phases.append(p)
         return RunResult(
             arm="sharpen", repeat=repeat, wall_s=timing.wall_s, first_step_s=timing.first_step_s,
             window_cpu_s=timing.window_cpu_s, losses=[r["loss"] for r in rows], step_times=step_times,
@@ -206,7 +221,7 @@ class GrpoBench:
             window_cpu_s=timing.window_cpu_s, losses=[r.get("loss", float("nan")) for r in rows],
             step_times=[r["t"] for r in rows], samples_per_step=[r["completions"] for r in rows],
             tokens_per_step=[r["completion_tokens"] for r in rows],
-            extra={"phases": [{k: r[k] for k in (*PHASES, "step_s", "reward_fn_s")} for r in rows],
+            extra={"phases": [{k: r[k] for k in (*PHASES, "step_s")} for r in rows],
                    "threads_seen": result["threads"]},
         )
 
@@ -262,7 +277,7 @@ def summarise(results: list[RunResult]) -> dict:
 
 def format_table(summary: dict, finetune: str, repeats: int, threads: int) -> str:
     cell, labels = harness.spread_cell, {"sharpen": "sharpen", "trl": "TRL GRPOTrainer"}
-    header = ["", "steps/s", "step ms", "CPU ms/step", "generate ms", "score ms", "update ms", "gen tok/s",
+    header = ["", "steps/s", "step ms", "CPU ms/step", "generate ms", "score ms", "update ms", "other ms", "gen tok/s",
               "wall s", "1st step s"]
     rows = [header]
     for name, a in summary["arms"].items():
@@ -270,7 +285,8 @@ def format_table(summary: dict, finetune: str, repeats: int, threads: int) -> st
         rows.append([
             f"{labels[name]} ({finetune})", cell(a["steps_per_s"], ".2f"), cell(a["step_ms"], ".0f"),
             cell(a["cpu_ms_per_step"], ".0f") if "cpu_ms_per_step" in a else "-",
-            *(cell(phase[k], ".0f") if phase[k] else "-" for k in ("generate", "score", "update")),
+            *(cell(phase[k], fmt) if phase[k] else "-"
+              for k, fmt in (("generate", ".0f"), ("score", ".1f"), ("update", ".0f"), ("other", ".1f"))),
             f"{a['tokens_per_generate_s']:.0f}" if "tokens_per_generate_s" in a else "-",
             cell(a["wall_s"], ".1f"), cell(a["first_step_s"], ".1f"),
         ])

@@ -9,13 +9,16 @@ gradient_accumulation_steps), LoRA or full fine-tuning, the optimizer, thread co
 The model goes to GRPOTrainer as a path (model_init_kwargs: fp32, sdpa) and LoRA as a `peft_config`, the
 way TRL's documentation does it. Nothing of sharpen is imported.
 
-Where a step's time goes is measured by subclassing GRPOTrainer (TRL's files are left as they are):
-- generate: `_generate` (tokenize the prompts, `model.generate`, decode), summed over the step;
-- score: the rest of `_generate_and_score_completions`: the reward functions (`_calculate_rewards`, also
-  kept on its own as `reward_fn`), padding the completions into tensors, the group advantages, metrics;
-- update: everything else between the ends of two optimizer steps: the forward and backward of the
-  loss (micro-batch by micro-batch), clipping, AdamW, the scheduler, the Trainer's bookkeeping and logging.
-The three add up to the step's wall time, read at each `on_step_end`.
+Where a step's time goes is measured by subclassing GRPOTrainer and a callback (TRL's files are left as
+they are), in the same four parts as sharpen's metrics.jsonl rows:
+- generate: `_generate` (tokenize the prompts, `model.generate`, decode the completions);
+- score: `_calculate_rewards` (the reward functions, called with TRL's arguments);
+- update: `training_step` less the rollout it starts (the loss's forward and backward, micro-batch by
+  micro-batch), then from the end of the last `training_step` to `on_optimizer_step` (clipping, AdamW);
+- other: the rest of the step: the rest of `_generate_and_score_completions` (padding the completions
+  into tensors, the group advantages, TRL's metrics), the dataloader, the scheduler, logging, callbacks.
+The four add up to the step's wall time: from one `on_step_end` to the next (from `on_train_begin` for
+the first step).
 
 Writes OUT/steps.jsonl (one line per optimizer step as it ends: the harness watches it) and OUT/result.json.
 """
@@ -127,6 +130,11 @@ def build_trainer(cfg: dict, callbacks: list, phases: dict):
         def _generate_and_score_completions(self, inputs):
             return timed("rollout", super()._generate_and_score_completions, inputs)
 
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = timed("training_step", super().training_step, model, inputs, num_items_in_batch)
+            phases["training_step_end"] = time.perf_counter()
+            return loss
+
     return TimedGRPOTrainer(
         model=cfg["model"],
         reward_funcs=load_rewards(cfg["reward_file"], cfg["reward_functions"]),
@@ -154,16 +162,19 @@ def main(config_path: str) -> None:
         def on_train_begin(self, args, state, control, **kwargs):
             last["t"] = time.perf_counter()
 
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            phases["optimizer_s"] = time.perf_counter() - phases["training_step_end"]
+
         def on_step_end(self, args, state, control, **kwargs):
             now = time.perf_counter()
             step_s = now - last["t"]
             last["t"] = now
-            generate = phases.get("generate", 0.0)
-            rollout = phases.get("rollout", 0.0)
+            generate, score = phases.get("generate", 0.0), phases.get("reward_fn", 0.0)
+            update = phases["training_step"] - phases.get("rollout", 0.0) + phases["optimizer_s"]
             row = {
                 "step": state.global_step, "t": now - STARTED, "step_s": step_s,
-                "generate_s": generate, "score_s": rollout - generate, "update_s": step_s - rollout,
-                "reward_fn_s": phases.get("reward_fn", 0.0),
+                "generate_s": generate, "score_s": score, "update_s": update,
+                "other_s": step_s - generate - score - update,
                 "completion_tokens": phases.get("completion_tokens", 0), "completions": phases.get("completions", 0),
             }
             phases.clear()
