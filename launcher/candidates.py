@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launcher.shapes import activation_phases
+from launcher.shapes import activation_phases, decode_logits_bytes, kv_cache_bytes, reward_model_parameters
 from launcher.spec import JobSpec
 from strategies import footprint
 from strategies.footprint.counts import DTYPE_BYTES, MemoryEstimate, ParamCounts, Setting
@@ -44,6 +44,8 @@ def setting_for(
 ) -> Setting:
     """What besides the model decides a rank's memory, for `spec` run as `strategy` + `offload`."""
     ft = spec.finetune
+    method = spec.method
+    grpo = method.kind == "grpo"
     return Setting(
         strategy=strategy,
         offload=offload,
@@ -64,7 +66,11 @@ def setting_for(
         double_quant=ft.double_quant,
         quant_storage_bytes={"auto": DTYPE_BYTES[compute], "uint8": 1, **DTYPE_BYTES}[ft.quant_storage],
         device=device,
-        method=spec.method.kind,
+        method=method.kind,
+        completion_length=method.max_completion_length if grpo else 0,
+        generation_rows=mbs * accum if grpo else 0,  # global_batch_size / world: one generation batch
+        frozen_copy=grpo and method.beta > 0 and ft.type == "full",  # LoRA's reference: the adapter off
+        held_model_bytes=DTYPE_BYTES[compute] * sum(reward_model_parameters(spec)) if grpo else 0,
     )
 
 
@@ -74,9 +80,15 @@ def estimate(counts: ParamCounts, s: Setting) -> tuple[MemoryEstimate, list[str]
     state = strategy.state(counts, s)
     buffers, step_extra, notes = strategy.buffers(counts, s)
     (act_loss, act_layers), act_notes = activation_phases(counts, s)
-    held = state["params"] + state["grads"] + state["optimizer"]
+    frozen = rollout_models(counts, s)
+    held = state["params"] + state["grads"] + state["optimizer"] + frozen
     at_loss, in_layers = strategy.held_in_backward(counts, s, state["grads"], buffers)
-    backward = state["params"] + state["optimizer"] + max(at_loss + act_loss, in_layers + act_layers)
+    backward = state["params"] + state["optimizer"] + frozen + max(at_loss + act_loss, in_layers + act_layers)
+    generation = 0
+    if s.generation_rows:  # grpo: one batch decoded with a KV cache, between optimizer steps
+        between = strategy.held_between_steps(counts, s, state["grads"], buffers)
+        decoding = kv_cache_bytes(counts, s) + decode_logits_bytes(counts, s)
+        generation = state["params"] + state["optimizer"] + frozen + between + decoding
     result = MemoryEstimate(
         params=state["params"],
         grads=state["grads"],
@@ -86,8 +98,33 @@ def estimate(counts: ParamCounts, s: Setting) -> tuple[MemoryEstimate, list[str]
         offloaded=state["offloaded"],
         step=held + step_extra,
         backward=backward,
+        frozen_models=frozen,
+        generation=generation,
     )
+    if generation and generation >= max(backward, held + step_extra):
+        notes = [*notes, f"grpo: generation is the peak ({s.generation_rows} completions a rank, one KV cache)"]
     return result, notes + act_notes
+
+
+def rollout_models(counts: ParamCounts, s: Setting) -> int:
+    """grpo: bytes a rank holds of models besides the policy: the frozen reference and the reward models."""
+    reference = footprint(s.strategy).frozen_copy_bytes(counts, s) if s.frozen_copy else 0
+    return reference + s.held_model_bytes
+
+
+def rollout(counts: ParamCounts, s: Setting) -> dict[str, int] | None:
+    """grpo's rollout as `s` runs it, per rank (Plan.rollout); None for other methods."""
+    if not s.generation_rows:
+        return None
+    return {
+        "generation_batch": s.generation_rows,
+        "row_length": s.max_length + s.completion_length,
+        "kv_cache_bytes": kv_cache_bytes(counts, s),
+        "decode_logits_bytes": decode_logits_bytes(counts, s),
+        "reference_bytes": footprint(s.strategy).frozen_copy_bytes(counts, s) if s.frozen_copy else 0,
+        "reward_model_bytes": s.held_model_bytes,
+        "generation_peak_bytes": estimate(counts, s)[0].generation,
+    }
 
 
 @dataclass(frozen=True)

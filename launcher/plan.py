@@ -47,7 +47,10 @@ class Plan(BaseModel):
     state_bytes_per_rank: dict[str, int]
     collective_timeout_s: int = COLLECTIVE_TIMEOUT_S
     data_cache: str | None = None
-    reference: dict[str, Any] | None = None  # DPO's reference model: where it comes from, what it costs
+    reference: dict[str, Any] | None = None  # DPO's or GRPO's reference model: where it comes from, what it costs
+    # GRPO's rollout per rank: generation_batch (rows), row_length, kv_cache_bytes, decode_logits_bytes,
+    # reference_bytes, reward_model_bytes, generation_peak_bytes (launcher/candidates.py's rollout)
+    rollout: dict[str, Any] | None = None
     # The fp32 CPU matmul engine of every rank (model.cpu_matmul resolved, training/kernels/__init__.py).
     # None: auto, left to the ranks (rank 0 measures; it writes its choice here when the run starts).
     cpu_matmul: Literal["aten", "onednn"] | None = None

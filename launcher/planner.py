@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher import __version__
-from launcher.candidates import Candidate, estimate, gpu_capacity, setting_for, usable_bytes
+from launcher.candidates import Candidate, estimate, gpu_capacity, rollout, setting_for, usable_bytes
 from launcher.errors import UserError
 from launcher.plan import Plan
 from launcher.shapes import count_parameters, human_bytes
@@ -266,6 +266,9 @@ def build_plan(
         notices.append(f"offload: {human_bytes(host)} of host memory per rank, {per_node} (not checked)")
     strategy, mbs, accum = chosen.strategy, chosen.micro_batch_size, chosen.grad_accum
     cpu_matmul = planned_cpu_matmul(spec, device, compute, nnodes, nproc)
+    rollout_plan = rollout(
+        counts, setting_for(spec, strategy, chosen.offload, world, device, compute, mbs, accum)
+    )
     job = spec.model_dump(mode="json")
     job["strategy"]["offload"] = chosen.offload  # what the ranks run with, when auto chose an offload
     plan = Plan(
@@ -288,7 +291,8 @@ def build_plan(
         global_batch_size=spec.train.global_batch_size,
         params={"total": counts.total, "trainable": counts.trainable, "frozen": counts.frozen},
         state_bytes_per_rank=state_bytes(chosen.memory),
-        reference=reference_model(spec),
+        reference=reference_model(spec, rollout_plan["reference_bytes"] if rollout_plan else 0),
+        rollout=rollout_plan,
         cpu_matmul=cpu_matmul,
         offload=chosen.offload,
         gpu_memory_bytes=capacity,
@@ -322,12 +326,33 @@ def default_run_dir(spec: JobSpec) -> Path:
     return Path("runs") / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def reference_model(spec: JobSpec) -> dict[str, Any] | None:
-    """Where DPO's reference log-probabilities come from and what they cost (training/methods/dpo.py); None otherwise.
+def reference_model(spec: JobSpec, frozen_copy_bytes: int = 0) -> dict[str, Any] | None:
+    """Where DPO's or GRPO's reference log-probabilities come from and what they cost
+    (training/methods/dpo.py, grpo.py); None otherwise, and for GRPO with beta 0 (no KL term).
 
-    Neither source holds a second copy of the model: LoRA switches its adapter off for a no-grad forward
-    each micro-batch; full fine-tuning (or reference: precompute) runs the initial model once before step 1."""
+    DPO holds no second copy of the model: LoRA switches its adapter off for a no-grad forward each
+    micro-batch; full fine-tuning (or reference: precompute) runs the initial model once before step 1.
+    GRPO's completions are new every step, so nothing can be precomputed: LoRA switches its adapter off,
+    full fine-tuning holds a frozen copy of the initial model (`frozen_copy_bytes` of it on each rank,
+    sharded as the policy is)."""
     method = spec.method
+    if method.kind == "grpo":
+        if method.beta == 0:
+            return None
+        forward = "one more forward (no backward) per micro-batch, on its completion tokens"
+        if spec.finetune.type != "full":
+            return {
+                "source": "adapter_disabled",
+                "what": "the base model with the LoRA adapter switched off",
+                "memory_bytes_per_rank": 0,
+                "compute": forward,
+            }
+        return {
+            "source": "frozen_copy",
+            "what": "a frozen copy of the initial model in the compute dtype, sharded as the policy",
+            "memory_bytes_per_rank": frozen_copy_bytes,
+            "compute": forward,
+        }
     if method.kind != "dpo":
         return None
     if spec.finetune.type != "full" and method.reference == "auto":

@@ -34,7 +34,7 @@ def print_plan(plan: Plan) -> None:
         "batch",
         f"micro {plan.micro_batch_size} × accumulation {plan.grad_accum} × ranks {plan.world_size}"
         f" = global {plan.global_batch_size} samples"
-        f" of up to {spec.data.max_length} tokens",
+        f" of up to {plan.rollout['row_length'] if plan.rollout else spec.data.max_length} tokens",
     )
     p = plan.params
     share = 100 * p["trainable"] / max(1, p["total"])
@@ -42,16 +42,31 @@ def print_plan(plan: Plan) -> None:
     if plan.chosen:
         b = plan.chosen["bytes_per_rank"]
         parts = " + ".join(f"{k} {human_bytes(b[k])}" for k in COLUMNS[:5])
+        if b.get("frozen_models"):
+            parts += f" + reference and reward models {human_bytes(b['frozen_models'])}"
         host = f"; {human_bytes(b['offloaded'])} offloaded to host memory" if b["offloaded"] else ""
         table.add_row("memory per rank", f"{human_bytes(b['total'])} at the peak ({parts}){host}")
     if plan.reference:
         r = plan.reference
-        table.add_row("reference", f"{r['what']}: no extra memory; {r['compute']}")
+        held = human_bytes(r["memory_bytes_per_rank"]) + " per rank" if r["memory_bytes_per_rank"] else "no extra memory"
+        table.add_row("reference", f"{r['what']}: {held}; {r['compute']}")
+    if plan.rollout:
+        table.add_row("rollout", rollout_line(plan.rollout))
     table.add_row("steps", f"{spec.train.max_steps}, checkpoint every {spec.train.save_every or 'end only'}")
     table.add_row("run dir", plan.run_dir)
     console.print(table)
     if plan.candidates:
         console.print(candidates_table(plan))
+
+
+def rollout_line(r: dict) -> str:
+    """GRPO's generation phase per rank, in one line."""
+    return (
+        f"{r['generation_batch']} completions a rank generated as one batch of up to {r['row_length']} tokens: "
+        f"KV cache {human_bytes(r['kv_cache_bytes'])}, decode logits {human_bytes(r['decode_logits_bytes'])}, "
+        f"reference {human_bytes(r['reference_bytes'])}, reward models {human_bytes(r['reward_model_bytes'])}; "
+        f"generation peak {human_bytes(r['generation_peak_bytes'])}"
+    )
 
 
 def candidates_table(plan: Plan):

@@ -8,6 +8,7 @@ from these counts. Nothing here imports deepspeed or reads weights, so a 70B pla
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from math import ceil
 
 from launcher.errors import UserError
@@ -195,7 +196,8 @@ def activation_phases(counts: ParamCounts, s: Setting) -> tuple[tuple[int, int],
         return len(names) if full else sum(n in targets for n in names)
 
     pairs = s.method in ("dpo", "reward")
-    tokens = s.micro_batch_size * s.max_length * (2 if pairs else 1)
+    row_length = s.max_length + s.completion_length  # grpo: prompt + completion, else completion_length 0
+    tokens = s.micro_batch_size * row_length * (2 if pairs else 1)
     rows, seq = (1, tokens) if s.padding_free else (s.micro_batch_size, s.max_length)
     several = s.micro_batch_size > 1 or s.packing or pairs
     flash = s.attention == "flash_attention_2"
@@ -236,7 +238,9 @@ def activation_phases(counts: ParamCounts, s: Setting) -> tuple[tuple[int, int],
     misc = tokens * (final_norm + 2 * d * residual + 24) + mask_once  # rotary cos/sin, ids, labels, positions
     # The loss over the vocabulary (fp32 log-softmax output, its grad, the logits' grad), at every position
     # in the worst case (CausalLMLoss projects labelled positions only). Reward models score with one unit.
-    loss = 12 * tokens * (1 if s.method == "reward" else vocab)
+    # grpo takes logits at its label (completion) positions only, at most max_completion_length a row.
+    labelled = s.micro_batch_size * s.completion_length if s.completion_length else tokens
+    loss = 12 * labelled * (1 if s.method == "reward" else vocab)
     # Backward through one layer: an intermediate's and a hidden state's grads in the MLP; in eager
     # attention the grads of the T^2 scores, by when the layer's MLP has freed what it saved.
     transient = (linear_out * i + c * h) * tokens
@@ -279,6 +283,56 @@ def selective_kept(
         per_token += c * sum(s.lora_r + (width[t] if s.lora_r * LOW_RANK > width[t] else 0) for t in targets)
     square = rows * a * seq * seq * c if s.attention == "eager" and d * LOW_RANK > seq else 0
     return per_token * tokens + square
+
+
+# -- grpo's rollout -------------------------------------------------------------------------------------
+DECODE_LOGIT_COPIES = 3  # the last position's fp32 logits, and the sampler's processed scores and probabilities
+
+
+def kv_cache_bytes(counts: ParamCounts, s: Setting) -> int:
+    """The KV cache (transformers' DynamicCache, compute dtype) of one rank's generation batch, left-padded to
+    the longest row: rows x (max_length + max_completion_length) positions x layers x K and V x kv heads x
+    head_dim."""
+    shape, _ = ModelShape.of(counts)
+    positions = s.max_length + s.completion_length
+    return s.generation_rows * positions * shape.layers * 2 * shape.kv_heads * shape.head_dim * DTYPE_BYTES[
+        s.compute_dtype
+    ]
+
+
+def decode_logits_bytes(counts: ParamCounts, s: Setting) -> int:
+    """A decode forward keeps the last position's logits only ([rows, vocab], fp32), and sampling a few copies."""
+    return DECODE_LOGIT_COPIES * s.generation_rows * counts.vocab_size * 4
+
+
+def reward_model_parameters(spec: JobSpec) -> list[int]:
+    """Parameters of each reward model of a grpo job (`method.rewards[i].model`; 0 for a function), from
+    its config on the meta device, with the one-unit head it scores with."""
+    return [
+        _sequence_classifier_parameters(r.model, spec.model.trust_remote_code, f"method.rewards.{i}.model")
+        if r.model else 0
+        for i, r in enumerate(getattr(spec.method, "rewards", ()))
+    ]  # fmt: skip
+
+
+@lru_cache(maxsize=32)
+def _sequence_classifier_parameters(path: str, trust_remote_code: bool, field: str) -> int:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"{field}: cannot read a model config from {path!r} ({first})",
+            "give a local sequence-classification model directory holding config.json, or a hub id reachable "
+            "from this machine",
+        ) from None
+    config.num_labels = 1
+    with init_empty_weights():
+        model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+    return sum(p.numel() for p in model.parameters())  # tied parameters once
 
 
 def human_bytes(n: float) -> str:

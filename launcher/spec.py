@@ -353,6 +353,10 @@ class JobSpec(Section):
             options = " or ".join(str(n) for n in (gbs // step * step, (gbs // step + 1) * step) if n > 0)
             why = f"completions per step, is not a multiple of method.num_generations ({group}, one group per prompt)"
             add(("train.global_batch_size", f"{gbs}, the {why}; try {options}"))
+        if isinstance(self.method, GRPOMethod) and (self.data.eval or self.data.eval_split or train.eval_every):
+            where = "data.eval" if self.data.eval else "data.eval_split" if self.data.eval_split else "train.eval_every"
+            add((where, "grpo runs have no evaluation yet (the reward of the logged steps is in metrics.jsonl); "
+                 "remove data.eval, data.eval_split and train.eval_every"))
         if train.warmup_steps and train.warmup_steps >= train.max_steps:
             add(
                 (

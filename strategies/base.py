@@ -69,6 +69,9 @@ class Strategy(ABC):
     # nothing may read a submodule's weight without calling that submodule (training/kernels/lora_fused.py
     # does).
     gathers_params_in_module_hooks: bool = False
+    # True where a forward is itself a collective (FSDP2 and ZeRO-3 gather parameters in it): every rank must
+    # then run as many forwards, so anything that runs forwards of its own (GRPO's generation) keeps step.
+    collective_forward: bool = False
 
     def __init__(self, options: StrategyOptions, env: DistEnv):
         if options.compute_dtype not in (torch.float32, torch.bfloat16):
@@ -97,6 +100,13 @@ class Strategy(ABC):
             enable_gradient_checkpointing(model, self.options.gradient_checkpointing)
         if upcast_trainable:
             upcast_trainable_to_fp32(model)
+
+    def frozen_copy(self, model: nn.Module) -> nn.Module:
+        """`model` frozen and placed as this strategy places the policy, for no-grad forwards beside it
+        (GRPO's reference under full fine-tuning). Here: whole on this rank's device (single, ddp, and
+        zero1/2, which shard no parameters); fsdp and zero3 shard it as they shard the policy."""
+        model.requires_grad_(False)
+        return model.to(self.env.device).eval()
 
     def unwrap(self) -> nn.Module:
         """The user's module (a transformers or PEFT model) under whatever wrapper this strategy added."""

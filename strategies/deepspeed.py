@@ -57,6 +57,8 @@ class DeepSpeedStrategy(Strategy):
                 f"zero{stage}: parameter offload needs ZeRO stage 3 (use zero3 or offload the optimizer)"
             )
         self.gathers_params_in_module_hooks = stage == 3
+        self.collective_forward = stage == 3
+        self._frozen_engines: list[Any] = []  # engines of frozen copies (zero3): kept alive with the strategy
         self.engine: Any = None
         self._last_backward_at_boundary = False
 
@@ -112,6 +114,21 @@ class DeepSpeedStrategy(Strategy):
             config=self.deepspeed_config(getattr(getattr(model, "config", None), "hidden_size", None)),
         )
         self.model = self.engine
+
+    def frozen_copy(self, model: nn.Module) -> nn.Module:
+        """ZeRO-1/2 shard no parameters: the copy is whole on the device. ZeRO-3 partitions it as the policy
+        through an engine without an optimizer (DeepSpeed's inference mode of stage 3); its module, whose
+        hooks gather each layer's parameters in the forward, is what is returned."""
+        if self.stage != 3:
+            return super().frozen_copy(model)
+        import deepspeed
+
+        model.requires_grad_(False)
+        config = self.deepspeed_config(getattr(getattr(model, "config", None), "hidden_size", None))
+        config["zero_optimization"].pop("offload_optimizer", None)
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        self._frozen_engines.append(engine)
+        return engine.module.eval()
 
     def accumulate(self, is_last_micro_step: bool) -> contextlib.AbstractContextManager:
         """Tells ZeRO whether this backward ends the step (it reduces / finalises partitions then)."""

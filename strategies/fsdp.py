@@ -34,6 +34,7 @@ class FSDPStrategy(TorchNativeStrategy):
     shards. Gradients are averaged over ranks by the reduce-scatter (FSDP2's default divide)."""
 
     name = "fsdp"
+    collective_forward = True
 
     def setup(
         self, model: nn.Module, make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory
@@ -54,6 +55,18 @@ class FSDPStrategy(TorchNativeStrategy):
         self.model = model
         self.optimizer = make_optimizer(trainable_parameters(model))
         self.scheduler = make_scheduler(self.optimizer)
+
+    def frozen_copy(self, model: nn.Module) -> nn.Module:
+        """Sharded as the policy (a group per decoder layer, the root group), in the same compute dtype,
+        always resharded after its forward: it is read once per micro-batch, never trained."""
+        model.requires_grad_(False)
+        model.to(self.env.device)
+        mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
+        shard_kwargs = {"mesh": mesh, "reshard_after_forward": True, "mp_policy": self._mixed_precision()}
+        for layer in [m for m in model.modules() if isinstance(m, self._layer_classes(model))]:
+            fully_shard(layer, **shard_kwargs)
+        fully_shard(model, **shard_kwargs)
+        return model.eval()
 
     def _mixed_precision(self) -> MixedPrecisionPolicy:
         if self.options.compute_dtype == torch.bfloat16:

@@ -10,6 +10,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +78,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(run_dir: Path, step: int, strategy: Strategy, trainer_state: dict[str, Any], keep_last: int) -> Path:
-    """Every rank calls this. Returns the final checkpoint path."""
+def save(
+    run_dir: Path,
+    step: int,
+    strategy: Strategy,
+    trainer_state: dict[str, Any],
+    keep_last: int,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Every rank calls this. Returns the final checkpoint path. `extra(directory)`, called on every rank
+    before the checkpoint is complete, adds a method's own files (GRPO's generation batch)."""
     env = strategy.env
     root = checkpoints_dir(run_dir)
     final = root / f"step-{step}"
@@ -90,6 +99,8 @@ def save(run_dir: Path, step: int, strategy: Strategy, trainer_state: dict[str, 
     strategy.barrier()
     strategy.save_checkpoint(tmp)
     torch.save(rng_state(), tmp / f"rng-rank{env.rank}.pt")
+    if extra is not None:
+        extra(tmp)
     strategy.barrier()  # every shard is on disk before the marker and the rename
     faults.maybe_kill("kill-in-save", step, env.rank)
     if env.is_main:

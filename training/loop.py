@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,8 @@ class LoopConfig:
     # Model FLOPs per trained token and this rank's measured matmul peak (training/flops.py): MFU.
     flops_per_token: float = 0.0
     peak_flops_per_rank: float = 0.0
+    # A method's own files in each checkpoint (training/checkpoint.py save's `extra`): GRPO's generation batch.
+    checkpoint_extra: Callable[[Path], None] | None = None
 
 
 def lr_lambda(kind: str, warmup: int, total: int, min_ratio: float):
@@ -76,6 +79,11 @@ def run_steps(
     tokens_seen = extra_state.get("tokens_seen", 0)
     loss_denominator = 0
     metric_sums: dict[str, torch.Tensor] = {}  # a method's extra metrics, summed like the loss
+    # A method may divide its metrics by another count than its loss (GRPO: token means whatever its loss).
+    metric_normaliser = getattr(method, "metric_normaliser", method.normaliser)
+    metric_denominator = 0
+    rollout_sums: dict[str, float] = {}  # GRPO's rollout metrics (already global): means over the logged steps
+    rollout_counts: dict[str, int] = {}
     last_row: dict = {}
     should_stop = cfg.should_stop
     try:
@@ -83,6 +91,8 @@ def run_steps(
             step_batch = next(batches)
             denominator = getattr(step_batch, method.normaliser)
             micro_batches = step_batch.micro_batches
+            rollout = getattr(step_batch, "metrics", None)
+            update_started = time.perf_counter() if rollout is not None else 0.0
             for i, micro in enumerate(micro_batches):
                 with strategy.accumulate(i == len(micro_batches) - 1):
                     out = run_forward(strategy, method, micro)
@@ -93,10 +103,19 @@ def run_steps(
                 for name, value in out.metric_sums.items():
                     metric_sums[name] = metric_sums.get(name, 0) + value.detach().double()
             grad_norm = strategy.step()
+            if rollout is not None:  # a rollout step syncs with the host anyway (generation)
+                if env.device.type == "cuda":
+                    torch.cuda.synchronize(env.device)
+                rollout = {**rollout, "time/update_s": time.perf_counter() - update_started}
+                for name, value in rollout.items():
+                    if value is not None:
+                        rollout_sums[name] = rollout_sums.get(name, 0.0) + value
+                        rollout_counts[name] = rollout_counts.get(name, 0) + 1
             tokens_seen += step_batch.global_tokens
             throughput.add(step_batch.global_tokens, step_batch.global_samples)
 
             loss_denominator += denominator
+            metric_denominator += getattr(step_batch, metric_normaliser)
 
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 # The only host sync of a step, and only on logging steps. The logged loss is the
@@ -116,8 +135,14 @@ def run_steps(
                     "epoch": step_batch.epoch,
                 }
                 for name in sorted(metric_sums):
-                    row[name] = float(strategy.all_reduce_sum(metric_sums[name].clone())) / loss_denominator
+                    total_metric = float(strategy.all_reduce_sum(metric_sums[name].clone()))
+                    row[name] = total_metric / max(metric_denominator, 1)
+                for name in rollout_sums:
+                    row[name] = rollout_sums[name] / rollout_counts[name]
                 metric_sums.clear()
+                rollout_sums.clear()
+                rollout_counts.clear()
+                metric_denominator = 0
                 loss_sum.zero_()
                 loss_denominator = 0
                 if env.is_main:
@@ -134,7 +159,7 @@ def run_steps(
 
             if cfg.save_every and step % cfg.save_every == 0 and step != cfg.max_steps:
                 state = {**cfg.checkpoint_meta, "tokens_seen": tokens_seen, "wandb_id": wandb_run.id}
-                path = checkpoint.save(run_dir, step, strategy, state, cfg.keep_last)
+                path = checkpoint.save(run_dir, step, strategy, state, cfg.keep_last, cfg.checkpoint_extra)
                 log.info("checkpoint written: %s", path)
             faults.maybe_kill("kill-after-step", step, env.rank)
 
@@ -142,7 +167,7 @@ def run_steps(
             if should_stop is not None and step < cfg.max_steps and should_stop():
                 if not (cfg.save_every and step % cfg.save_every == 0):
                     state = {**cfg.checkpoint_meta, "tokens_seen": tokens_seen, "wandb_id": wandb_run.id}
-                    checkpoint.save(run_dir, step, strategy, state, cfg.keep_last)
+                    checkpoint.save(run_dir, step, strategy, state, cfg.keep_last, cfg.checkpoint_extra)
                 wandb_run.finish()
                 cfg.on_stop(step, checkpoint.checkpoints_dir(run_dir) / f"step-{step}")
         return last_row

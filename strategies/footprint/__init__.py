@@ -49,6 +49,17 @@ class Footprint(ABC):
         step. By default every one of them at both moments."""
         return grads + buffers, grads + buffers
 
+    def held_between_steps(self, counts: ParamCounts, s: Setting, grads: int, buffers: int) -> int:
+        """Gradient and buffer bytes held while no micro-step runs but the model runs forwards (grpo's
+        generation, after the optimizer step): by default every one of them."""
+        return grads + buffers
+
+    def frozen_copy_bytes(self, counts: ParamCounts, s: Setting) -> int:
+        """Bytes on one rank of a frozen copy of the whole model in the compute dtype, placed as this
+        strategy places the trained model's parameters (grpo's reference under full fine-tuning). By
+        default every rank holds all of it."""
+        return DTYPE_BYTES[s.compute_dtype] * sum(t.numel for t in tensors_of(counts))
+
 
 def frozen_bytes(t: TensorInfo, c: int, s: Setting, cast_to_compute: bool) -> int:
     """Bytes of one frozen tensor: 4-bit with its scales, fp32 (unless the module is cast), else compute."""

@@ -85,6 +85,11 @@ class Setting:
     quant_storage_bytes: int = 2  # element size the packed 4-bit weights are stored in
     device: str = "cuda"
     method: str = "sft"  # dpo and reward rows are (chosen, rejected) pairs: two sequences per sample
+    # grpo: a row is a prompt (at most max_length) + a completion (at most this), labels on the completion
+    completion_length: int = 0
+    generation_rows: int = 0  # grpo: completions a rank generates as one batch with a KV cache (0: none)
+    frozen_copy: bool = False  # grpo with beta > 0, full fine-tuning: a frozen reference, sharded as params
+    held_model_bytes: int = 0  # grpo: reward models, each whole on every rank in the compute dtype
 
 
 @dataclass(frozen=True)
@@ -102,14 +107,18 @@ class MemoryEstimate:
     # step): at the loss, where activations peak, single and fsdp hold no gradients yet without
     # accumulation, and FSDP2 has every group resharded (see launcher/candidates.py's estimate()).
     backward: int
+    # grpo: frozen models held all step besides the policy (reference copy + reward models), counted in
+    # `step`, `backward` and `generation`; and the device peak of the generation phase (0: none)
+    frozen_models: int = 0
+    generation: int = 0
 
     @property
     def total(self) -> int:
-        """The device peak: the larger of the forward/backward peak and the optimizer step's."""
-        return max(self.backward, self.step)
+        """The device peak: the largest of the forward/backward peak, the optimizer step's and generation's."""
+        return max(self.backward, self.step, self.generation)
 
     def to_dict(self) -> dict[str, int]:
-        keys = ("params", "grads", "optimizer", "buffers", "activations", "offloaded")
+        keys = ("params", "grads", "optimizer", "buffers", "activations", "offloaded", "frozen_models", "generation")
         return {**{k: int(getattr(self, k)) for k in keys}, "total": int(self.total)}
 
 

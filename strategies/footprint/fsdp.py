@@ -50,10 +50,11 @@ class FSDPFootprint(Footprint):
             return {"params": 0, "grads": 0, "optimizer": 0, "offloaded": sum(out.values())}
         return {**out, "offloaded": 0}
 
-    def buffers(self, counts: ParamCounts, s: Setting) -> tuple[int, int, list[str]]:
+    def _gathered(self, counts: ParamCounts, s: Setting) -> int:
+        """The groups gathered for a forward: the root group (embeddings, head) and two decoder layers (all
+        of them without reshard_after_forward), and one 4-bit weight dequantised."""
         c = DTYPE_BYTES[s.compute_dtype]
         tensors = tensors_of(counts)
-        trainable = [t for t in tensors if t.trainable]
         layers = max(1, counts.num_layers)
 
         def gathered(t: TensorInfo) -> int:
@@ -61,9 +62,16 @@ class FSDPFootprint(Footprint):
 
         root = sum(gathered(t) for t in tensors if not t.in_layer)
         layer = sum(gathered(t) for t in tensors if t.in_layer) // layers
-        layer_grads = sum(t.numel for t in trainable if t.in_layer) // layers
         live = layers if not s.reshard_after_forward else min(2, layers)
-        buffers = root + live * layer + layer_grads * (c + (4 if c != 4 else 0)) + dequant_bytes(counts, s)
+        return root + live * layer + dequant_bytes(counts, s)
+
+    def buffers(self, counts: ParamCounts, s: Setting) -> tuple[int, int, list[str]]:
+        c = DTYPE_BYTES[s.compute_dtype]
+        tensors = tensors_of(counts)
+        trainable = [t for t in tensors if t.trainable]
+        layers = max(1, counts.num_layers)
+        layer_grads = sum(t.numel for t in trainable if t.in_layer) // layers
+        buffers = self._gathered(counts, s) + layer_grads * (c + (4 if c != 4 else 0))
         notes = []
         if s.grad_accum > 1:
             buffers += 4 * sum(t.numel for t in trainable)
@@ -81,3 +89,11 @@ class FSDPFootprint(Footprint):
         n_train = sum(t.numel for t in tensors_of(counts) if t.trainable)
         accumulated = 4 * n_train if s.grad_accum > 1 else 0
         return accumulated, buffers
+
+    def held_between_steps(self, counts: ParamCounts, s: Setting, grads: int, buffers: int) -> int:
+        """The optimizer step's zero_grad sets every gradient to None; a forward gathers as in training."""
+        return self._gathered(counts, s)
+
+    def frozen_copy_bytes(self, counts: ParamCounts, s: Setting) -> int:
+        """A frozen copy fully_shard-ed as the policy: each rank its dim-0 shard of every tensor."""
+        return DTYPE_BYTES[s.compute_dtype] * sum(_shard(t, s) for t in tensors_of(counts))

@@ -48,3 +48,7 @@ class SingleFootprint(ReplicatedFootprint):
             return grads + buffers, grads + buffers
         outside = 4 * sum(t.numel for t in tensors_of(counts) if t.trainable and not t.in_layer)
         return buffers, min(grads, outside) + buffers
+
+    def held_between_steps(self, counts: ParamCounts, s: Setting, grads: int, buffers: int) -> int:
+        """The step's zero_grad sets the gradients to None (DDP's buckets, unlike these, stay)."""
+        return buffers

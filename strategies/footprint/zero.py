@@ -93,3 +93,11 @@ class Zero3Footprint(Footprint):
         buffers = bucket + prefetch + c * largest + c * max(trainable, default=0) + dequant_bytes(counts, s)
         step = (4 * local if c != 4 else 0) + 4 * min(local, ZERO3_SUB_GROUP)
         return buffers, (step if s.offload == "none" else 0), []
+
+    def frozen_copy_bytes(self, counts: ParamCounts, s: Setting) -> int:
+        """A frozen copy partitioned as the module: ceil(n / ranks) of each tensor, small ones also whole."""
+        c = DTYPE_BYTES[s.compute_dtype]
+        world = max(1, s.world_size)
+        threshold = persistence_threshold(counts.hidden_size)
+        tensors = tensors_of(counts)
+        return c * sum(ceil(t.numel / world) + (t.numel if t.numel <= threshold else 0) for t in tensors)

@@ -94,14 +94,12 @@ def test_each_bad_setting_is_exit_2_with_its_field(override: str, message: str, 
     assert f"\n  --set {override}: {problem}" in err, err
 
 
-def test_run_refuses_a_grpo_job_before_anything_is_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    """grpo checks and plans, but its rollouts are not in the loop yet: `sharpen run` says so, exit 2, and
-    leaves no run dir behind (a rank would have failed on its first step)."""
-    run_dir = tmp_path / "run"
-    assert main(["run", str(GOOD / "grpo_prompts.yaml"), "--output-dir", str(run_dir)]) == 2
-    err = capsys.readouterr().err
-    assert "error: method.kind: this version of sharpen checks and plans grpo jobs, but cannot train them yet" in err
-    assert "Traceback" not in err and not run_dir.exists()
+def test_grpo_has_no_evaluation_yet(tmp_path: Path):
+    """An eval split of prompts would need a rollout per evaluation: refused by name, not a crash in a rank."""
+    (tmp_path / "r.py").write_text("def f(completions, **kwargs):\n    return [0.0] * len(completions)\n")
+    message = error(grpo_job(tmp_path, [{"function": "r.py:f"}]), ["data.eval_split=0.1", "train.eval_every=2"])
+    assert "1 problem" in message and "--set data.eval_split=0.1: grpo runs have no evaluation yet" in message, message
+    assert "remove data.eval, data.eval_split and train.eval_every" in message
 
 
 def test_reward_function_problems_are_exit_2_before_any_rank(capsys: pytest.CaptureFixture[str]):

@@ -115,3 +115,18 @@ def step_batches(
             step=step,
             global_rows=len(members),
         )
+
+
+def step_prompts(num_rows: int, prompts_per_step: int, seed: int, shuffle: bool, step: int) -> tuple[int, np.ndarray]:
+    """(epoch, rows) of the prompts of generation batch `step` (grpo): the same on every rank and world
+    size, over endless epochs of `epoch_order`, as `step_batches` reads stored rows."""
+    steps_per_epoch = num_rows // prompts_per_step
+    if steps_per_epoch == 0:
+        raise UserError(
+            f"the training data has {num_rows} prompts, fewer than the {prompts_per_step} one step needs "
+            "(train.global_batch_size / method.num_generations)",
+            hint="lower train.global_batch_size, raise method.num_generations, or add prompts",
+        )
+    epoch, position = divmod(step, steps_per_epoch)
+    order = epoch_order(num_rows, seed, epoch, shuffle)
+    return epoch, order[position * prompts_per_step : (position + 1) * prompts_per_step]

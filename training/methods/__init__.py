@@ -4,8 +4,8 @@ and ranks never skew the mean. One file a method; base.py holds what they share.
 
 from __future__ import annotations
 
-# The method kinds a rank can train. grpo validates and plans, but its rollouts are not in the loop yet.
-TRAINED_KINDS = ("sft", "pretrain", "reward", "dpo")
+# The method kinds a rank can train.
+TRAINED_KINDS = ("sft", "pretrain", "reward", "dpo", "grpo")
 
 
 def create_method(kind: str, settings=None, reference=None):
@@ -22,4 +22,9 @@ def create_method(kind: str, settings=None, reference=None):
         from training.methods.dpo import DPOLoss
 
         return DPOLoss(reference, settings.beta, settings.loss, settings.label_smoothing)
+    if kind == "grpo":  # its step batches come from training/rollout/steps.py
+        from training.methods.grpo import GRPOLoss
+
+        s = settings
+        return GRPOLoss(s.loss, s.epsilon, s.epsilon_high, s.beta, s.temperature, s.num_iterations)
     raise ValueError(f"method {kind!r} is not available in this version")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -199,11 +199,16 @@ def generate(
     pad_token_id: int,
     eos_token_id: int | Sequence[int],
     return_logprobs: bool = False,
+    all_done: Callable[[bool], bool] | None = None,
 ) -> Completions:
     """Sample one completion per prompt row, row i from its own generator seeded by keys[i]: a row's
     completion is the same in any batch. A row stops at EOS (kept) or at max_completion_length; the loop
     stops when every row has. Runs in eval mode under no_grad with the KV cache on, whatever the model's
-    config.use_cache says, and puts the model back in the mode it was in."""
+    config.use_cache says, and puts the model back in the mode it was in.
+
+    `all_done(mine)`, where given, says whether every rank's rows are done: a model whose forward is a
+    collective (FSDP2, ZeRO-3 gather parameters in it) must run as many forwards on every rank, so a rank
+    whose rows are done keeps feeding pads until all are."""
     if len(prompts) != len(keys):
         raise ValueError(f"{len(prompts)} prompts but {len(keys)} keys: one key per row")
     if not prompts:
@@ -243,7 +248,10 @@ def generate(
                 tokens_by_step.append(token)
                 logps_by_step.append(logp)
                 done = done | torch.isin(token, eos_ids)
-                if step + 1 == length or bool(done.all()):
+                finished = bool(done.all())
+                if all_done is not None:
+                    finished = all_done(finished)
+                if step + 1 == length or finished:
                     break
                 if seen is not None:
                     seen.scatter_(1, token[:, None], True)
