@@ -1,7 +1,8 @@
 """GRPO benchmark (issue 15): the same job through `sharpen run` and through TRL's GRPOTrainer, interleaved.
 
     python bench/bench_grpo.py [--repeats 5] [--threads 1] [--finetune lora|full|both] [--json-out grpo.json]
-    python bench/bench_grpo.py --arms trl     # the TRL arm alone (sharpen's grpo not yet in the loop)
+    python bench/bench_grpo.py --arms trl     # the TRL arm alone
+    python bench/bench_grpo.py --sharpen-set model.cpu_matmul=aten   # a third arm: sharpen with --set overrides
 
 The job, the same in both arms: the bench-size Llama (~4M parameters, examples/make_tiny_model.py --size
 bench), fp32, sdpa, 1 process, 1 CPU thread; prompts drawn from examples/data/alpaca_tiny.jsonl
@@ -43,6 +44,7 @@ Each part is the median over the measured steps of a run, then the median over r
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -173,10 +175,10 @@ class GrpoBench:
         spec = load_job(self.job_path)
         prepare_dataset(spec.data, spec.method.kind, str(self.model))
 
-    def run_sharpen(self, repeat: int) -> RunResult:
+    def run_sharpen(self, repeat: int, overrides: tuple[str, ...] = (), arm: str = "sharpen") -> RunResult:
         timing, rows = arms.run_sharpen(
-            self.job_path, self.work / "runs" / f"sharpen-{self.finetune}-{repeat}", steps=STEPS,
-            env=arms.process_env(self.threads), window=(SKIP_STEPS, STEPS),
+            self.job_path, self.work / "runs" / f"{arm}-{self.finetune}-{repeat}", steps=STEPS,
+            env=arms.process_env(self.threads), window=(SKIP_STEPS, STEPS), overrides=overrides,
         )
         # Generated tokens a step: the logged mean completion length x completions (None where not logged).
         tokens = [None if r.get("completions/mean_length") is None else round(r["completions/mean_length"] *
@@ -193,7 +195,7 @@ class GrpoBench:
             p["other_s"] = s - sum(timed) if None not in timed else None
             phases.append(p)
         return RunResult(
-            arm="sharpen", repeat=repeat, wall_s=timing.wall_s, first_step_s=timing.first_step_s,
+            arm=arm, repeat=repeat, wall_s=timing.wall_s, first_step_s=timing.first_step_s,
             window_cpu_s=timing.window_cpu_s, losses=[r["loss"] for r in rows], step_times=step_times,
             samples_per_step=[COMPLETIONS_PER_STEP] * STEPS,
             tokens_per_step=[t if t is not None else COMPLETIONS_PER_STEP * MAX_COMPLETION for t in tokens],
@@ -229,7 +231,7 @@ class GrpoBench:
 def check_sharpen_tokens(results: list[RunResult]) -> None:
     expected = COMPLETIONS_PER_STEP * MAX_COMPLETION
     for r in results:
-        if r.arm == "sharpen" and any(t != expected for t in r.tokens_per_step):
+        if r.arm.startswith("sharpen") and any(t != expected for t in r.tokens_per_step):
             raise AssertionError(f"sharpen generated {r.tokens_per_step} tokens a step, not {expected} each")
 
 
@@ -260,23 +262,36 @@ def arm_summary(runs: list[RunResult]) -> dict:
 
 
 def summarise(results: list[RunResult]) -> dict:
+    """Each arm's figures, and for each sharpen arm its ratios to TRL's (`ratios[arm]`)."""
     names = list(dict.fromkeys(r.arm for r in results))
-    out: dict = {"arms": {n: arm_summary([r for r in results if r.arm == n]) for n in names}}
-    if {"sharpen", "trl"} <= set(names):
-        ours = [r for r in results if r.arm == "sharpen"]
-        theirs = [r for r in results if r.arm == "trl"]
-        a, b = out["arms"]["sharpen"], out["arms"]["trl"]
-        out["ratio_steps_per_s"] = a["steps_per_s"]["median"] / b["steps_per_s"]["median"]
-        out["ratio_per_repeat"] = harness.spread([  # steps/s of the pair = TRL's step ms / sharpen's
-            y.steady(SKIP_STEPS)["step_ms"] / x.steady(SKIP_STEPS)["step_ms"] for x, y in zip(ours, theirs, strict=True)
-        ])
+    out: dict = {"arms": {n: arm_summary([r for r in results if r.arm == n]) for n in names}, "ratios": {}}
+    if "trl" not in names:
+        return out
+    theirs = [r for r in results if r.arm == "trl"]
+    b = out["arms"]["trl"]
+    for name in names:
+        if name == "trl":
+            continue
+        ours, a = [r for r in results if r.arm == name], out["arms"][name]
+        ratio = {
+            "steps_per_s": a["steps_per_s"]["median"] / b["steps_per_s"]["median"],
+            # steps/s of a pair = TRL's step ms / sharpen's
+            "per_repeat": harness.spread([
+                y.steady(SKIP_STEPS)["step_ms"] / x.steady(SKIP_STEPS)["step_ms"]
+                for x, y in zip(ours, theirs, strict=True)
+            ]),
+        }
         if "cpu_ms_per_step" in a and "cpu_ms_per_step" in b:
-            out["ratio_per_cpu_s"] = b["cpu_ms_per_step"]["median"] / a["cpu_ms_per_step"]["median"]
+            ratio["per_cpu_s"] = b["cpu_ms_per_step"]["median"] / a["cpu_ms_per_step"]["median"]
+            ratio["per_cpu_s_per_repeat"] = harness.spread([
+                y.window_cpu_s / x.window_cpu_s for x, y in zip(ours, theirs, strict=True)
+            ])
+        out["ratios"][name] = ratio
     return out
 
 
-def format_table(summary: dict, finetune: str, repeats: int, threads: int) -> str:
-    cell, labels = harness.spread_cell, {"sharpen": "sharpen", "trl": "TRL GRPOTrainer"}
+def format_table(summary: dict, finetune: str, repeats: int, threads: int, labels: dict[str, str]) -> str:
+    cell = harness.spread_cell
     header = ["", "steps/s", "step ms", "CPU ms/step", "generate ms", "score ms", "update ms", "other ms", "gen tok/s",
               "wall s", "1st step s"]
     rows = [header]
@@ -294,12 +309,14 @@ def format_table(summary: dict, finetune: str, repeats: int, threads: int) -> st
     lines += ["", f"median of {repeats} interleaved repeats (min-max), {threads} torch thread(s); rates over steps "
               f"{SKIP_STEPS + 1}-{STEPS}; gen tok/s: {COMPLETIONS_PER_STEP} x {MAX_COMPLETION} tokens over the "
               "median generate ms"]
-    if "ratio_steps_per_s" in summary:
-        r = summary["ratio_per_repeat"]
-        lines.append(f"sharpen / TRL steps/s: {summary['ratio_steps_per_s']:.2f}x (per repeat pair "
+    for name, ratio in summary["ratios"].items():
+        r = ratio["per_repeat"]
+        lines.append(f"{labels[name]} / TRL steps/s: {ratio['steps_per_s']:.2f}x (per repeat pair "
                      f"{r['min']:.2f}-{r['max']:.2f}x; target >= 1.5x)")
-        if "ratio_per_cpu_s" in summary:
-            lines.append(f"sharpen / TRL steps per CPU-second: {summary['ratio_per_cpu_s']:.2f}x")
+        if "per_cpu_s" in ratio:
+            c = ratio["per_cpu_s_per_repeat"]
+            lines.append(f"{labels[name]} / TRL steps per CPU-second: {ratio['per_cpu_s']:.2f}x (per repeat pair "
+                         f"{c['min']:.2f}-{c['max']:.2f}x)")
     return "\n".join(lines)
 
 
@@ -310,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune", choices=("lora", "full", "both"), default="both")
     parser.add_argument("--arms", choices=("both", "trl", "sharpen"), default="both",
                         help="trl: the TRL arm alone (e.g. while sharpen cannot run the job)")
+    parser.add_argument("--sharpen-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="adds a third arm: sharpen run with these --set overrides (e.g. model.cpu_matmul=aten)")
     parser.add_argument("--json-out", type=Path, help="write the summary and every run's steps here")
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "sharpen-bench-grpo",
                         help="model, prompts, tokenized data and run dirs (the model is built once and reused)")
@@ -326,12 +345,19 @@ def main(argv: list[str] | None = None) -> int:
         bench = GrpoBench(work, args.threads, finetune)
         if args.arms != "trl":
             bench.check_job()
-        chosen = [("sharpen", bench.run_sharpen), ("trl", bench.run_trl)]
-        chosen = [a for a in chosen if args.arms in ("both", a[0])]
+        chosen = []
+        if args.arms != "trl":
+            chosen.append(("sharpen", bench.run_sharpen))
+            if args.sharpen_set:
+                chosen.append(("sharpen_set", functools.partial(
+                    bench.run_sharpen, overrides=tuple(args.sharpen_set), arm="sharpen_set")))
+        if args.arms != "sharpen":
+            chosen.append(("trl", bench.run_trl))
         results = harness.interleave(chosen, args.repeats, report=lambda s: print(s, flush=True))
         check_sharpen_tokens(results)
         summary = summarise(results)
-        report[finetune] = format_table(summary, finetune, args.repeats, args.threads)
+        labels = {"sharpen": "sharpen", "sharpen_set": "sharpen " + " ".join(args.sharpen_set), "trl": "TRL GRPOTrainer"}
+        report[finetune] = format_table(summary, finetune, args.repeats, args.threads, labels)
         print("\n" + report[finetune] + "\n", flush=True)
         payload[finetune] = {
             "job": job_file(Path("MODEL"), Path("PROMPTS"), Path("CACHE"), finetune), "summary": summary,
@@ -343,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": harness.machine() | {"trl": _version("trl")},
             "load_avg_1m_at_start": round(load_at_start, 2), "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
             "threads": args.threads, "repeats": args.repeats, "steps": STEPS, "skip_steps": SKIP_STEPS,
-            "arms": args.arms, "configs": payload, "tables": report,
+            "arms": args.arms, "sharpen_set": args.sharpen_set, "configs": payload, "tables": report,
         })
         print(f"wrote {args.json_out}")
     return 0
