@@ -199,7 +199,7 @@ class GrpoBench:
             window_cpu_s=timing.window_cpu_s, losses=[r["loss"] for r in rows], step_times=step_times,
             samples_per_step=[COMPLETIONS_PER_STEP] * STEPS,
             tokens_per_step=[t if t is not None else COMPLETIONS_PER_STEP * MAX_COMPLETION for t in tokens],
-            extra={"phases": phases, "rows": rows},
+            extra={"phases": phases},
         )
 
     def run_trl(self, repeat: int) -> RunResult:
