@@ -129,18 +129,33 @@ def rollout(counts: ParamCounts, s: Setting) -> dict[str, int] | None:
 
 def generation_gather(counts: ParamCounts, s: Setting, usable: int | None, generation_peak: int,
                       asked: str = "auto") -> dict:
-    """How generation reaches the parameters of a strategy that shards them (fsdp, zero3: its frozen copy
-    is smaller than the whole model): gathered once for the whole rollout, every parameter whole on each
-    rank in the compute dtype for its span (on the CPU bench 1.5-2.9x faster generation under fsdp, 10.8x
-    under zero3, docs/BENCHMARKS.md), where that fits beside the generation peak; else one gather per
-    forward, ranks decoding in lockstep (method.generation_gather chooses either). Strategies that hold whole
-    parameters: nothing to gather."""
+    """How generation reaches the parameters, and whether LoRA is merged for it.
+
+    gather: a strategy that shards parameters (fsdp, zero3: its frozen copy is smaller than the whole
+    model) gathers them once for the whole rollout, every parameter whole on each rank in the compute dtype
+    for its span (on the CPU bench 1.5-2.9x faster generation under fsdp, 10.8x under zero3,
+    docs/BENCHMARKS.md), where that fits beside the generation peak; else one gather per forward, ranks
+    decoding in lockstep (method.generation_gather chooses either). Strategies that hold whole parameters:
+    nothing to gather ("none").
+    merge_lora: LoRA (not QLoRA) generates with each adapted linear merged into a temporary copy of its
+    weight (training/rollout/merged_lora.py; -25% generation on the CPU bench), where the copies fit too
+    and the parameters are whole during generation."""
     whole = DTYPE_BYTES[s.compute_dtype] * sum(t.numel for t in tensors_of(counts))
+    merged = 0
+    if s.finetune == "lora":  # an upper bound: every frozen linear weight may be adapted
+        merged = DTYPE_BYTES[s.compute_dtype] * sum(t.numel for t in tensors_of(counts) if t.matmul and not t.trainable)
+
+    def fits(extra: int) -> bool:
+        return usable is None or generation_peak + extra <= usable
+
     if footprint(s.strategy).frozen_copy_bytes(counts, s) >= whole:
-        return {"gather": "none", "gathered_bytes": 0}
-    if asked == "rollout" or (asked == "auto" and (usable is None or generation_peak + whole <= usable)):
-        return {"gather": "rollout", "gathered_bytes": whole}
-    return {"gather": "forward", "gathered_bytes": 0}
+        gather, gathered = "none", 0
+    elif asked == "rollout" or (asked == "auto" and fits(whole)):
+        gather, gathered = "rollout", whole
+    else:
+        gather, gathered = "forward", 0
+    merge = bool(merged) and gather != "forward" and fits(gathered + merged)
+    return {"gather": gather, "gathered_bytes": gathered, "merge_lora": merge, "merged_lora_bytes": merged if merge else 0}
 
 
 @dataclass(frozen=True)

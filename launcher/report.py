@@ -66,6 +66,7 @@ def rollout_line(r: dict) -> str:
         f"KV cache {human_bytes(r['kv_cache_bytes'])}, decode logits {human_bytes(r['decode_logits_bytes'])}, "
         f"reference {human_bytes(r['reference_bytes'])}, reward models {human_bytes(r['reward_model_bytes'])}; "
         f"generation peak {human_bytes(r['generation_peak_bytes'])}{GATHER_NOTE[r.get('gather', 'none')](r)}"
+        + (f", LoRA merged for generation ({human_bytes(r['merged_lora_bytes'])})" if r.get("merge_lora") else "")
     )
 
 

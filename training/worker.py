@@ -151,6 +151,7 @@ def rollout_steps(plan: Plan, strategy, loss, dataset, tokenizer, run_dir: Path,
         attention=collate_attention(spec.model.attention, strategy.env.device), run_dir=run_dir,
         log_every=spec.logging.every, max_steps=spec.train.max_steps, reference=reference, resume_from=latest,
         gather=(plan.rollout or {}).get("gather", "forward"),
+        merge_lora=bool((plan.rollout or {}).get("merge_lora")),
         on_logged=lambda rows, step: wandb_run.log_table("completions", rows, step),
     )
 

@@ -363,3 +363,46 @@ def test_padding_is_not_a_repeat(tiny_model, prompts):
     together = generate(model, prompts, keys, s, PAD, EOS).token_ids
     assert together == [generate(model, [p], [k], s, PAD, EOS).token_ids[0] for p, k in zip(prompts, keys, strict=True)]
     assert sum(ids.count(PAD) for ids in together) >= len(prompts) // 2  # the pad token is a likely first pick
+
+
+def test_a_group_prefilled_once_gives_each_row_its_own_completion(model, prompts):
+    """Rows of one prompt share one prefill (its cache copied to each): every row still gets what it
+    would get alone, in groups laid prompt-major as GRPO lays them."""
+    from training.rollout.generate import shared_prompts
+
+    s = settings(max_completion_length=12, top_k=50)
+    rows = [p for p in prompts[:3] for _ in range(4)]
+    keys = group_keys(7, 2, [0, 1, 2], 4)
+    assert shared_prompts(rows) == ([0, 4, 8], [0] * 4 + [1] * 4 + [2] * 4)
+    together = generate(model, rows, keys, s, PAD, EOS).token_ids
+    alone = [generate(model, [p], [k], s, PAD, EOS).token_ids[0] for p, k in zip(rows, keys, strict=True)]
+    assert together == alone
+
+
+def test_lora_merged_for_a_rollout_gives_the_adapters_logits_and_leaves_the_model_as_it_was(tiny_model):
+    from peft import LoraConfig, get_peft_model
+
+    from training.kernels.lora_fused import fuse_lora_linears
+    from training.rollout.merged_lora import merged_lora
+
+    lora = get_peft_model(load(tiny_model), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    torch.manual_seed(0)
+    for name, p in lora.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)  # an adapter that changes the output
+    fuse_lora_linears(lora)  # a kernel's own forward, which the merge must put back
+    weights = {n: p.detach().clone() for n, p in lora.named_parameters()}
+    forwards = {n: m.__dict__.get("forward") for n, m in lora.named_modules()}
+    x = torch.randint(8, lora.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        plain = lora(input_ids=x).logits
+        with merged_lora(lora) as merged:
+            inside = lora(input_ids=x).logits
+        after = lora(input_ids=x).logits
+        with lora.disable_adapter():
+            base = lora(input_ids=x).logits
+    assert merged == 7 * lora.config.num_hidden_layers  # q k v o gate up down
+    assert torch.allclose(inside, plain, atol=1e-5) and (inside - base).abs().max() > 1e-3
+    assert torch.equal(after, plain)
+    assert all(torch.equal(p, weights[n]) for n, p in lora.named_parameters())
+    assert {n: m.__dict__.get("forward") for n, m in lora.named_modules()} == forwards

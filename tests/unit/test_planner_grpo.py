@@ -233,3 +233,22 @@ def test_generation_gathers_the_whole_model_once_where_it_fits(policy, tmp_path:
     assert generation_gather(counts, s, peak + whole, peak)["gather"] == "rollout"
     assert generation_gather(counts, s, peak + whole - 1, peak)["gather"] == "forward"
     assert generation_gather(counts, s, peak + whole - 1, peak, "rollout")["gather"] == "rollout"
+    assert not generation_gather(counts, s, None, peak)["merge_lora"]  # full fine-tuning: no adapter
+
+
+def test_lora_is_merged_for_generation_where_the_copies_fit(policy, tmp_path: Path):
+    """The merged copies: every frozen linear weight in the compute dtype (an upper bound), only where the
+    parameters are whole during generation and the copies fit."""
+    from launcher.candidates import generation_gather, setting_for
+
+    spec = grpo(policy, "lora")
+    counts = count_parameters(spec)
+    linears = 4 * sum(t.numel for t in counts.tensors if t.matmul and not t.trainable)
+    planned = plan(spec, tmp_path).rollout
+    assert planned["merge_lora"] and planned["merged_lora_bytes"] == linears > 0
+    s = setting_for(spec, "single", "none", 1, "cpu", "fp32", 2, 2)
+    peak = 10_000_000
+    assert generation_gather(counts, s, peak + linears, peak)["merge_lora"]
+    assert not generation_gather(counts, s, peak + linears - 1, peak)["merge_lora"]
+    forward = spec.model_copy(update={"method": spec.method.model_copy(update={"generation_gather": "forward"})})
+    assert not plan(on_ranks(forward, "fsdp", 2), tmp_path).rollout["merge_lora"]  # sharded while generating

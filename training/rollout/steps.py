@@ -121,6 +121,7 @@ class RolloutSteps:
         scorer: RewardScorer | None = None,
         resume_from: Path | None = None,
         gather: str = "forward",
+        merge_lora: bool = False,
         on_logged: Callable[[list[dict], int], None] | None = None,
     ):
         self.strategy, self.env, self.loss, self.method = strategy, strategy.env, loss, method
@@ -133,6 +134,7 @@ class RolloutSteps:
         self.seed, self.shuffle, self.attention = seed, shuffle, attention
         self.settings = SamplingSettings.from_method(method)
         self.reference, self.run_dir, self.gather = reference, Path(run_dir), gather
+        self.merge_lora = merge_lora
         self.on_logged = on_logged  # rank 0: the logged completions of a step, also to W&B as a table
         self.log_every, self.max_steps = log_every, max_steps
         self.scorer = scorer or RewardScorer(
@@ -195,7 +197,7 @@ class RolloutSteps:
             gather = self.strategy.gathered()
         else:
             gather = contextlib.nullcontext(self.strategy.collective_forward)
-        with gather as collective, self.strategy.forward_context():
+        with gather as collective, self._merged(collective), self.strategy.forward_context():
             out = generate(self.strategy.unwrap(), prompt_ids, keys, self.settings, self.pad, self.eos,
                            all_done=self._all_done if collective else None)
         generated_s = time.perf_counter() - started
@@ -244,6 +246,15 @@ class RolloutSteps:
         self._log_completions(rollout, prompts, texts, table[mine], names)
         self._token_logps(rollout)
         return rollout
+
+    def _merged(self, collective: bool):
+        """LoRA merged into its base for the rollout where the plan found room and the parameters are whole
+        on this rank (not sharded, or gathered for the rollout)."""
+        if not self.merge_lora or collective:
+            return contextlib.nullcontext()
+        from training.rollout.merged_lora import merged_lora
+
+        return merged_lora(self.strategy.unwrap())
 
     def _token_logps(self, r: Rollout) -> None:
         """The old policy's (num_iterations > 1) and the reference's (beta > 0) log-probabilities of each
