@@ -208,6 +208,7 @@ def generate(
     eos_token_id: int | Sequence[int],
     return_logprobs: bool = False,
     all_done: Callable[[bool], bool] | None = None,
+    inference: bool = False,
 ) -> Completions:
     """Sample one completion per prompt row, row i from its own generator seeded by keys[i]: a row's
     completion is the same in any batch. A row stops at EOS (kept) or at max_completion_length; the loop
@@ -216,7 +217,11 @@ def generate(
 
     `all_done(mine)`, where given, says whether every rank's rows are done: a model whose forward is a
     collective (FSDP2, ZeRO-3 gather parameters in it) must run as many forwards on every rank, so a rank
-    whose rows are done keeps feeding pads until all are."""
+    whose rows are done keeps feeding pads until all are.
+
+    `inference` runs it under torch.inference_mode (less autograd bookkeeping per op: -10-20% on the CPU
+    bench), for a model whose forward allocates nothing that training uses later (not one that gathers
+    its parameters inside the forward)."""
     if len(prompts) != len(keys):
         raise ValueError(f"{len(prompts)} prompts but {len(keys)} keys: one key per row")
     if not prompts:
@@ -239,14 +244,16 @@ def generate(
     tokens_by_step, logps_by_step = [], []
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     try:
-        with torch.no_grad():
+        # No row padded (prompts of one length): no mask at all, so the model builds none at each step.
+        padded = not bool(mask.all())
+        with torch.inference_mode() if inference else torch.no_grad():
             cache = DynamicCache(config=base.config)
             # A prompt shared by several rows (a GRPO group) is prefilled once; its cache and logits are
             # then copied to each of its rows.
             first_rows, inverse = shared_prompts(prompts)
             shared = len(first_rows) < rows
             pick = torch.tensor(first_rows, device=device) if shared else slice(None)
-            out = model(input_ids=input_ids[pick], attention_mask=mask[pick], position_ids=positions[pick],
+            out = model(input_ids=input_ids[pick], attention_mask=mask[pick] if padded else None, position_ids=positions[pick],
                         use_cache=True, **{cache_keyword: cache}, **extra)
             logits_rows = None
             if shared:
@@ -274,8 +281,9 @@ def generate(
                     break
                 if seen is not None:
                     seen.scatter_(1, token[:, None], True)
-                mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=1)
-                out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
+                if padded:
+                    mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=1)
+                out = model(input_ids=token[:, None], attention_mask=mask if padded else None, position_ids=next_position,
                             use_cache=True, **{cache_keyword: cache}, **extra)
                 next_position = next_position + 1
     finally:

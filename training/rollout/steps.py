@@ -199,7 +199,7 @@ class RolloutSteps:
             gather = contextlib.nullcontext(self.strategy.collective_forward)
         with gather as collective, self._merged(collective), self.strategy.forward_context():
             out = generate(self.strategy.unwrap(), prompt_ids, keys, self.settings, self.pad, self.eos,
-                           all_done=self._all_done if collective else None)
+                           all_done=self._all_done if collective else None, inference=not collective)
         generated_s = time.perf_counter() - started
 
         started = time.perf_counter()
