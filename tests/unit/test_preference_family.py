@@ -154,6 +154,31 @@ def test_loss_of_a_fixed_batch_equals_the_papers_formula(tiny_model, cache, mode
     assert out.loss_sum.requires_grad
 
 
+@pytest.mark.parametrize("kind", ["orpo", "simpo"])
+def test_chat_prompts_are_rendered_with_the_template_and_scored_the_same_way(tiny_model, cache, models, tmp_path, kind):
+    """Message-list prompts (system + user turns) go through the chat template as DPO's do; the loss over
+    those rows still equals the formula."""
+    import json
+
+    policy, base = models
+    records = [
+        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"{a}+{a}?"}],
+         "chosen": str(2 * a), "rejected": f"Maybe {2 * a + 1}"}
+        for a in (2, 3, 4)
+    ]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    spec = DataSpec(train=[{"path": str(path), "format": "preference"}], max_length=96)
+    rows = list(C.load_prepared(D.prepare_dataset(spec, kind, str(tiny_model), cache_root=cache)))
+    from transformers import AutoTokenizer
+
+    chosen = AutoTokenizer.from_pretrained(tiny_model).decode(rows[0]["input_ids"][: rows[0]["segment_lengths"][0]])
+    assert len(rows) == 3 and chosen.startswith("<s><|system|>\nBe brief.<|end|>\n<|user|>\n2+2?"), chosen
+    out = loss_of(kind, policy)(policy, collate(rows))
+    want = hand_computed(kind, policy, base, rows)
+    assert math.isclose(out.loss_sum.item(), want["loss"], rel_tol=1e-6), (out.loss_sum.item(), want["loss"])
+
+
 @pytest.mark.parametrize("kind", ["orpo", "simpo", "rpo"])
 def test_the_loss_sum_is_the_same_over_any_split_into_micro_batches(tiny_model, cache, models, kind):
     """Per-pair terms (the NLL averaged per chosen answer too) summed: one micro-batch of four pairs
