@@ -55,6 +55,8 @@ ALIASES = {
     "kl_loss_coef": "method.beta", "cliprange": "method.epsilon", "clip_range": "method.epsilon",
     "clip_ratio": "method.epsilon", "epsilon_low": "method.epsilon", "clip_ratio_high": "method.epsilon_high",
     "num_ppo_epochs": "method.num_iterations", "ppo_epochs": "method.num_iterations",
+    # preference tuning (TRL's DPOConfig, CPOConfig)
+    "rpo_alpha": "method.sft_weight", "simpo_gamma": "method.gamma", "orpo_alpha": "method.beta",
 }
 VALUE_ALIASES = {  # normalised (lower case, no - _ space) → choice
     "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32", "fa2": "flash_attention_2",

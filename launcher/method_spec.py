@@ -57,6 +57,30 @@ class DPOMethod(Section):
         "auto",
         description="Reference log-probabilities: auto (computed during training) or precompute (one pass before training)",
     )
+    sft_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the NLL of chosen (per answer token) added to the loss (RPO; TRL's rpo_alpha); 0: none",
+    )
+
+
+class ORPOMethod(Section):
+    """Odds-ratio preference optimisation: SFT on chosen plus an odds-ratio term; no reference model."""
+
+    kind: Literal["orpo"] = Field(description="SFT on chosen + odds-ratio term, no reference model (format preference)")
+    beta: float = Field(
+        0.1, gt=0, description="Weight of the odds-ratio term against the NLL of chosen (TRL's beta, the paper's λ)"
+    )
+
+
+class SimPOMethod(Section):
+    """SimPO: a margin of length-normalised log-probabilities, chosen over rejected; no reference model."""
+
+    kind: Literal["simpo"] = Field(description="Length-normalised preference margin, no reference model (format preference)")
+    beta: float = Field(2.0, gt=0, description="Scale of the margin of per-token log-probabilities, chosen minus rejected")
+    gamma: float = Field(
+        0.5, ge=0, description="Target reward margin the scaled margin must exceed (TRL's simpo_gamma, the paper's γ)"
+    )
 
 
 class RewardMethod(Section):
@@ -155,8 +179,12 @@ class GRPOMethod(Section):
 
 
 Method = Annotated[
-    SFTMethod | PretrainMethod | DPOMethod | RewardMethod | GRPOMethod, Field(discriminator="kind")
+    SFTMethod | PretrainMethod | DPOMethod | RewardMethod | GRPOMethod | ORPOMethod | SimPOMethod,
+    Field(discriminator="kind"),
 ]
 # The data formats each method reads (the default: the supervised formats); one copy, for the rules and messages.
 SUPERVISED_FORMATS = ("alpaca", "chat", "text")
 METHOD_FORMATS = {"dpo": ("preference",), "reward": ("preference",), "pretrain": ("text",), "grpo": ("prompt",)}
+METHOD_FORMATS |= {"orpo": ("preference",), "simpo": ("preference",)}
+# The methods whose rows are (chosen, rejected) pairs: a row is two sequences, the step's count is pairs.
+PAIR_METHODS = frozenset(kind for kind, formats in METHOD_FORMATS.items() if "preference" in formats)

@@ -338,7 +338,8 @@ def default_run_dir(spec: JobSpec) -> Path:
 
 def reference_model(spec: JobSpec, frozen_copy_bytes: int = 0) -> dict[str, Any] | None:
     """Where DPO's or GRPO's reference log-probabilities come from and what they cost
-    (training/methods/dpo.py, grpo.py); None otherwise, and for GRPO with beta 0 (no KL term).
+    (training/methods/dpo.py, grpo.py); None otherwise: for GRPO with beta 0 (no KL term), and for ORPO
+    and SimPO, which compare the policy's own chosen and rejected answers.
 
     DPO holds no second copy of the model: LoRA switches its adapter off for a no-grad forward each
     micro-batch; full fine-tuning (or reference: precompute) runs the initial model once before step 1.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from launcher.candidates import GIB, candidate_label
+from launcher.method_spec import PAIR_METHODS
 from launcher.plan import Plan
 from launcher.shapes import human_bytes
 
@@ -50,6 +51,8 @@ def print_plan(plan: Plan) -> None:
         r = plan.reference
         held = human_bytes(r["memory_bytes_per_rank"]) + " per rank" if r["memory_bytes_per_rank"] else "no extra memory"
         table.add_row("reference", f"{r['what']}: {held}; {r['compute']}")
+    elif spec.method.kind in PAIR_METHODS:
+        table.add_row("reference", f"none: {spec.method.kind} holds no reference model and computes none")
     if plan.rollout:
         table.add_row("rollout", rollout_line(plan.rollout))
     table.add_row("steps", f"{spec.train.max_steps}, checkpoint every {spec.train.save_every or 'end only'}")

@@ -12,6 +12,7 @@ from functools import lru_cache
 from math import ceil
 
 from launcher.errors import UserError
+from launcher.method_spec import PAIR_METHODS
 from launcher.spec import JobSpec
 from strategies import footprint
 from strategies.footprint.counts import DTYPE_BYTES, LOW_RANK, ParamCounts, Setting, TensorInfo
@@ -195,7 +196,7 @@ def activation_phases(counts: ParamCounts, s: Setting) -> tuple[tuple[int, int],
     def consumers(*names: str) -> int:
         return len(names) if full else sum(n in targets for n in names)
 
-    pairs = s.method in ("dpo", "reward")
+    pairs = s.method in PAIR_METHODS
     row_length = s.max_length + s.completion_length  # grpo: prompt + completion, else completion_length 0
     tokens = s.micro_batch_size * row_length * (2 if pairs else 1)
     rows, seq = (1, tokens) if s.padding_free else (s.micro_batch_size, s.max_length)

@@ -17,11 +17,13 @@ from launcher.method_spec import (  # noqa: F401  (the method sections are part 
     GenerationSpec,
     GRPOMethod,
     Method,
+    ORPOMethod,
     PretrainMethod,
     RewardMethod,
     RewardSpec,
     Section,
     SFTMethod,
+    SimPOMethod,
 )
 
 Checkpointing = Literal["none", "selective", "full"]

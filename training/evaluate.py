@@ -3,9 +3,9 @@
 The evaluation rows (data.eval files and the data.eval_split share of train, written by
 training/data/prepare.py into the cache's eval/ directory) are cut into chunks of ranks × micro batch, in
 row order; rank r takes its slice of each chunk. Each rank's sums are all-reduced and divided by the
-whole set's count (label tokens for SFT, pairs for DPO and reward models): the same number on any
-number of ranks. Ranks left without rows in the last chunk run one throwaway forward, because under
-FSDP and ZeRO-3 a forward is a collective that every rank must join.
+whole set's count (label tokens for SFT, pairs for the preference methods and reward models): the same
+number on any number of ranks. Ranks left without rows in the last chunk run one throwaway forward,
+because under FSDP and ZeRO-3 a forward is a collective that every rank must join.
 """
 
 from __future__ import annotations

@@ -151,6 +151,8 @@ CASES = {
     "dpo-lora": lambda m, c: preference_job(m, c, "dpo", "lora"),  # the adapter-disabled reference
     "dpo-full": lambda m, c: preference_job(m, c, "dpo", "full"),  # a reference table kept on the host
     "reward-lora": lambda m, c: preference_job(m, c, "reward", "lora"),
+    "orpo-full": lambda m, c: preference_job(m, c, "orpo", "full"),  # no reference
+    "simpo-lora": lambda m, c: preference_job(m, c, "simpo", "lora"),
 }
 
 

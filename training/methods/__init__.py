@@ -1,11 +1,12 @@
 """Training methods as losses over a micro-batch. Each returns a *sum*; the loop divides by the step's
-global count (label tokens for SFT and pretraining, pairs for DPO and reward models), so accumulation
-and ranks never skew the mean. One file a method; base.py holds what they share."""
+global count (label tokens for SFT and pretraining, pairs for DPO, ORPO, SimPO and reward models), so
+accumulation and ranks never skew the mean. One file a method; base.py holds what they share."""
 
 from __future__ import annotations
 
 # The method kinds a rank can train.
 TRAINED_KINDS = ("sft", "pretrain", "reward", "dpo", "grpo")
+TRAINED_KINDS += ("orpo", "simpo")  # reference-free preference methods
 
 
 def create_method(kind: str, settings=None, reference=None):
@@ -21,7 +22,15 @@ def create_method(kind: str, settings=None, reference=None):
     if kind == "dpo":
         from training.methods.dpo import DPOLoss
 
-        return DPOLoss(reference, settings.beta, settings.loss, settings.label_smoothing)
+        return DPOLoss(reference, settings.beta, settings.loss, settings.label_smoothing, settings.sft_weight)
+    if kind == "orpo":  # no reference: the policy's own chosen against rejected
+        from training.methods.orpo import ORPOLoss
+
+        return ORPOLoss(settings.beta)
+    if kind == "simpo":  # no reference
+        from training.methods.simpo import SimPOLoss
+
+        return SimPOLoss(settings.beta, settings.gamma)
     if kind == "grpo":  # its step batches come from training/rollout/steps.py
         from training.methods.grpo import GRPOLoss
 

@@ -74,18 +74,44 @@ def dpo_losses(
     return losses, beta * (chosen - ref_chosen).detach(), beta * (rejected - ref_rejected).detach()
 
 
+def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The rewards/ sums every preference loss logs, from its per-pair chosen and rejected rewards."""
+    margin = chosen - rejected
+    return {
+        "rewards/chosen": chosen.sum(),
+        "rewards/rejected": rejected.sum(),
+        "rewards/margin": margin.sum(),
+        "rewards/accuracy": (margin > 0).float().sum(),
+    }
+
+
 class DPOLoss:
-    """DPO over a micro-batch of pairs: a sum over pairs, divided by the step's pairs (`global_rows`)."""
+    """DPO over a micro-batch of pairs: a sum over pairs, divided by the step's pairs (`global_rows`).
+
+    With `sft_weight` > 0 (RPO, Pang et al. 2024) each pair adds sft_weight × the NLL of its chosen answer
+    per answer token (-log p(chosen) / its tokens), as TRL's `sft` loss term (formerly rpo_alpha). TRL
+    averages that NLL over all chosen tokens of its batch; here it is averaged per pair, then summed over
+    pairs and divided by the step's pairs like the DPO term, so a step's loss is exact whatever the
+    micro-batches and ranks (the two agree when every chosen answer has the same length)."""
 
     normaliser = "global_rows"
 
-    def __init__(self, reference, beta: float = 0.1, loss: str = "sigmoid", label_smoothing: float = 0.0):
+    def __init__(
+        self,
+        reference,
+        beta: float = 0.1,
+        loss: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        sft_weight: float = 0.0,
+    ):
         self.reference, self.beta, self.loss, self.label_smoothing = reference, beta, loss, label_smoothing
+        self.sft_weight = sft_weight
         self._slices = PerModel(takes_logits_to_keep)
 
     def __call__(self, model: nn.Module, batch) -> LossOutput:
         reference = self.reference.logps(model, batch)  # first: its activations are gone before ours are made
         policy, tokens = sequence_logps(model, batch, self._slices(model))
+        nll = -policy[0::2] / tokens[0::2]  # each chosen answer's NLL per token
         if self.loss == "ipo":
             policy, reference = policy / tokens, reference / tokens
         losses, chosen, rejected = dpo_losses(
@@ -97,11 +123,8 @@ class DPOLoss:
             self.loss,
             self.label_smoothing,
         )
-        margin = chosen - rejected
-        metrics = {
-            "rewards/chosen": chosen.sum(),
-            "rewards/rejected": rejected.sum(),
-            "rewards/margin": margin.sum(),
-            "rewards/accuracy": (margin > 0).float().sum(),
-        }
+        metrics = pair_metrics(chosen, rejected)
+        if self.sft_weight:
+            losses = losses + self.sft_weight * nll
+            metrics["nll_loss"] = nll.detach().sum()
         return LossOutput(losses.sum().float(), metrics)  # fp64 inside, the dtype strategies expect outside
