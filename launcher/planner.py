@@ -337,7 +337,7 @@ def default_run_dir(spec: JobSpec) -> Path:
 
 
 def reference_model(spec: JobSpec, frozen_copy_bytes: int = 0) -> dict[str, Any] | None:
-    """Where DPO's or GRPO's reference log-probabilities come from and what they cost
+    """Where DPO's, KTO's or GRPO's reference log-probabilities come from and what they cost
     (training/methods/dpo.py, grpo.py); None otherwise, and for GRPO with beta 0 (no KL term).
 
     DPO holds no second copy of the model: LoRA switches its adapter off for a no-grad forward each
@@ -363,19 +363,26 @@ def reference_model(spec: JobSpec, frozen_copy_bytes: int = 0) -> dict[str, Any]
             "memory_bytes_per_rank": frozen_copy_bytes,
             "compute": forward,
         }
-    if method.kind != "dpo":
+    if method.kind not in ("dpo", "kto"):
         return None
+    # KTO's reference point z0 (training/methods/kto.py): each step's KL pairs, under the policy (always,
+    # no backward) and under the reference (with it per micro-batch, or precomputed per step).
+    kl = method.kind == "kto"
     if spec.finetune.type != "full" and method.reference == "auto":
         return {
             "source": "adapter_disabled",
             "what": "the base model with the LoRA adapter switched off",
             "memory_bytes_per_rank": 0,
-            "compute": "one more forward (no backward) per micro-batch: about a third more per step",
+            "compute": "three more forwards (no backward) per micro-batch: the reference on its completions, policy "
+            "and reference on its KL pairs" if kl else
+            "one more forward (no backward) per micro-batch: about a third more per step",
         }
     pairs = spec.train.max_steps * spec.train.global_batch_size
     return {
         "source": "precomputed",
         "what": "the initial model's log-probabilities, computed once before step 1 into RUN/reference/",
         "memory_bytes_per_rank": 0,
-        "compute": f"one forward (no backward) over up to {pairs:,} training pairs and the eval pairs, before training",
+        "compute": f"two forwards (no backward) over up to {pairs:,} training completions and their KL pairs and the "
+        "eval set, before training; one more (the policy on its KL pairs) per micro-batch" if kl else
+        f"one forward (no backward) over up to {pairs:,} training pairs and the eval pairs, before training",
     }
