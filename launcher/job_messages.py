@@ -63,7 +63,7 @@ VALUE_ALIASES = {  # normalised (lower case, no - _ space) → choice
     "flashattention": "flash_attention_2", "flashattn": "flash_attention_2", "sharegpt": "chat", "messages": "chat",
     "conversation": "chat", "conversations": "chat", "raw": "text", "pairwise": "preference", "pairs": "preference",
     "dpo": "preference", "fsdp2": "fsdp", "gpu": "cuda", "prompts": "prompt", "promptonly": "prompt",
-    "rl": "prompt", "drgrpo": "dr_grpo",
+    "rl": "prompt", "drgrpo": "dr_grpo", "kto": "feedback", "unpaired": "feedback",
 }
 SHORTHAND = {"model": "path", "method": "kind", "finetune": "type", "strategy": "name", "cluster": "kind",
              "data.train": "path", "data.eval": "path", "logging.wandb": "project"}

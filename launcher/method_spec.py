@@ -83,6 +83,25 @@ class SimPOMethod(Section):
     )
 
 
+class KTOMethod(Section):
+    """Kahneman-Tversky optimisation on unpaired thumbs-up / thumbs-down completions, against a reference model."""
+
+    kind: Literal["kto"] = Field(description="Kahneman-Tversky optimisation (format feedback)")
+    beta: float = Field(
+        0.1, gt=0, description="Strength of the pull toward the reference model; higher stays closer"
+    )
+    desirable_weight: float = Field(
+        1.0, gt=0, description="Weight of the desirable (label: true) completions' losses"
+    )
+    undesirable_weight: float = Field(
+        1.0, gt=0, description="Weight of the undesirable (label: false) completions' losses"
+    )
+    reference: Literal["auto", "precompute"] = Field(
+        "auto",
+        description="Reference log-probabilities: auto (computed during training) or precompute (one pass before training)",
+    )
+
+
 class RewardMethod(Section):
     """Reward modelling: a scalar head trained so chosen answers score above rejected ones."""
 
@@ -179,12 +198,13 @@ class GRPOMethod(Section):
 
 
 Method = Annotated[
-    SFTMethod | PretrainMethod | DPOMethod | RewardMethod | GRPOMethod | ORPOMethod | SimPOMethod,
+    SFTMethod | PretrainMethod | DPOMethod | RewardMethod | GRPOMethod | KTOMethod | ORPOMethod | SimPOMethod,
     Field(discriminator="kind"),
 ]
 # The data formats each method reads (the default: the supervised formats); one copy, for the rules and messages.
 SUPERVISED_FORMATS = ("alpaca", "chat", "text")
-METHOD_FORMATS = {"dpo": ("preference",), "reward": ("preference",), "pretrain": ("text",), "grpo": ("prompt",)}
+METHOD_FORMATS = {"dpo": ("preference",), "reward": ("preference",), "pretrain": ("text",), "grpo": ("prompt",),
+                  "kto": ("feedback",)}
 METHOD_FORMATS |= {"orpo": ("preference",), "simpo": ("preference",)}
 # The methods whose rows are (chosen, rejected) pairs: a row is two sequences, the step's count is pairs.
 PAIR_METHODS = frozenset(kind for kind, formats in METHOD_FORMATS.items() if "preference" in formats)

@@ -337,9 +337,9 @@ def default_run_dir(spec: JobSpec) -> Path:
 
 
 def reference_model(spec: JobSpec, frozen_copy_bytes: int = 0) -> dict[str, Any] | None:
-    """Where DPO's or GRPO's reference log-probabilities come from and what they cost
-    (training/methods/dpo.py, grpo.py); None otherwise: for GRPO with beta 0 (no KL term), and for ORPO
-    and SimPO, which compare the policy's own chosen and rejected answers.
+    """Where DPO's, KTO's or GRPO's reference log-probabilities come from and what they cost
+    (training/methods/dpo.py, kto.py, grpo.py); None otherwise: for GRPO with beta 0 (no KL term), and for
+    ORPO and SimPO, which compare the policy's own chosen and rejected answers.
 
     DPO holds no second copy of the model: LoRA switches its adapter off for a no-grad forward each
     micro-batch; full fine-tuning (or reference: precompute) runs the initial model once before step 1.
@@ -364,19 +364,26 @@ def reference_model(spec: JobSpec, frozen_copy_bytes: int = 0) -> dict[str, Any]
             "memory_bytes_per_rank": frozen_copy_bytes,
             "compute": forward,
         }
-    if method.kind != "dpo":
+    if method.kind not in ("dpo", "kto"):
         return None
+    # KTO's reference point z0 (training/methods/kto.py): each step's KL pairs, under the policy (always,
+    # no backward) and under the reference (with it per micro-batch, or precomputed per step).
+    kl = method.kind == "kto"
     if spec.finetune.type != "full" and method.reference == "auto":
         return {
             "source": "adapter_disabled",
             "what": "the base model with the LoRA adapter switched off",
             "memory_bytes_per_rank": 0,
-            "compute": "one more forward (no backward) per micro-batch: about a third more per step",
+            "compute": "three more forwards (no backward) per micro-batch: the reference on its completions, policy "
+            "and reference on its KL pairs" if kl else
+            "one more forward (no backward) per micro-batch: about a third more per step",
         }
     pairs = spec.train.max_steps * spec.train.global_batch_size
     return {
         "source": "precomputed",
         "what": "the initial model's log-probabilities, computed once before step 1 into RUN/reference/",
         "memory_bytes_per_rank": 0,
-        "compute": f"one forward (no backward) over up to {pairs:,} training pairs and the eval pairs, before training",
+        "compute": f"two forwards (no backward) over up to {pairs:,} training completions and their KL pairs and the "
+        "eval set, before training; one more (the policy on its KL pairs) per micro-batch" if kl else
+        f"one forward (no backward) over up to {pairs:,} training pairs and the eval pairs, before training",
     }

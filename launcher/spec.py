@@ -16,6 +16,7 @@ from launcher.method_spec import (  # noqa: F401  (the method sections are part 
     DPOMethod,
     GenerationSpec,
     GRPOMethod,
+    KTOMethod,
     Method,
     ORPOMethod,
     PretrainMethod,
@@ -128,11 +129,11 @@ class DataFile(Section):
     """One data file or dataset, an item of data.train or data.eval."""
 
     path: str = Field(description="A .jsonl/.json/.parquet/.csv file, a directory, or a hub dataset name")
-    format: Literal["alpaca", "chat", "text", "preference", "prompt"] = Field(
+    format: Literal["alpaca", "chat", "text", "preference", "prompt", "feedback"] = Field(
         "alpaca",
         description=(
             "alpaca (instruction, input, output), chat (messages), text (raw text), preference (prompt, chosen, "
-            "rejected), prompt (a prompt to generate from, for grpo; every other field reaches the reward functions)"
+            "rejected), feedback (prompt, completion, label: true/false, for kto), prompt (a prompt to generate from, for grpo; every other field reaches the reward functions)"
         ),
     )
     split: str = Field("train", description="Split to read from a hub dataset or a dataset directory")
@@ -342,7 +343,7 @@ class JobSpec(Section):
             add(("train.global_batch_size", f"{gbs} is not divisible by {why}; try {options}"))
         kind = self.method.kind
         reads = METHOD_FORMATS.get(kind, SUPERVISED_FORMATS)
-        readers = {fmt: [k for k, formats in METHOD_FORMATS.items() if fmt in formats] for fmt in ("preference", "prompt")}
+        readers = {fmt: [k for k, formats in METHOD_FORMATS.items() if fmt in formats] for fmt in ("preference", "prompt", "feedback")}
         for split in ("train", "eval"):
             for i, f in enumerate(getattr(self.data, split)):
                 if f.format not in reads:
@@ -359,6 +360,9 @@ class JobSpec(Section):
             where = "data.eval" if self.data.eval else "data.eval_split" if self.data.eval_split else "train.eval_every"
             add((where, "grpo runs have no evaluation yet (the reward of the logged steps is in metrics.jsonl); "
                  "remove data.eval, data.eval_split and train.eval_every"))
+        if isinstance(self.method, KTOMethod) and gbs < 2:
+            add(("train.global_batch_size", "kto needs at least 2 completions a step: its KL estimate pairs each "
+                 "prompt with another record's completion; try 8"))
         if train.warmup_steps and train.warmup_steps >= train.max_steps:
             add(
                 (

@@ -80,6 +80,9 @@ def evaluate(strategy: Strategy, method, dataset, **batching) -> dict[str, float
     model.eval()
     try:
         with torch.no_grad():
+            prepare = getattr(method, "prepare_evaluation", None)  # a method that needs the whole set first (KTO)
+            if prepare is not None:
+                prepare(strategy, dataset, **batching)
             for micro, real in shard_micro_batches(
                 dataset, range(len(dataset)), rank=env.rank, world_size=env.world_size, **batching
             ):

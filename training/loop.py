@@ -86,9 +86,13 @@ def run_steps(
     rollout_counts: dict[str, int] = {}
     last_row: dict = {}
     should_stop = cfg.should_stop
+    # A method that needs the whole step before its first micro-batch (KTO's reference point, over every rank).
+    prepare_step = getattr(method, "prepare_step", None)
     try:
         for step in range(start_step + 1, cfg.max_steps + 1):
             step_batch = next(batches)
+            if prepare_step is not None:
+                prepare_step(strategy, step_batch)
             denominator = getattr(step_batch, method.normaliser)
             micro_batches = step_batch.micro_batches
             rollout = getattr(step_batch, "metrics", None)

@@ -129,6 +129,10 @@ def make_method(plan: Plan, strategy, run_dir: Path, dataset, eval_dataset, resu
     """The job's loss; for DPO with its reference (training/methods/dpo.py), which may be precomputed here."""
     spec = plan.spec
     reference = None
+    if spec.method.kind == "kto":  # its reference, labels and KL pairs (training/methods/kto.py)
+        from training.methods.kto import build_kto_loss
+
+        return build_kto_loss(strategy, spec, plan, run_dir, dataset, eval_dataset, resumed, pad_token_id)
     if spec.method.kind == "dpo":
         from training.methods.dpo_reference import build_reference
 

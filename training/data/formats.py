@@ -5,8 +5,10 @@ and one tokenization of the whole text (with offsets) that maps spans to tokens.
 text once, instead of prompt and completion separately, keeps the tokens exactly those a model sees
 when the text is tokenized at inference, and works alike for byte-level and sentencepiece tokenizers.
 A new record format is one entry in FORMATS. Preference records encode to a (chosen, rejected) pair
-of such sequences, which the pipeline stores as one row of two segments. Prompt records (grpo) have
-no target at all: they encode to the prompt's ids, the prompt, and the record's other columns.
+of such sequences, which the pipeline stores as one row of two segments. Feedback records (kto) encode
+to one such sequence and its thumbs-up / thumbs-down label, stored as one row with a `desirable` column.
+Prompt records (grpo) have no target at all: they encode to the prompt's ids, the prompt, and the
+record's other columns.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class Format:
     encode: Callable[[dict[str, list], Encoder], list]  # per record: (ids, targets), a pair of them, or a prompt
     paired: bool = False  # each record is a (chosen, rejected) pair of sequences
     prompts_only: bool = False  # each record is a prompt to generate from: (ids, prompt, other columns)
+    labelled: bool = False  # each record is ((ids, targets), desirable): unpaired feedback (kto)
 
     def example_line(self) -> str:
         return json.dumps(self.example)
@@ -216,14 +219,16 @@ def _turns(value, name: str, index: int, role: str) -> list[dict]:
     return [{"role": role, "content": value}]
 
 
-def _preference_texts(record: dict, index: int, tokenizer) -> list[tuple[str, tuple[int, int]]]:
-    """(text, loss span) of prompt + chosen and of prompt + rejected.
+def _preference_texts(
+    record: dict, index: int, tokenizer, answers: tuple[str, ...] = ("chosen", "rejected")
+) -> list[tuple[str, tuple[int, int]]]:
+    """(text, loss span) of prompt + answer for each of `answers` (chosen and rejected; feedback's completion).
 
     Strings are concatenated as they are (the prompt carries its own template, as in TRL); when any of
-    the three fields is a message list, the pair is rendered with the tokenizer's chat template and the
-    answer's span is what it adds after the prompt with the generation prompt."""
+    the fields is a message list, each answer is rendered with the tokenizer's chat template and its
+    span is what it adds after the prompt with the generation prompt."""
     fields = {}
-    for name in ("prompt", "chosen", "rejected"):
+    for name in ("prompt", *answers):
         value = record.get(name)
         if value is None:
             raise RecordError(index, f"field '{name}' is missing")
@@ -232,13 +237,13 @@ def _preference_texts(record: dict, index: int, tokenizer) -> list[tuple[str, tu
         fields[name] = value
     if not any(isinstance(v, list) for v in fields.values()):
         prompt = fields["prompt"]
-        return [(prompt + fields[k], (len(prompt), len(prompt) + len(fields[k]))) for k in ("chosen", "rejected")]
+        return [(prompt + fields[k], (len(prompt), len(prompt) + len(fields[k]))) for k in answers]
     if not tokenizer.chat_template:
         raise RecordError(None, "message lists need a chat template, and the tokenizer has none; use strings")
     prompt = _turns(fields["prompt"], "prompt", index, "user")
     before = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     out = []
-    for name in ("chosen", "rejected"):
+    for name in answers:
         answer = _turns(fields[name], name, index, "assistant")
         if len(answer) > len(prompt) and answer[: len(prompt)] == prompt:
             answer = answer[len(prompt) :]  # answers that repeat the prompt's turns (UltraFeedback binarized)
@@ -263,6 +268,29 @@ def encode_preference(batch: dict[str, list], enc: Encoder):
             spans.append([span])
     encoded = enc.encode_spans(texts, spans)
     return [(encoded[k], encoded[k + 1]) for k in range(0, len(encoded), 2)]
+
+
+def _desirable(record: dict, index: int) -> bool:
+    value = record.get("label")
+    if value is None:
+        raise RecordError(index, "field 'label' is missing: say whether the completion is desirable (true or false)")
+    if not isinstance(value, bool):
+        got = f"the string {value!r}" if isinstance(value, str) else f"{type(value).__name__} {value!r}"
+        raise RecordError(index, f"field 'label' must be true or false (a JSON boolean), got {got}")
+    return value
+
+
+def encode_feedback(batch: dict[str, list], enc: Encoder):
+    """Each record to ((prompt + completion ids, targets on the completion), desirable): KTO's unpaired data."""
+    if enc.train_on != "completion":  # as for preferences: the label is about the completion only
+        enc = Encoder(enc.tokenizer, "completion", enc.field)
+    texts, spans, labels = [], [], []
+    for i, record in enumerate(_rows(batch)):
+        labels.append(_desirable(record, i))
+        ((text, span),) = _preference_texts(record, i, enc.tokenizer, ("completion",))
+        texts.append(text)
+        spans.append([span])
+    return list(zip(enc.encode_spans(texts, spans), labels, strict=True))
 
 
 def encode_prompt(batch: dict[str, list], enc: Encoder):
@@ -315,6 +343,13 @@ FORMATS: dict[str, Format] = {
         {"prompt": "2+2? ", "chosen": "4", "rejected": "5"},
         encode_preference,
         paired=True,
+    ),
+    "feedback": Format(
+        "feedback",
+        lambda field: ("prompt", "completion", "label"),
+        {"prompt": "2+2? ", "completion": "4", "label": True},
+        encode_feedback,
+        labelled=True,
     ),
     "prompt": Format(
         "prompt",

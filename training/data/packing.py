@@ -22,6 +22,8 @@ ATTENTIONS = ("sdpa", "eager", "flash_attention_2", PER_SAMPLE_SDPA)
 # A stored row: its tokens, shifted labels, the lengths of the samples laid in it, and per-row counts that
 # let the sampler know every step's token and label totals without reading the token lists.
 COLUMNS = ("input_ids", "labels", "segment_lengths", "length", "num_label_tokens", "num_segments")
+# Feedback rows (kto) add whether their completion is desirable (the record's `label`: thumbs up or down).
+DESIRABLE = "desirable"
 
 
 def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
@@ -73,14 +75,18 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     return bins
 
 
-def row_features():
-    """The stored row schema: token lists as int32 (half of int64 on disk), per-row counts as scalars."""
+def row_features(labelled: bool = False):
+    """The stored row schema: token lists as int32 (half of int64 on disk), per-row counts as scalars;
+    `labelled` (feedback rows) adds the bool DESIRABLE column."""
     import datasets
 
     ints = datasets.List(datasets.Value("int32"))
     scalar = datasets.Value("int32")
     lists = ("input_ids", "labels", "segment_lengths")
-    return datasets.Features({c: ints if c in lists else scalar for c in COLUMNS})
+    features = {c: ints if c in lists else scalar for c in COLUMNS}
+    if labelled:
+        features[DESIRABLE] = datasets.Value("bool")
+    return datasets.Features(features)
 
 
 def pack_dataset(ds, capacity: int, out: Path):

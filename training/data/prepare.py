@@ -23,7 +23,7 @@ from training.data.cache import (
     load_tokenizer,
 )
 from training.data.formats import FORMATS, Encoder, RecordError, load_source, record_location, source_files
-from training.data.packing import COLUMNS, IGNORE_INDEX, pack_dataset, row_features
+from training.data.packing import COLUMNS, DESIRABLE, IGNORE_INDEX, pack_dataset, row_features
 from training.data.prompts import PROMPT_COLUMNS, finish_prompt, prompt_features
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,14 @@ def prepare_dataset(
         if not data.padding_free:
             raise UserError("data.padding_free: false does not apply to preference pairs: chosen and rejected "
                             "of every pair go through one padding-free forward", hint="remove data.padding_free")
+    if any(FORMATS[f.format].labelled for f in (*data.train, *data.eval)):
+        # KTO's loss is per completion, each one a row with its own label, found in the row as DPO finds its pairs.
+        if data.packing:
+            raise UserError("data.packing: feedback records are not packed (each completion is judged on its "
+                            "own, one row each)", hint="remove data.packing")
+        if not data.padding_free:
+            raise UserError("data.padding_free: false does not apply to feedback records: a micro-batch's "
+                            "completions go through one padding-free forward", hint="remove data.padding_free")
     if data.packing and any(FORMATS[f.format].prompts_only for f in (*data.train, *data.eval)):
         raise UserError("data.packing: prompts are not packed (each is generated from on its own)",
                         hint="remove data.packing")
@@ -109,7 +117,10 @@ def _encode_source(
             hint=f"a valid {file.format} record: {fmt.example_line()}",
         )
 
-    names, features = (PROMPT_COLUMNS, prompt_features()) if fmt.prompts_only else (COLUMNS, row_features())
+    if fmt.prompts_only:
+        names, features = PROMPT_COLUMNS, prompt_features()
+    else:
+        names, features = ((*COLUMNS, DESIRABLE) if fmt.labelled else COLUMNS), row_features(fmt.labelled)
 
     def encode(batch: dict, indices: list[int]) -> dict:
         try:
@@ -124,6 +135,10 @@ def _encode_source(
                 sample = finish_prompt(*item, data.max_length, data.truncation, stats)
             elif fmt.paired:
                 sample = _finish_pair(*item, data.max_length, data.truncation, stats)
+            elif fmt.labelled:
+                (ids, targets), desirable = item
+                sample = _finish_sample(ids, targets, data.max_length, data.truncation, stats)
+                sample = sample and [*sample, desirable]
             else:
                 sample = _finish_sample(*item, data.max_length, data.truncation, stats)
             if sample:

@@ -16,7 +16,8 @@ class StepBatch:
     """This rank's micro-batches of one optimizer step, and the counts of the whole step (every rank).
 
     global_samples counts original samples (a packed row holds several); step is the global step index.
-    global_rows counts stored rows: a preference row is one (chosen, rejected) pair.
+    global_rows counts stored rows: a preference row is one (chosen, rejected) pair. rows are the step's
+    stored rows on every rank, in the order that makes the step (KTO pairs neighbours in it).
     """
 
     micro_batches: list[MicroBatch]
@@ -26,6 +27,7 @@ class StepBatch:
     epoch: int
     step: int = 0
     global_rows: int = 0
+    rows: np.ndarray | None = None
 
 
 def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
@@ -114,6 +116,7 @@ def step_batches(
             epoch=epoch,
             step=step,
             global_rows=len(members),
+            rows=members,
         )
 
 

@@ -5,11 +5,11 @@ accumulation and ranks never skew the mean. One file a method; base.py holds wha
 from __future__ import annotations
 
 # The method kinds a rank can train.
-TRAINED_KINDS = ("sft", "pretrain", "reward", "dpo", "grpo")
+TRAINED_KINDS = ("sft", "pretrain", "reward", "dpo", "grpo", "kto")
 TRAINED_KINDS += ("orpo", "simpo")  # reference-free preference methods
 
 
-def create_method(kind: str, settings=None, reference=None):
+def create_method(kind: str, settings=None, reference=None, **context):
     """The loss of method `kind`. DPO also takes its method section and its reference (training/methods/dpo.py)."""
     if kind in ("sft", "pretrain"):
         from training.methods.causal_lm import CausalLMLoss
@@ -36,4 +36,9 @@ def create_method(kind: str, settings=None, reference=None):
 
         s = settings
         return GRPOLoss(s.loss, s.epsilon, s.epsilon_high, s.beta, s.temperature, s.num_iterations)
+    if kind == "kto":  # `context`: the rows' labels and the KL pairs' batching (training/methods/kto.py build_kto_loss)
+        from training.methods.kto import KTOLoss
+
+        s = settings
+        return KTOLoss(reference, s.beta, s.desirable_weight, s.undesirable_weight, **context)
     raise ValueError(f"method {kind!r} is not available in this version")

@@ -1,4 +1,7 @@
-"""DPO's reference log-probabilities: the adapter-disabled model, or a table precomputed before step 1."""
+"""DPO's and KTO's reference log-probabilities: the adapter-disabled model, or a table precomputed before step 1.
+
+The table has a column per sequence of a stored row (DPO: chosen, rejected; KTO: its one completion),
+keyed by dataset row; beside it, `sums` a method needs that are not per row (KTO: each step's KL pairs)."""
 
 from __future__ import annotations
 
@@ -38,10 +41,12 @@ class AdapterDisabledReference:
 
 
 class PrecomputedReference:
-    """Reference log-probabilities computed before training: a [rows, 2] (chosen, rejected) table."""
+    """Reference log-probabilities computed before training: a [rows, sequences per row] table (DPO: chosen,
+    rejected), and the method's per-run `sums` by name (KTO: each step's KL pairs, training/methods/kto.py)."""
 
-    def __init__(self, table: torch.Tensor):
+    def __init__(self, table: torch.Tensor, sums: dict[str, torch.Tensor] | None = None):
         self.table = table.cpu()
+        self.sums = {name: values.cpu() for name, values in (sums or {}).items()}
         self.known = ~np.isnan(self.table.numpy()).any(axis=1)  # rows the table has, checked on the host
 
     def logps(self, model: nn.Module, batch) -> torch.Tensor:
@@ -72,8 +77,8 @@ def rows_used(num_rows: int, global_batch_size: int, max_steps: int, seed: int, 
     return np.sort(epoch_order(num_rows, seed, 0, shuffle)[: max_steps * global_batch_size])
 
 
-def precompute(strategy, logps_of, train_ds, train_rows, eval_ds, **batching) -> torch.Tensor:
-    """[train rows + eval rows, 2] reference log-probabilities (NaN where not needed), on every rank.
+def precompute(strategy, logps_of, train_ds, train_rows, eval_ds, sequences_per_row: int = 2, **batching) -> torch.Tensor:
+    """[train rows + eval rows, sequences_per_row] reference log-probabilities (NaN where not needed), on every rank.
 
     Each rank computes its shard; an all-reduce of the zero-filled table joins them."""
     env, model = strategy.env, strategy.model
@@ -81,7 +86,7 @@ def precompute(strategy, logps_of, train_ds, train_rows, eval_ds, **batching) ->
     if eval_ds is not None:
         sources.append((eval_ds, range(len(eval_ds)), len(train_ds)))
     size = sum(len(dataset) for dataset, _, _ in sources)
-    table = torch.zeros(size, 2, dtype=torch.float64, device=env.device)
+    table = torch.zeros(size, sequences_per_row, dtype=torch.float64, device=env.device)
     needed = torch.zeros(size, dtype=torch.bool)
     from training.evaluate import shard_micro_batches
 
@@ -94,7 +99,7 @@ def precompute(strategy, logps_of, train_ds, train_rows, eval_ds, **batching) ->
                 dataset, rows, rank=env.rank, world_size=env.world_size, row_offset=offset, **batching
             ):
                 with torch.no_grad():
-                    values = run_forward(strategy, logps_of, micro).double().view(-1, 2)
+                    values = run_forward(strategy, logps_of, micro).double().view(-1, sequences_per_row)
                 if real:
                     table[torch.as_tensor(micro.row_ids, device=env.device)] = values
     finally:
@@ -104,8 +109,15 @@ def precompute(strategy, logps_of, train_ds, train_rows, eval_ds, **batching) ->
     return table
 
 
-def build_reference(strategy, spec, plan, run_dir: Path, train_ds, eval_ds, resumed: bool, pad_token_id: int):
-    """The job's reference: adapter disabled (LoRA, auto) or a table precomputed now or by the first run."""
+def build_reference(
+    strategy, spec, plan, run_dir: Path, train_ds, eval_ds, resumed: bool, pad_token_id: int,
+    sequences_per_row: int = 2, sums: dict | None = None,
+):
+    """The job's reference: adapter disabled (LoRA, auto) or a table precomputed now or by the first run.
+
+    `sums`: name -> (length, compute(logps_of) -> [length] fp64 tensor, the same on every rank), what the
+    method precomputes beside the table with the same reference; a stored one shorter than `length` (or
+    with NaN in it) is computed again, as missing table rows are."""
     method, lora = spec.method, spec.finetune.type in ("lora", "qlora")
     if lora and method.reference == "auto":
         return AdapterDisabledReference(strategy.model)
@@ -118,10 +130,15 @@ def build_reference(strategy, spec, plan, run_dir: Path, train_ds, eval_ds, resu
     if path.is_file():
         stored = torch.load(path, weights_only=True)
         table = stored["table"]
-        if {k: stored.get(k) for k in key} == key and len(table) == len(train_ds) + n_eval:
+        stored_sums = stored.get("sums", {})
+        sums_known = all(
+            name in stored_sums and len(stored_sums[name]) >= length and not torch.isnan(stored_sums[name][:length]).any()
+            for name, (length, _) in (sums or {}).items()
+        )
+        if {k: stored.get(k) for k in key} == key and len(table) == len(train_ds) + n_eval and sums_known:
             if not torch.isnan(table[needed]).any():
                 log.info("reference log-probabilities read from %s", path)
-                return PrecomputedReference(table)
+                return PrecomputedReference(table, stored_sums)
         if resumed:
             raise RuntimeError(
                 f"{path} lacks reference log-probabilities this run needs (other data, another job, or rows "
@@ -141,21 +158,31 @@ def build_reference(strategy, spec, plan, run_dir: Path, train_ds, eval_ds, resu
         def logps_of(model, batch):
             return sequence_logps(model, batch, slices)[0]
 
-    log.info("precomputing reference log-probabilities of %d training and %d eval pairs", len(rows), n_eval)
+    log.info("precomputing reference log-probabilities of %d training and %d eval rows", len(rows), n_eval)
     table = precompute(
         strategy,
         logps_of,
         train_ds,
         rows,
         eval_ds,
+        sequences_per_row,
         micro_batch_size=plan.micro_batch_size,
         attention=collate_attention(spec.model.attention, strategy.env.device),
         pad_token_id=pad_token_id,
     )
+    computed = {}
+    if sums:
+        was_training = strategy.model.training
+        strategy.model.eval()
+        try:
+            with torch.no_grad():
+                computed = {name: compute(logps_of).double().cpu() for name, (_, compute) in sums.items()}
+        finally:
+            strategy.model.train(was_training)
     if strategy.env.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        torch.save({**key, "table": table}, tmp)
+        torch.save({**key, "table": table, **({"sums": computed} if computed else {})}, tmp)
         os.replace(tmp, path)
     strategy.barrier()
-    return PrecomputedReference(table)
+    return PrecomputedReference(table, computed)
