@@ -347,8 +347,8 @@ class JobSpec(Section):
         for split in ("train", "eval"):
             for i, f in enumerate(getattr(self.data, split)):
                 if f.format not in reads:
-                    tip = f"; {f.format} data is for method.kind {' or '.join(readers[f.format])}" if f.format in readers else ""
-                    why = f"{f.format!r} does not fit method.kind {kind!r}, which reads format {' or '.join(reads)}"
+                    tip = f"; {f.format} data is for method.kind {one_of(readers[f.format])}" if f.format in readers else ""
+                    why = f"{f.format!r} does not fit method.kind {kind!r}, which reads format {one_of(reads)}"
                     add((f"data.{split}.{i}.format", why + tip))
         if isinstance(self.method, GRPOMethod) and gbs % self.method.num_generations:
             group = self.method.num_generations
@@ -384,6 +384,12 @@ class JobSpec(Section):
     @property
     def world_size(self) -> int:
         return self.resources.nodes * self.resources.gpus_per_node
+
+
+def one_of(names) -> str:
+    """`a`, `a or b`, `a, b or c`."""
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def resolve_path(path: str, base: Path) -> str:

@@ -284,7 +284,7 @@ def test_preference_data_for_a_supervised_method_names_every_pair_method(tiny_mo
     job = preference_job(tiny_model, tmp_path / "cache", {"kind": "sft"})
     with pytest.raises(Exception) as info:
         JobSpec.model_validate(job)
-    assert "preference data is for method.kind dpo or reward or orpo or simpo" in str(info.value)
+    assert "preference data is for method.kind dpo, reward, orpo or simpo" in str(info.value)
     job = preference_job(tiny_model, tmp_path / "cache", {"kind": "simpo"})
     job["data"]["train"] = [{"path": str(ALPACA), "format": "alpaca"}]
     with pytest.raises(Exception) as info:
