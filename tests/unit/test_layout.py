@@ -153,3 +153,12 @@ def test_tests_import_nothing_from_bench():
     """What tests share lives in tests/support/ (bench/ may import it); a test that imports bench/ breaks
     when a benchmark changes."""
     assert bench_imports(REPO / "tests") == []
+
+
+def test_test_files_have_unique_names():
+    """pytest imports test modules by basename (no packages under tests/): two test files of one name in
+    different directories stop the whole collection."""
+    seen: dict[str, Path] = {}
+    for path in sorted((REPO / "tests").rglob("test_*.py")):
+        assert path.name not in seen, f"{path} and {seen[path.name]} share a name"
+        seen[path.name] = path
