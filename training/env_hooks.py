@@ -19,3 +19,5 @@ DOCTOR_TIMEOUT_S = "SHARPEN_DOCTOR_TIMEOUT_S"
 UPDATE_GOLDEN = "SHARPEN_UPDATE_GOLDEN"
 # bench/gpu_session.sh (shell, so it cannot import this): the GPU session's work directory
 GPU_WORK = "SHARPEN_GPU_WORK"
+# training/flops.py: the matmul peak cache file, instead of ~/.cache/sharpen/peak_flops.json (tests plant a bad peak)
+PEAK_CACHE = "SHARPEN_PEAK_CACHE"

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from training.env_hooks import PEAK_CACHE as PEAK_CACHE_VAR
 from training.kernels.cpu_gemm import onednn_available, onednn_linear
 
 
@@ -47,10 +48,14 @@ def train_flops_per_token(trainable: int, frozen: int, num_layers: int, hidden: 
     return 6 * trainable + 4 * frozen + 6 * num_layers * hidden * context
 
 
-def measured_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.3, matmul=None) -> float:
+def measured_peak_flops(
+    device: torch.device, dtype: torch.dtype, seconds: float = 0.3, matmul=None, trials: int = 5, clock=time.perf_counter
+) -> float:
     """Dense matmul FLOP/s this device reaches in `dtype`, measured (no vendor table to go stale), by
-    `matmul(a, b)` (a product of two n x n matrices; default `a @ b`). Its random operands come from a
-    generator of its own: the run's RNG state (restored from a checkpoint, driving dropout) must not move."""
+    `matmul(a, b)` (a product of two n x n matrices; default `a @ b`): the best of `trials` short trials
+    of `seconds / trials` each, so that a trial slowed by a neighbour on the cores (another job, a CI run)
+    does not become the peak. Its random operands come from a generator of its own: the run's RNG state
+    (restored from a checkpoint, driving dropout) must not move."""
     n = 4096 if device.type == "cuda" else 512
     matmul = matmul or torch.matmul
     generator = torch.Generator(device=device).manual_seed(0)
@@ -59,24 +64,39 @@ def measured_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float
     for _ in range(2):
         matmul(a, b)  # warm-up: kernels picked, clocks up
     _sync(device)
-    count, start = 0, time.perf_counter()
-    while True:
-        for _ in range(4):
-            matmul(a, b)
-        count += 4
-        _sync(device)
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            return 2 * n**3 * count / elapsed
+    best = 0.0
+    for _ in range(max(1, trials)):
+        count, start = 0, clock()
+        while True:
+            for _ in range(4):
+                matmul(a, b)
+            count += 4
+            _sync(device)
+            elapsed = clock() - start
+            if elapsed >= seconds / max(1, trials):
+                best = max(best, 2 * n**3 * count / elapsed)
+                break
+    return best
 
 
 PEAK_CACHE = Path("~/.cache/sharpen/peak_flops.json")
+# More threads measured slower than fewer by more than this fraction: the faster figure is believed,
+# the slower one taken while the cores were busy, and measured again.
+THREAD_SLOWDOWN_TOLERANCE = 0.1
+
+
+def peak_cache_path(cache: Path | None = None) -> Path:
+    """The cache file: `cache`, else $SHARPEN_PEAK_CACHE (a test hook, training/env_hooks.py), else
+    ~/.cache/sharpen/peak_flops.json."""
+    return Path(cache or os.environ.get(PEAK_CACHE_VAR) or PEAK_CACHE).expanduser()
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype, cache: Path | None = None) -> float:
     """measured_peak_flops, measured once per machine and kept in `cache` (keyed by the device's name, the
-    dtype, torch's thread count and version): its 0.3 s loop would otherwise come before every run's first
-    step. Delete the file to measure again, e.g. after changing hardware under the same name. An fp32 CPU
+    dtype and torch's thread count, stamped with the torch build): its 0.3 s of trials would otherwise
+    come before every run's first step. Measured again when the entry is from another torch build, when
+    more threads read slower than fewer, or after a run found it too low (MFU above 1, forget_peak).
+    Delete the file to measure again, e.g. after changing hardware under the same name. An fp32 CPU
     run's peak is that of the faster of its two matmul engines (cpu_engine_rates)."""
     if device.type == "cpu" and dtype == torch.float32:
         return max(cpu_engine_rates(cache).values())
@@ -85,7 +105,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype, cache: Path | None = No
 
 def cpu_engine_rates(cache: Path | None = None) -> dict[str, float]:
     """fp32 matmul FLOP/s of this CPU by each engine ({"aten": ..., "onednn": ...} where available),
-    measured once per machine, thread count and torch version (kept in `cache`, as peak_flops)."""
+    measured once per machine, thread count and torch build (kept in `cache`, as peak_flops)."""
     cpu = torch.device("cpu")
     measured = {"aten": lambda: measured_peak_flops(cpu, torch.float32)}
     if onednn_available():
@@ -93,25 +113,100 @@ def cpu_engine_rates(cache: Path | None = None) -> dict[str, float]:
     return {name: cached_measure(f"fp32 gemm {name}", cpu, measure, cache) for name, measure in measured.items()}
 
 
-def cached_measure(label: str, device: torch.device, measure, cache: Path | None = None) -> float:
-    """`measure()`, or what it returned before on this device with this thread count and torch version."""
-    key = f"{_device_name(device)} | {label} | threads {torch.get_num_threads()} | torch {torch.__version__}"
-    path = (cache or PEAK_CACHE).expanduser()
-    known = {}
+def _peak_labels(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """The cache labels peak_flops reads for this device and dtype."""
+    if device.type == "cpu" and dtype == torch.float32:
+        return [f"fp32 gemm {name}" for name in ("aten", "onednn")]
+    return [str(dtype)]
+
+
+def _key(label: str, device: torch.device, threads: int) -> str:
+    return f"{_device_name(device)} | {label} | threads {threads}"
+
+
+def torch_build() -> str:
+    """This torch's version and the commit it was built from: an entry measured under another is stale."""
+    return f"{torch.__version__} {getattr(torch.version, 'git_version', '') or ''}".strip()
+
+
+def _torch_installed_at() -> float:
+    """When this torch was installed (its version file's mtime): an entry measured before it is older
+    than the build, even under the same version string (a rebuilt or reinstalled torch)."""
+    try:
+        return Path(torch.version.__file__).stat().st_mtime
+    except (OSError, AttributeError, TypeError):
+        return 0.0
+
+
+def _rate(entry) -> float | None:
+    """The FLOP/s of a cache entry measured under this torch build, or None (old format, another build,
+    measured before this torch was installed, malformed)."""
+    if not isinstance(entry, dict) or entry.get("torch") != torch_build():
+        return None
+    try:
+        rate, measured_at = float(entry["flops"]), float(entry.get("measured_at", 0))
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not math.isfinite(rate) or rate <= 0 or measured_at < _torch_installed_at():
+        return None
+    return rate
+
+
+def _inconsistent(known: dict, label: str, device: torch.device, threads: int, rate: float) -> bool:
+    """True when fewer threads of the same device and label were measured faster than `rate` at `threads`
+    (beyond THREAD_SLOWDOWN_TOLERANCE): more threads are never slower at one matmul, unless the cores
+    were busy while it was timed."""
+    for fewer in range(1, threads):
+        other = _rate(known.get(_key(label, device, fewer)))
+        if other is not None and rate < other * (1 - THREAD_SLOWDOWN_TOLERANCE):
+            return True
+    return False
+
+
+def _read_cache(path: Path) -> dict:
     try:
         known = json.loads(path.read_text())
-        return float(known[key])
-    except (OSError, ValueError, KeyError, TypeError):
-        known = known if isinstance(known, dict) else {}
-    value = measure()
+    except (OSError, ValueError):
+        return {}  # missing or malformed: measured over and rewritten
+    return known if isinstance(known, dict) else {}
+
+
+def _write_cache(path: Path, known: dict) -> None:
+    # Entries of the old format (a bare number under a key naming the torch version) are dropped.
+    known = {k: v for k, v in known.items() if isinstance(v, dict)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({**known, key: value}, indent=1) + "\n")
+        tmp.write_text(json.dumps(known, indent=1) + "\n")
         os.replace(tmp, path)  # ranks measuring at once each write a whole file; the last one stays
     except OSError:
         pass  # a read-only home: measured again next run
+
+
+def cached_measure(label: str, device: torch.device, measure, cache: Path | None = None) -> float:
+    """`measure()`, or what it returned before on this device with this thread count and torch build,
+    unless that figure is inconsistent with fewer threads' (_inconsistent)."""
+    threads = torch.get_num_threads()
+    key = _key(label, device, threads)
+    path = peak_cache_path(cache)
+    known = _read_cache(path)
+    rate = _rate(known.get(key))
+    if rate is not None and not _inconsistent(known, label, device, threads, rate):
+        return rate
+    value = measure()
+    _write_cache(path, {**known, key: {"flops": value, "torch": torch_build(), "measured_at": time.time()}})
     return value
+
+
+def forget_peak(device: torch.device, dtype: torch.dtype, cache: Path | None = None) -> Path:
+    """Drop the cached entries peak_flops read for this device, dtype and thread count (a run found the
+    peak too low: MFU above 1), so that the next run measures them again. Returns the cache file."""
+    path = peak_cache_path(cache)
+    known = _read_cache(path)
+    keys = {_key(label, device, torch.get_num_threads()) for label in _peak_labels(device, dtype)}
+    if keys & known.keys():
+        _write_cache(path, {k: v for k, v in known.items() if k not in keys})
+    return path
 
 
 def _device_name(device: torch.device) -> str:
