@@ -40,6 +40,9 @@ class LoopConfig:
     # Model FLOPs per trained token and this rank's measured matmul peak (training/flops.py): MFU.
     flops_per_token: float = 0.0
     peak_flops_per_rank: float = 0.0
+    # Drops the cached peak this run measured MFU against (training/flops.py forget_peak), so the next run
+    # measures it again; called once, when MFU comes out above 1. Returns the cache file.
+    forget_peak: Callable[[], Path] | None = None
     # A method's own files in each checkpoint (training/checkpoint.py save's `extra`): GRPO's generation batch.
     checkpoint_extra: Callable[[Path], None] | None = None
 
@@ -88,6 +91,7 @@ def run_steps(
     should_stop = cfg.should_stop
     # A method that needs the whole step before its first micro-batch (KTO's reference point, over every rank).
     prepare_step = getattr(method, "prepare_step", None)
+    peak_check = PeakCheck(cfg)
     try:
         for step in range(start_step + 1, cfg.max_steps + 1):
             step_batch = next(batches)
@@ -133,7 +137,7 @@ def run_steps(
                     "grad_norm": float(grad_norm),
                     "tokens": tokens_seen,
                     "tokens_per_s": tokens_per_s,
-                    "mfu": mfu(cfg, tokens_per_s),
+                    "mfu": peak_check.mfu(tokens_per_s),
                     "samples_per_s": samples_per_s,
                     "elapsed_s": throughput.elapsed(),
                     "epoch": step_batch.epoch,
@@ -183,8 +187,32 @@ def run_steps(
 
 def mfu(cfg: LoopConfig, tokens_per_s: float) -> float | None:
     """Model FLOPs utilisation: the FLOPs the model's math needs per second, per rank, over the rank's
-    measured dense matmul rate in the compute dtype."""
+    measured dense matmul rate in the compute dtype. Unclipped: above 1 means the peak was measured low."""
     if not cfg.flops_per_token or not cfg.peak_flops_per_rank:
         return None
     return cfg.flops_per_token * tokens_per_s / cfg.world_size / cfg.peak_flops_per_rank
 
+
+class PeakCheck:
+    """The MFU a row logs: None where it comes out above 1, which no run reaches: the peak was measured
+    while the cores were busy, or on other hardware. The first time, the rank's log says so and the
+    cached peak is dropped (cfg.forget_peak), so the next run measures it again."""
+
+    def __init__(self, cfg: LoopConfig):
+        self.cfg = cfg
+        self.doubted = False
+
+    def mfu(self, tokens_per_s: float) -> float | None:
+        value = mfu(self.cfg, tokens_per_s)
+        if value is None or value <= 1:
+            return value
+        if not self.doubted:
+            self.doubted = True
+            where = self.cfg.forget_peak() if self.cfg.forget_peak is not None else None
+            log.warning(
+                "MFU came out at %.2f: the measured matmul peak, %.3g GFLOP/s per rank%s, looks wrong "
+                "(measured while the cores were busy?). MFU is logged as null for this run; the peak "
+                "is dropped from the cache and will be re-measured on the next run.",
+                value, self.cfg.peak_flops_per_rank / 1e9, f" (from {where})" if where else "",
+            )
+        return None
