@@ -86,3 +86,113 @@ def test_the_peak_is_measured_once_per_machine_and_thread_count(tmp_path, monkey
     cache.write_text("not json")
     assert peak_flops(torch.device("cpu"), torch.float32, cache) == 5e10  # a damaged file is measured over
     assert len(json.loads(cache.read_text())) == engines
+
+
+def test_the_peak_is_the_best_of_several_trials():
+    """A fake clock, advanced by a fake matmul: the second of four trials runs 5x faster than the others
+    (the cores free for a moment); the peak is that trial's rate, not a mean over the slowed ones."""
+    from training.flops import measured_peak_flops
+
+    now = [0.0]
+    durations = iter([0.0] * 2 + [0.1] * 4 + [0.02] * 16 + [0.1] * 8)  # warm-up, then trials 1, 2, 3 and 4
+    calls = []
+
+    def clock():
+        return now[0]
+
+    def matmul(a, b):
+        calls.append(1)
+        now[0] += next(durations, 0.1)
+
+    peak = measured_peak_flops(torch.device("cpu"), torch.float32, seconds=1.0, matmul=matmul, trials=4, clock=clock)
+    per_product = 2 * 512**3
+    assert peak == pytest.approx(16 * per_product / 0.32)  # trial 2: 16 products in 0.32 s
+    assert len(calls) == 2 + 4 + 16 + 4 + 4  # every trial ran
+
+
+def _fake_measure(rates):
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return rates.pop(0)
+
+    return measure, calls
+
+
+def test_an_entry_of_another_torch_build_or_older_than_the_install_is_measured_again(tmp_path, monkeypatch):
+    import training.flops as flops
+
+    cache, cpu = tmp_path / "peak.json", torch.device("cpu")
+    measure, calls = _fake_measure([1e11, 2e11, 3e11])
+    assert flops.cached_measure("bf16", cpu, measure, cache) == 1e11
+    assert flops.cached_measure("bf16", cpu, measure, cache) == 1e11 and len(calls) == 1
+    (entry,) = json.loads(cache.read_text()).values()
+    assert entry["torch"] == flops.torch_build() and torch.__version__ in entry["torch"]
+    monkeypatch.setattr(flops, "torch_build", lambda: "9.9.9 feedbeef")  # another torch: measured again
+    assert flops.cached_measure("bf16", cpu, measure, cache) == 2e11 and len(calls) == 2
+    # The same version string, reinstalled after the figure was measured: measured again.
+    monkeypatch.setattr(flops, "_torch_installed_at", lambda: 1e12)
+    assert flops.cached_measure("bf16", cpu, measure, cache) == 3e11 and len(calls) == 3
+
+
+def test_old_format_and_malformed_entries_are_measured_over_and_replaced(tmp_path):
+    import training.flops as flops
+
+    cache, cpu = tmp_path / "peak.json", torch.device("cpu")
+    key = flops._key("bf16", cpu, torch.get_num_threads())
+    old = f"{key} | torch {torch.__version__}"
+    for content in ("{not json", "[1, 2]", json.dumps({old: 5e10, key: 7e10}), json.dumps({key: {"flops": "x"}})):
+        cache.write_text(content)
+        measure, calls = _fake_measure([1e11])
+        assert flops.cached_measure("bf16", cpu, measure, cache) == 1e11 and len(calls) == 1, content
+        assert list(json.loads(cache.read_text())) == [key]  # rewritten; the old-format entries gone
+
+
+def test_more_threads_slower_than_fewer_is_measured_again(tmp_path):
+    """The issue's cache: 46 GFLOP/s at 2 threads (timed while the cores were busy) against 194 at 1.
+    The 2-thread figure is measured again; a 1-thread figure below the 2-thread one is believed."""
+    import training.flops as flops
+
+    cache, cpu = tmp_path / "peak.json", torch.device("cpu")
+    stamp = {"torch": flops.torch_build(), "measured_at": 4e9}
+    cache.write_text(json.dumps({flops._key("fp32 gemm aten", cpu, 1): {"flops": 194e9, **stamp},
+                                 flops._key("fp32 gemm aten", cpu, 2): {"flops": 46e9, **stamp},
+                                 flops._key("fp32 gemm aten", cpu, 3): {"flops": 400e9, **stamp}}))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        measure, calls = _fake_measure([350e9])
+        assert flops.cached_measure("fp32 gemm aten", cpu, measure, cache) == 350e9 and len(calls) == 1
+        assert flops.cached_measure("fp32 gemm aten", cpu, measure, cache) == 350e9 and len(calls) == 1
+        torch.set_num_threads(3)  # faster than 1 and 2 threads: consistent, read from the cache
+        assert flops.cached_measure("fp32 gemm aten", cpu, measure, cache) == 400e9 and len(calls) == 1
+        torch.set_num_threads(1)
+        assert flops.cached_measure("fp32 gemm aten", cpu, measure, cache) == 194e9 and len(calls) == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_an_mfu_above_one_is_logged_as_null_and_drops_the_cached_peak(tmp_path, monkeypatch, caplog):
+    """A cached peak far below the device's rate gives MFU > 1: the row logs None, the log says the peak
+    (named with its file and value) is wrong, once, and the next peak_flops measures it again."""
+    import training.flops as flops
+    from training.loop import LoopConfig, PeakCheck
+
+    cache, cpu = tmp_path / "peak.json", torch.device("cpu")
+    monkeypatch.setenv(flops.PEAK_CACHE_VAR, str(cache))  # forget_peak and peak_flops find it by the hook
+    measured = []
+    monkeypatch.setattr(flops, "measured_peak_flops", lambda device, dtype, **kw: measured.append(1) or 1e6)
+    peak = flops.peak_flops(cpu, torch.bfloat16)
+    cfg = LoopConfig(max_steps=3, log_every=1, save_every=0, keep_last=1, world_size=2, flops_per_token=1e6,
+                     peak_flops_per_rank=peak, forget_peak=lambda: flops.forget_peak(cpu, torch.bfloat16))
+    check = PeakCheck(cfg)
+    with caplog.at_level("WARNING", logger="sharpen"):
+        assert check.mfu(1.0) == pytest.approx(0.5)  # 1e6 FLOPs a token, 1 token/s, 2 ranks
+        assert check.mfu(10.0) is None and check.mfu(20.0) is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and str(cache) in warnings[0] and "0.001 GFLOP/s" in warnings[0], warnings
+    assert "re-measured on the next run" in warnings[0]
+    assert json.loads(cache.read_text()) == {}  # the entry is gone
+    monkeypatch.setattr(flops, "measured_peak_flops", lambda device, dtype, **kw: measured.append(1) or 5e10)
+    assert flops.peak_flops(cpu, torch.bfloat16) == 5e10 and len(measured) == 2
