@@ -208,11 +208,12 @@ def space_message(run_dir: Path, step: int, needed: int, free: int, keep_last: i
     """One line: where, how much is needed and free, and what to do."""
     root = checkpoints_dir(run_dir)
     what = "the disk filled up while it was written" if during_write else "it was not written"
+    fewer = (f"lower train.keep_last (now {keep_last}: the disk holds keep_last + 1 checkpoints while one is "
+             "written), " if keep_last > 1 else "")
     return (
         f"not enough disk space for checkpoint step-{step} in {root}: it needs about {_human(needed)}, "
         f"{_human(free)} {'were' if during_write else 'are'} free ({what}; the previous checkpoint is intact); "
-        f"free space there, lower train.keep_last (now {keep_last}: the disk holds keep_last + 1 checkpoints "
-        "while one is written) or run in another output dir (--output-dir)"
+        f"free space there, {fewer}or run in another output dir (--output-dir)"
     )
 
 
