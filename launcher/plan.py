@@ -19,6 +19,10 @@ from launcher.spec import JobSpec
 PLAN_FILE = "plan.json"
 # Collectives that wait longer than this fail instead of hanging (torch's default is 30 minutes).
 COLLECTIVE_TIMEOUT_S = 600
+# A checkpoint's bytes per trainable parameter, before one exists to measure: its fp32 weights and AdamW's
+# two fp32 moments (frozen weights are not saved; DCP stores a replicated tensor once, a sharded one in
+# shards that add up to it). DeepSpeed's files add its 16-bit module weights, about 15% more.
+CHECKPOINT_BYTES_PER_TRAINABLE = 12
 
 
 class Plan(BaseModel):
@@ -65,6 +69,11 @@ class Plan(BaseModel):
     @property
     def spec(self) -> JobSpec:
         return JobSpec.model_validate(self.job)
+
+    @property
+    def checkpoint_bytes(self) -> int:
+        """The size on disk of one checkpoint, estimated from the trainable parameters (all ranks together)."""
+        return CHECKPOINT_BYTES_PER_TRAINABLE * self.params["trainable"]
 
     def write(self, run_dir: Path) -> Path:
         """Atomically, from a temporary file of this process's own: every node of a multi-machine run

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -212,8 +213,10 @@ def build_plan(
     device: str | None = None,
     nnodes: int | None = None,
     counts: ParamCounts | None = None,
+    free_space: Callable[[Path], int] | None = None,
 ) -> tuple[Plan, list[str]]:
-    """Resolve `spec` into a Plan. Returns the plan and notices to show the user."""
+    """Resolve `spec` into a Plan. Returns the plan and notices to show the user. `free_space(path)`: free
+    bytes on path's filesystem (free_bytes; tests give their own)."""
     notices: list[str] = []
     if device is None and spec.cluster.kind == "slurm" and spec.device == "cuda":
         device = "cuda"  # the cluster's GPUs, not this machine's: plan a SLURM job from anywhere
@@ -310,7 +313,44 @@ def build_plan(
         candidates=[c.to_dict() for c in candidates],
         chosen=chosen.to_dict(),
     )
+    if notice := disk_notice(spec, Path(plan.run_dir), plan.checkpoint_bytes, free_space or free_bytes):
+        notices.append(notice)
     return plan, notices
+
+
+def checkpoints_on_disk(spec: JobSpec) -> int:
+    """The most checkpoints the run dir holds at once: keep_last, and the one being written, but no more
+    than the run saves (every save_every steps, and at the end)."""
+    every, steps = spec.train.save_every, spec.train.max_steps
+    saves = (steps - 1) // every + 1 if every else 1
+    return min(spec.train.keep_last + 1, saves)
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes (for this user) on the filesystem of `path`, or of its nearest existing parent."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def disk_notice(spec: JobSpec, run_dir: Path, checkpoint_bytes: int, free_space: Callable[[Path], int]) -> str | None:
+    """A notice when the run dir's filesystem cannot hold the checkpoints the run keeps at once; None when
+    it can, or when its free space cannot be read."""
+    count = checkpoints_on_disk(spec)
+    needed = count * checkpoint_bytes
+    try:
+        free = free_space(run_dir)
+    except OSError:
+        return None
+    if needed <= free:
+        return None
+    return (
+        f"disk: {run_dir} has {human_bytes(free)} free, less than the {count} checkpoint(s) of about "
+        f"{human_bytes(checkpoint_bytes)} it holds at once (the last train.keep_last: {spec.train.keep_last}, and "
+        "the one being written): the run will stop at the first checkpoint that does not fit; free space there, "
+        "lower train.keep_last or choose another --output-dir"
+    )
 
 
 def state_bytes(memory: MemoryEstimate) -> dict[str, int]:

@@ -2,12 +2,15 @@
 
   kill-after-step:N   SIGKILL this rank right after optimizer step N (and its checkpoint, if any)
   kill-in-save:N      SIGKILL this rank while checkpoint step-N is half written (shards on disk, no marker)
+  fill-disk-in-save:N fill the checkpoint's filesystem (a file in step-N.tmp) after the space check passed,
+                      as another writer would: the checkpoint's own write then meets a real ENOSPC
 
 Without @RANK every rank is killed. A real kill -9, so the launcher's failure handling is what is tested.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
@@ -27,8 +30,28 @@ _FAULT = _parse()
 
 
 def maybe_kill(point: str, step: int, rank: int) -> None:
-    if _FAULT is None:
-        return
-    want_point, want_step, want_rank = _FAULT
-    if point == want_point and step == want_step and want_rank in (None, rank):
+    if _wanted(point, step, rank):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _wanted(point: str, step: int, rank: int) -> bool:
+    if _FAULT is None:
+        return False
+    want_point, want_step, want_rank = _FAULT
+    return point == want_point and step == want_step and want_rank in (None, rank)
+
+
+def maybe_fill_disk(point: str, step: int, rank: int, path) -> None:
+    """Write zeros to `path` until its filesystem is full (meant for a small tmpfs in a test)."""
+    if not _wanted(point, step, rank):
+        return
+    block = bytes(1 << 16)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        while True:
+            os.write(fd, block)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+    finally:
+        os.close(fd)

@@ -45,6 +45,7 @@ class LoopConfig:
     forget_peak: Callable[[], Path] | None = None
     # A method's own files in each checkpoint (training/checkpoint.py save's `extra`): GRPO's generation batch.
     checkpoint_extra: Callable[[Path], None] | None = None
+    checkpoint_estimate: int = 0  # a checkpoint's expected bytes before one exists (Plan.checkpoint_bytes)
 
 
 def lr_lambda(kind: str, warmup: int, total: int, min_ratio: float):
@@ -167,7 +168,8 @@ def run_steps(
 
             if cfg.save_every and step % cfg.save_every == 0 and step != cfg.max_steps:
                 state = {**cfg.checkpoint_meta, "tokens_seen": tokens_seen, "wandb_id": wandb_run.id}
-                path = checkpoint.save(run_dir, step, strategy, state, cfg.keep_last, cfg.checkpoint_extra)
+                path = checkpoint.save(run_dir, step, strategy, state, cfg.keep_last, cfg.checkpoint_extra,
+                                       cfg.checkpoint_estimate)
                 log.info("checkpoint written: %s", path)
             faults.maybe_kill("kill-after-step", step, env.rank)
 
@@ -175,7 +177,8 @@ def run_steps(
             if should_stop is not None and step < cfg.max_steps and should_stop():
                 if not (cfg.save_every and step % cfg.save_every == 0):
                     state = {**cfg.checkpoint_meta, "tokens_seen": tokens_seen, "wandb_id": wandb_run.id}
-                    checkpoint.save(run_dir, step, strategy, state, cfg.keep_last, cfg.checkpoint_extra)
+                    checkpoint.save(run_dir, step, strategy, state, cfg.keep_last, cfg.checkpoint_extra,
+                                    cfg.checkpoint_estimate)
                 wandb_run.finish()
                 cfg.on_stop(step, checkpoint.checkpoints_dir(run_dir) / f"step-{step}")
         return last_row

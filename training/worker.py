@@ -236,6 +236,7 @@ def main(run_dir: str) -> int:
         world_size=env.world_size,
         show_progress=spec.logging.progress,
         checkpoint_meta={"job_hash": plan.job_hash, "sharpen_version": plan.sharpen_version},
+        checkpoint_estimate=plan.checkpoint_bytes,
         **flops_figures(strategy, dataset, TORCH_DTYPES[plan.compute_dtype]),
     )
     if slurm_job() is not None:  # stop together before the allocation ends, checkpoint, requeue
@@ -266,7 +267,8 @@ def main(run_dir: str) -> int:
             )
         last = run_steps(cfg, strategy, method, batches, start_step, run_dir, console, wandb_run, state)
         final_state = {**cfg.checkpoint_meta, "tokens_seen": last.get("tokens", 0), "wandb_id": wandb_run.id}
-        checkpoint.save(run_dir, spec.train.max_steps, strategy, final_state, spec.train.keep_last, cfg.checkpoint_extra)
+        checkpoint.save(run_dir, spec.train.max_steps, strategy, final_state, spec.train.keep_last, cfg.checkpoint_extra,
+                        cfg.checkpoint_estimate)
 
     from training.export import save_probe_logits, write_final
 
