@@ -95,8 +95,9 @@ def test_reward_rises_on_a_toy_task_and_every_figure_is_logged(grpo_inputs, tmp_
 
 @pytest.mark.parametrize(
     "finetune,strategy,gather",
-    [("full", "ddp", "none"), ("full", "fsdp", "rollout"), ("full", "zero2", "none"), ("full", "zero3", "rollout"),
-     ("lora", "fsdp", "forward"), ("lora", "zero3", "forward")],
+    # zero2 places the frozen copy as single does (Strategy.frozen_copy's default); left out for suite time
+    [("full", "ddp", "none"), ("full", "fsdp", "rollout"), ("full", "zero3", "rollout"), ("lora", "fsdp", "forward"),
+     ("lora", "zero3", "forward")],
 )
 def test_two_ranks_reproduce_one_rank(grpo_inputs, single_runs, tmp_path, finetune, strategy, gather):
     """The same completions (seeded per prompt and generation, not per rank), rewards, KL and clipped
