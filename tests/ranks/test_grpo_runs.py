@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from support import grpo_jobs, preference_jobs
-from support.e2e import assert_ok, metrics, sharpen, write_job
+from support.e2e import assert_ok, run_job, sharpen, train_rows
 from support.grpo_jobs import REWARDS, grpo_job
 
 from training.env_hooks import FAULT
@@ -28,19 +28,11 @@ EXACT = {"beta": 0.1, "num_iterations": 2}
 COMPARED = ("loss", "reward", "kl", "clip_ratio/region", "entropy", "completions/mean_length")
 
 
-def run_job(tmp_path: Path, name: str, job: dict, env: dict | None = None, ok: bool = True):
-    run_dir = tmp_path / name
-    result = sharpen("run", str(write_job(tmp_path / f"{name}.yaml", job)), "--output-dir", str(run_dir), env=env)
-    if ok:
-        assert_ok(result)
-    return run_dir, result
 
 
-def train_rows(run_dir: Path) -> list[dict]:
-    return [r for r in metrics(run_dir) if "loss" in r]
 
 
-def assert_same(got: list[dict], want: list[dict], what: str, rel: float = 1e-4) -> None:
+def assert_same_rows(got: list[dict], want: list[dict], what: str, rel: float = 1e-4) -> None:
     assert [r["step"] for r in got] == [r["step"] for r in want], (got, want)
     for g, w in zip(got, want, strict=True):
         for key in COMPARED:
@@ -107,7 +99,7 @@ def test_two_ranks_reproduce_one_rank(grpo_inputs, single_runs, tmp_path, finetu
     run_dir, _ = run_job(tmp_path, strategy, grpo_job(grpo_inputs, finetune, strategy, 2, **EXACT, **asked))
     assert json.loads((run_dir / "plan.json").read_text())["rollout"]["gather"] == gather
     rows, want = train_rows(run_dir), train_rows(single_runs[finetune])
-    assert_same(rows, want, f"{finetune} {strategy}")
+    assert_same_rows(rows, want, f"{finetune} {strategy}")
     assert rows[0]["kl"] == 0.0 or abs(rows[0]["kl"]) < 1e-7  # step 1: the policy is the reference
     assert rows[1]["clip_ratio/region"] > 0 or rows[3]["clip_ratio/region"] > 0  # second update of a batch
     plan = json.loads((run_dir / "plan.json").read_text())
@@ -124,7 +116,7 @@ def test_kill_inside_a_generation_batch_and_resume_on_one_rank(grpo_inputs, sing
     assert sorted(p.name for p in saved.glob("rollout-rank*.pt")) == ["rollout-rank0.pt", "rollout-rank1.pt"]
     resumed = sharpen("resume", str(run_dir), "--set", "resources.gpus_per_node=1", "--set", "strategy.name=single")
     assert_ok(resumed)
-    assert_same(train_rows(run_dir), train_rows(single_runs["full"]), "resumed")
+    assert_same_rows(train_rows(run_dir), train_rows(single_runs["full"]), "resumed")
     logged = [json.loads(line) for line in (run_dir / "completions.jsonl").read_text().splitlines()]
     assert [row["step"] for row in logged[::16]] == [1, 3]  # one batch each; step 3's not written twice
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from support import preference_jobs
-from support.e2e import assert_ok, metrics, sharpen, write_job
+from support.e2e import assert_ok, assert_same, eval_rows, run_job, sharpen, train_rows
 from support.feedback_jobs import kto_job, write_feedback
 from support.feedback_margin import held_out_margin
 
@@ -34,26 +34,12 @@ def job(tiny_model, cache, feedback, finetune: str, strategy: str, ranks: int) -
     return kto_job(tiny_model, cache, feedback, finetune, strategy, ranks, **WEIGHTS)
 
 
-def run_job(tmp_path: Path, name: str, job: dict, env: dict | None = None, ok: bool = True):
-    run_dir = tmp_path / name
-    result = sharpen("run", str(write_job(tmp_path / f"{name}.yaml", job)), "--output-dir", str(run_dir), env=env)
-    if ok:
-        assert_ok(result)
-    return run_dir, result
 
 
-def train_rows(run_dir: Path) -> list[dict]:
-    return [r for r in metrics(run_dir) if "loss" in r]
 
 
-def eval_rows(run_dir: Path) -> list[dict]:
-    return [r for r in metrics(run_dir) if "eval/loss" in r]
 
 
-def assert_same(got: list[float], want: list[float], what: str, rel: float = 1e-4) -> None:
-    assert len(got) == len(want) > 0, (got, want)
-    for i, (g, w) in enumerate(zip(got, want, strict=True)):
-        assert math.isclose(g, w, rel_tol=rel, abs_tol=1e-6), f"{what} {i}: {g} vs {w}"
 
 
 def assert_reproduces(run_dir: Path, want_dir: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -66,3 +67,26 @@ def losses(run_dir: Path) -> list[float]:
 
 def assert_ok(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+
+
+def run_job(tmp_path: Path, name: str, job: dict, env: dict | None = None, ok: bool = True):
+    """`sharpen run` of `job` written to tmp_path/NAME.yaml into tmp_path/NAME; asserts exit 0 when `ok`."""
+    run_dir = tmp_path / name
+    result = sharpen("run", str(write_job(tmp_path / f"{name}.yaml", job)), "--output-dir", str(run_dir), env=env)
+    if ok:
+        assert_ok(result)
+    return run_dir, result
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    return [r for r in metrics(run_dir) if "loss" in r]
+
+
+def eval_rows(run_dir: Path) -> list[dict]:
+    return [r for r in metrics(run_dir) if "eval/loss" in r]
+
+
+def assert_same(got: list[float], want: list[float], what: str, rel: float = 1e-4) -> None:
+    assert len(got) == len(want) > 0, (got, want)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert math.isclose(g, w, rel_tol=rel, abs_tol=1e-6), f"{what} {i}: {g} vs {w}"

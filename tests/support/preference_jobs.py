@@ -67,3 +67,17 @@ def reward_job(
         strategy={"name": strategy},
         resources={"gpus_per_node": ranks},
     )
+
+
+def alone(model, ids: list[int], labels: list[int]) -> tuple[float, int]:
+    """(sum of log p(label), label count) of one sequence run by itself, in float64: the reference the
+    padding-free losses are checked against."""
+    import torch
+
+    from training.data.packing import IGNORE_INDEX
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+    logps = torch.log_softmax(logits, -1)
+    picked = [logps[i, t].item() for i, t in enumerate(labels) if t != IGNORE_INDEX]
+    return sum(picked), len(picked)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from support import preference_jobs
 from support.e2e import EXAMPLES, sharpen, write_job
-from support.preference_jobs import PREFS, dpo_job
+from support.preference_jobs import PREFS, alone, dpo_job
 
 from launcher.spec import DataSpec
 from training.data import cache as C
@@ -122,13 +122,6 @@ def formula(chosen, rejected, ref_chosen, ref_rejected, beta, loss, smoothing) -
     return max(0.0, 1 - beta * h)
 
 
-def alone(model, ids: list[int], labels: list[int]) -> tuple[float, int]:
-    """(sum of log p(label), label count) of one sequence run by itself, in float64."""
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
-    logps = torch.log_softmax(logits, -1)
-    picked = [logps[i, t].item() for i, t in enumerate(labels) if t != IGNORE_INDEX]
-    return sum(picked), len(picked)
 
 
 @pytest.mark.parametrize("loss,smoothing", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0), ("hinge", 0.0)])

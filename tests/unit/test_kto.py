@@ -13,6 +13,7 @@ import torch
 from support import preference_jobs
 from support.e2e import sharpen, write_job
 from support.feedback_jobs import kto_job, preference_records, write_feedback
+from support.preference_jobs import alone
 
 from launcher.errors import UserError
 from launcher.spec import DataSpec
@@ -112,12 +113,6 @@ def sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x))
 
 
-def alone(model, ids: list[int], labels: list[int]) -> float:
-    """Sum of log p(label) of one sequence run by itself, in float64."""
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
-    logps = torch.log_softmax(logits, -1)
-    return sum(logps[i, t].item() for i, t in enumerate(labels) if t != IGNORE_INDEX)
 
 
 class OneRank:
@@ -173,7 +168,7 @@ def test_kto_loss_of_a_step_equals_the_hand_computation(tiny_model, cache, feedb
     outs = [loss(policy, batch) for batch in micro]
 
     def logratio(ids, labels):
-        return alone(policy, ids, labels) - alone(base, ids, labels)
+        return alone(policy, ids, labels)[0] - alone(base, ids, labels)[0]
 
     kl = []
     for j, r in enumerate(rows):

@@ -12,7 +12,7 @@ import torch
 import yaml
 from support import preference_jobs
 from support.e2e import ALPACA, write_job
-from support.preference_jobs import PREFS, dpo_job
+from support.preference_jobs import PREFS, alone, dpo_job
 
 from launcher.cli import main
 from launcher.jobfile import load_job
@@ -20,7 +20,7 @@ from launcher.method_spec import PAIR_METHODS
 from launcher.spec import DataSpec, DPOMethod, JobSpec, ORPOMethod, SimPOMethod
 from training.data import cache as C
 from training.data import prepare as D
-from training.data.packing import IGNORE_INDEX, collate
+from training.data.packing import collate
 from training.methods import create_method
 from training.methods.dpo_reference import AdapterDisabledReference
 
@@ -82,13 +82,6 @@ def prepared_rows(model_dir: Path, cache: Path, indices=(0, 5, 9)) -> list[dict]
     return [ds[i] for i in indices]
 
 
-def alone(model, ids: list[int], labels: list[int]) -> tuple[float, int]:
-    """(sum of log p(label), label count) of one sequence run by itself, in float64."""
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
-    logps = torch.log_softmax(logits, -1)
-    picked = [logps[i, t].item() for i, t in enumerate(labels) if t != IGNORE_INDEX]
-    return sum(picked), len(picked)
 
 
 def pair_sequences(row: dict) -> list[tuple[list[int], list[int]]]:

@@ -44,24 +44,23 @@ def prepare_dataset(
     a temporary directory that it renames into place; the others poll for that directory. No collective.
     Evaluation rows (data.eval files, data.eval_split held out of train) go into its `eval/` directory.
     """
-    if any(FORMATS[f.format].paired for f in (*data.train, *data.eval)):
-        # A pair row is [chosen, rejected] end to end, and a micro-batch lays its pairs in one row: the
-        # preference losses find each sequence by where its positions restart.
-        if data.packing:
-            raise UserError("data.packing: preference pairs are not packed (each pair is already one row of "
-                            "chosen and rejected, laid end to end)", hint="remove data.packing")
-        if not data.padding_free:
-            raise UserError("data.padding_free: false does not apply to preference pairs: chosen and rejected "
-                            "of every pair go through one padding-free forward", hint="remove data.padding_free")
-    if any(FORMATS[f.format].labelled for f in (*data.train, *data.eval)):
-        # KTO's loss is per completion, each one a row with its own label, found in the row as DPO finds its pairs.
-        if data.packing:
-            raise UserError("data.packing: feedback records are not packed (each completion is judged on its "
-                            "own, one row each)", hint="remove data.packing")
-        if not data.padding_free:
-            raise UserError("data.padding_free: false does not apply to feedback records: a micro-batch's "
-                            "completions go through one padding-free forward", hint="remove data.padding_free")
-    if data.packing and any(FORMATS[f.format].prompts_only for f in (*data.train, *data.eval)):
+    files = (*data.train, *data.eval)
+    # Rows a loss finds its sequences in by where their positions restart: a preference pair is
+    # [chosen, rejected] end to end and a micro-batch lays its pairs in one row; KTO's loss is per
+    # completion, one row each with its own label, found as DPO finds its pairs.
+    one_forward_rows = (
+        ("paired", "preference pairs are not packed (each pair is already one row of chosen and rejected, laid end to end)",
+         "preference pairs: chosen and rejected of every pair go through one padding-free forward"),
+        ("labelled", "feedback records are not packed (each completion is judged on its own, one row each)",
+         "feedback records: a micro-batch's completions go through one padding-free forward"),
+    )
+    for flag, not_packed, one_forward in one_forward_rows:
+        if any(getattr(FORMATS[f.format], flag) for f in files):
+            if data.packing:
+                raise UserError(f"data.packing: {not_packed}", hint="remove data.packing")
+            if not data.padding_free:
+                raise UserError(f"data.padding_free: false does not apply to {one_forward}", hint="remove data.padding_free")
+    if data.packing and any(FORMATS[f.format].prompts_only for f in files):
         raise UserError("data.packing: prompts are not packed (each is generated from on its own)",
                         hint="remove data.packing")
     root = Path(cache_root or data.cache_dir or DEFAULT_ROOT).expanduser()

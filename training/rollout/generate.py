@@ -180,10 +180,15 @@ def _forward_names(base: nn.Module) -> tuple[str, bool]:
 
 def shared_prompts(prompts: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
     """(the first row of each distinct prompt, each row's index among those): rows of equal prompts share one prefill."""
-    first: dict[tuple[int, ...], int] = {}
-    inverse = [first.setdefault(tuple(p), len(first)) for p in prompts]
-    rows = {index: row for row, index in reversed(list(enumerate(inverse)))}
-    return [rows[i] for i in range(len(first))], inverse
+    index: dict[tuple[int, ...], int] = {}
+    firsts, inverse = [], []
+    for row, prompt in enumerate(prompts):
+        key = tuple(prompt)
+        if key not in index:
+            index[key] = len(firsts)
+            firsts.append(row)
+        inverse.append(index[key])
+    return firsts, inverse
 
 
 def _left_padded(prompts: Sequence[Sequence[int]], pad_token_id: int, device: torch.device):

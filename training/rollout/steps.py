@@ -118,7 +118,6 @@ class RolloutSteps:
         log_every: int,
         max_steps: int,
         reference: Callable[[nn.Module, object], torch.Tensor] | None = None,
-        scorer: RewardScorer | None = None,
         resume_from: Path | None = None,
         gather: str = "forward",
         merge_lora: bool = False,
@@ -137,7 +136,7 @@ class RolloutSteps:
         self.merge_lora = merge_lora
         self.on_logged = on_logged  # rank 0: the logged completions of a step, also to W&B as a table
         self.log_every, self.max_steps = log_every, max_steps
-        self.scorer = scorer or RewardScorer(
+        self.scorer = RewardScorer(
             method.rewards, dtype=strategy.options.compute_dtype, device=self.env.device
         )
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
