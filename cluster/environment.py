@@ -53,18 +53,24 @@ def slurm_job() -> SlurmJob | None:
     )
 
 
-def slurm_head_node() -> str:
-    """The first host of the allocation (SLURM_JOB_NODELIST expanded by scontrol)."""
+def slurm_hostnames() -> list[str]:
+    """The allocation's hosts in node order (SLURM_JOB_NODELIST expanded by scontrol); [] outside SLURM."""
     nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
     if not nodelist:
-        return "127.0.0.1"
+        return []
     try:
         out = subprocess.run(
             ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True, timeout=30
         ).stdout.split()
-        return out[0] if out else nodelist
+        return out or [nodelist]
     except (OSError, subprocess.SubprocessError):
-        return nodelist.split(",")[0]
+        return nodelist.split(",")
+
+
+def slurm_head_node() -> str:
+    """The first host of the allocation."""
+    hosts = slurm_hostnames()
+    return hosts[0] if hosts else "127.0.0.1"
 
 
 def from_environment() -> ProcessEnv:

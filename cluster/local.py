@@ -7,11 +7,14 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import uuid
 from pathlib import Path
 
 from cluster.environment import free_port
+from cluster.hang_watch import HangWatch
+from cluster.requeue import EXIT_STOPPED_EARLY
 from training.env_hooks import RDZV_CONNECT_TIMEOUT_S
 
 log = logging.getLogger("sharpen")
@@ -49,11 +52,15 @@ def launch(
     run_id: str | None = None,
     join_timeout_s: int = 900,
     connect_timeout_s: float | None = None,
+    agent_signals: str = "SIGTERM,SIGINT,SIGHUP,SIGQUIT",
 ) -> int:
-    """Run the ranks of this node until they finish. Returns 0 on success, 1 when a rank failed.
+    """Run the ranks of this node until they finish. Returns 0 on success, 1 when a rank failed or the run
+    hung (cluster/hang_watch.py), EXIT_STOPPED_EARLY when every rank stopped early on purpose.
 
     c10d rendezvous rather than static: the node hosting the endpoint runs the store, the others join
-    it, and the agent's exit barrier does not trip when nodes finish at different times.
+    it, and the agent's exit barrier does not trip when nodes finish at different times. `agent_signals`
+    are the signals on which the agent stops its ranks; on SLURM SIGTERM is left to the ranks (they
+    checkpoint first, cluster/node.py).
     """
     run_dir = Path(run_dir).resolve()
     if nnodes == 1 and nproc_per_node == 1 and rdzv_endpoint is None and device == "cpu":
@@ -61,6 +68,7 @@ def launch(
 
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     endpoint = rdzv_endpoint or f"127.0.0.1:{free_port()}"
@@ -70,11 +78,12 @@ def launch(
     agent_logs = run_dir / "logs" / "agent"
     agent_logs.mkdir(parents=True, exist_ok=True)
     os.environ.update(worker_environment(device, nproc_per_node))
+    run_id = run_id or uuid.uuid4().hex[:12]
     config = LaunchConfig(
         min_nodes=nnodes,
         max_nodes=nnodes,
         nproc_per_node=nproc_per_node,
-        run_id=run_id or uuid.uuid4().hex[:12],
+        run_id=run_id,
         rdzv_backend="c10d",
         rdzv_endpoint=endpoint,
         rdzv_configs={"join_timeout": join_timeout_s, "is_host": node_rank == 0},
@@ -82,15 +91,67 @@ def launch(
         monitor_interval=0.5,
         start_method="spawn",
         logs_specs=DefaultLogsSpecs(log_dir=str(agent_logs)),
+        signals_to_handle=agent_signals,
     )
     # The agent's own INFO lines are noise for users; its warnings and errors still show.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    arrival = mark_arrival(run_dir, run_id, node_rank) if nnodes > 1 else None
     try:
-        elastic_launch(config, entrypoint=sys.executable)("-m", WORKER_MODULE, str(run_dir))
-    except ChildFailedError as exc:
-        report_failure(run_dir, exc)
-        return 1
+        with HangWatch(run_dir) as watch:
+            try:
+                elastic_launch(config, entrypoint=sys.executable)("-m", WORKER_MODULE, str(run_dir))
+            except ChildFailedError as exc:
+                if watch.report is not None:
+                    print(watch.report, file=sys.stderr)
+                    return 1
+                return report_failure(run_dir, exc)
+            except RendezvousTimeoutError:
+                print(rendezvous_report(run_dir, run_id, nnodes, endpoint, join_timeout_s), file=sys.stderr)
+                return 1
+    finally:
+        if arrival is not None:
+            arrival.unlink(missing_ok=True)
     return 0
+
+
+ARRIVALS_DIR = "logs/agent/arrived"
+
+
+def mark_arrival(run_dir: Path, run_id: str, node_rank: int) -> Path:
+    """This node has come to the rendezvous: a file in the shared run dir, which node 0 reads when the
+    rendezvous does not complete, to name the nodes that never came. Removed when this node's agent ends."""
+    path = run_dir / ARRIVALS_DIR / f"{run_id}.node-{node_rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"node": node_rank, "host": socket.gethostname(), "pid": os.getpid()}))
+    return path
+
+
+def rendezvous_report(run_dir: Path, run_id: str, nnodes: int, endpoint: str, timeout_s: int) -> str:
+    """The nodes that did not come to the rendezvous, with their SLURM host names where there are some."""
+    from cluster.environment import slurm_hostnames
+
+    arrived = {}
+    for path in (run_dir / ARRIVALS_DIR).glob(f"{run_id}.node-*.json"):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        arrived[int(data["node"])] = data.get("host", "?")
+    hosts = slurm_hostnames()
+    missing = [n for n in range(nnodes) if n not in arrived]
+
+    def named(node: int, host: str | None) -> str:
+        return f"node {node} ({host})" if host else f"node {node}"
+
+    lines = [
+        f"error: the rendezvous at {endpoint} did not complete within {timeout_s} s (cluster.rendezvous_timeout_s): "
+        f"{len(missing)} of {nnodes} node(s) never arrived: "
+        + ", ".join(named(n, hosts[n] if n < len(hosts) else None) for n in missing),
+        "  arrived: " + (", ".join(named(n, arrived[n]) for n in sorted(arrived)) or "none"),
+        "  start `sharpen run` on every node with the same --nnodes and --master (on SLURM: look for the missing "
+        "node's error in the job's log), and check that they reach the address (`sharpen doctor JOB` tests it)",
+    ]
+    return "\n".join(lines)
 
 
 def rank_environment(run_id: str, error_file: Path) -> dict[str, str]:
@@ -142,15 +203,18 @@ def run_one_rank(run_dir: Path, device: str) -> int:
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
     try:
-        rank.join()
+        with HangWatch(run_dir) as watch:
+            rank.join()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     if rank.exitcode == 0:
         return 0
+    if watch.report is not None:
+        print(watch.report, file=sys.stderr)
+        return 1
     failure = ProcessFailure(local_rank=0, pid=rank.pid, exitcode=rank.exitcode, error_file=str(error_file))
-    report_failure(run_dir, ChildFailedError(WORKER_MODULE, {0: failure}))
-    return 1
+    return report_failure(run_dir, ChildFailedError(WORKER_MODULE, {0: failure}))
 
 
 def _rank_main(run_dir: Path, env: dict[str, str]) -> None:
@@ -201,12 +265,16 @@ def _blame_order(failure) -> tuple[int, float]:
     return (0 if killed else 1, failure.timestamp or 0)
 
 
-def report_failure(run_dir: Path, exc) -> None:
-    """Name the first failed rank, its exit code, the last lines of its log, and where the whole log is."""
+def report_failure(run_dir: Path, exc) -> int:
+    """Name the first failed rank, its exit code, the last lines of its log, and where the whole log is.
+    Returns the launcher's exit code: 1, or EXIT_STOPPED_EARLY where the ranks that did not end with 0 all
+    stopped early on purpose (a SIGTERM, or a stop request that could not requeue): rank 0 has said why."""
     failures = getattr(exc, "failures", {}) or {}
     if not failures:
         print(f"error: the run failed ({exc})", file=sys.stderr)
-        return
+        return 1
+    if all(f.exitcode == EXIT_STOPPED_EARLY for f in failures.values()):
+        return EXIT_STOPPED_EARLY
     first_rank = min(failures, key=lambda r: _blame_order(failures[r]))
     failure = failures[first_rank]
     reason = f"exit code {failure.exitcode}"
@@ -232,3 +300,4 @@ def report_failure(run_dir: Path, exc) -> None:
         for line in tail:
             print(f"    {line}", file=sys.stderr)
     print(f"  full log: {log_path}", file=sys.stderr)
+    return 1

@@ -13,12 +13,14 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from cluster.environment import SlurmJob, slurm_head_node, slurm_job
 from cluster.local import launch, worker_environment
+from cluster.slurm import STOP_FILE, TERM_FILE
 from launcher.plan import Plan
 
 # Rendezvous ports: derived from the job id, so every node computes the same one without talking, and two
@@ -54,10 +56,31 @@ def this_job() -> SlurmJob:
     return job
 
 
+def take_stop_signals(run_dir: Path, node_rank: int) -> None:
+    """USR2 and SIGTERM that reach this node's agent (`scancel --signal=USR2 JOB`, a preemption) become the
+    requests the batch script's trap writes: files rank 0 reads at its next step (training/preemption.py).
+    The agent does not stop its ranks on SIGTERM: they checkpoint within the grace period and stop
+    themselves; SLURM's SIGKILL ends whatever is left."""
+
+    def request(path: Path, what: str, first_only: bool):
+        def handler(_signum, _frame) -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if first_only and path.exists():
+                return
+            path.touch()
+            os.write(2, f"sharpen: node {node_rank}: {what}\n".encode())  # not print: this runs between any two bytecodes
+
+        return handler
+
+    signal.signal(signal.SIGUSR2, request(run_dir / STOP_FILE, "USR2: checkpointing at the next step, then requeueing", False))
+    signal.signal(signal.SIGTERM, request(run_dir / TERM_FILE, "SIGTERM: stopping at the next step", True))
+
+
 def run_node(run_dir: Path) -> int:
     """Start this node's ranks under the elastic agent; returns their exit status."""
-    plan = Plan.read(run_dir)
     job = this_job()
+    take_stop_signals(run_dir, job.node_id)
+    plan = Plan.read(run_dir)
     job_id, nnodes, node_rank = job.job_id, job.num_nodes, job.node_id
     if nnodes != plan.nnodes:
         print(
@@ -81,6 +104,8 @@ def run_node(run_dir: Path) -> int:
             node_rank=node_rank,
             rdzv_endpoint=f"{host}:{port}",
             run_id=f"sharpen-{job_id}-{restart}",
+            join_timeout_s=plan.spec.cluster.rendezvous_timeout_s,
+            agent_signals="SIGINT,SIGHUP,SIGQUIT",  # SIGTERM and USR2 are take_stop_signals'
         )
     except SignalException as exc:  # scancel, requeue, a failed rank on another node: SLURM ends the step
         print(f"sharpen: node {node_rank}: ranks stopped by {exc.sigval.name}", file=sys.stderr, flush=True)

@@ -1,9 +1,10 @@
 """After a SLURM stop request has been checkpointed: requeue the job, counted against max_requeues.
 
-The batch script's USR2 trap touches RUN/slurm/stop (cluster/slurm.py); every rank agrees on the step
+USR2 (to the batch shell, the agents or the ranks) becomes a stop request; every rank agrees on the step
 to stop at (training/preemption.py) and the loop writes a checkpoint there. Then `stop_and_requeue`:
 rank 0 requeues the job with `scontrol requeue` (counted in RUN/slurm/requeue_count), and the requeued
-job resumes from that checkpoint by itself. It is handed its settings; it reads no plan.
+job resumes from that checkpoint by itself. After SIGTERM the ranks stop the same way and nobody requeues.
+It is handed its settings; it reads no plan.
 """
 
 from __future__ import annotations
@@ -73,24 +74,50 @@ def requeue(run_dir: Path, job_id: str) -> str | None:
 
 
 def stop_and_requeue(
-    run_dir: Path, step: int, checkpoint: Path, is_main: bool, console: IO[str] | None, *, allowed: bool, max_requeues: int
+    run_dir: Path, step: int, checkpoint: Path | None, request, is_main: bool, console: IO[str] | None, *,
+    allowed: bool, max_requeues: int,
 ) -> NoReturn:
-    """After the stop checkpoint: rank 0 requeues the job; every rank exits (SLURM ends the job on requeue).
+    """After a stop request (training/preemption.py) every rank exits. USR2: rank 0 requeues the job
+    (SLURM ends the job on requeue). SIGTERM: nobody requeues: a preempted job is requeued by SLURM
+    itself (PreemptMode=REQUEUE), a cancelled one is meant to end; `checkpoint` is None when the step
+    boundary came after the grace period.
 
     The notice goes out before `scontrol requeue`: the requeue itself makes SLURM kill the job's steps,
     this rank with them, and a line written after it can be lost."""
+    if request.kind != "requeue":
+        if is_main:
+            _say(console, terminate_notice(run_dir, step, checkpoint, request.grace_s))
+        raise SystemExit(EXIT_STOPPED_EARLY)
     if not is_main:
         raise SystemExit(0)
-
-    def say(message: str) -> None:
-        log.warning(message)
-        if console is not None:
-            console.write(message + "\n")
-            console.flush()
-
     job_id, what = requeue_plan(run_dir, allowed, max_requeues)
-    say(f"sharpen: stopped at step {step} before the allocation ends; checkpoint {checkpoint}; {what}")
+    _say(console, f"sharpen: stopped at step {step} before the allocation ends; checkpoint {checkpoint}; {what}")
     failure = requeue(run_dir, job_id) if job_id is not None else None
     if failure is not None:
-        say(f"sharpen: {failure}")
+        _say(console, f"sharpen: {failure}")
     raise SystemExit(0 if job_id is not None and failure is None else EXIT_STOPPED_EARLY)
+
+
+def terminate_notice(run_dir: Path, step: int, checkpoint: Path | None, grace_s: float) -> str:
+    if checkpoint is not None:
+        return (
+            f"sharpen: SIGTERM: stopped at step {step} within the grace period ({grace_s:.0f} s, "
+            f"cluster.slurm.grace_s); checkpoint {checkpoint}; a requeued job, or `sharpen submit` into this "
+            "run dir, resumes from it"
+        )
+    from training.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(run_dir)
+    kept = f"the newest complete checkpoint, {latest[1]}, is where" if latest else "no checkpoint yet: "
+    return (
+        f"sharpen: SIGTERM: step {step} ended after the grace period ({grace_s:.0f} s, cluster.slurm.grace_s), "
+        f"too late to write a checkpoint before SLURM kills the job; stopped without one; {kept} a requeued job "
+        "resumes"
+    )
+
+
+def _say(console: IO[str] | None, message: str) -> None:
+    log.warning(message)
+    if console is not None:
+        console.write(message + "\n")
+        console.flush()

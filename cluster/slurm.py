@@ -13,13 +13,15 @@ Launch modes (cluster.slurm.launch):
   cluster.environment maps SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS to rank, local rank and world
   size. For clusters that forbid processes outside srun's accounting, or bind GPUs per task.
 
-Time limits: ``--signal=B:USR2@signal_lead_s`` sends USR2 to the batch shell only; its trap touches
-RUN/slurm/stop, which rank 0 sees at its next step (training/preemption.py). A file, not a signal forwarded
-through srun and the agent, because the agent treats signals as the end of its workers, and a file works
-the same in both launch modes. Preemption: SLURM sends SIGTERM (after GraceTime), the same signal as a
-plain scancel, so it is not taken as a stop request; with PreemptMode=REQUEUE SLURM requeues the job
-itself and it resumes from the newest periodic checkpoint (train.save_every). A preemption script that
-sends `scancel --signal=USR2 --batch` first gets the checkpoint-and-requeue path.
+Time limits: ``--signal=B:USR2@signal_lead_s`` sends USR2 to the batch shell; its trap touches
+RUN/slurm/stop, which rank 0 sees at its next step (training/preemption.py). USR2 sent to the job's steps
+instead (`scancel --signal=USR2 JOB`, a site template's `--signal=USR2@lead`) reaches each node's agent,
+which touches the same file (cluster/node.py), and the ranks, which remember it: every way ends in the
+same checkpoint and requeue. SIGTERM (preemption, after which SLURM allows GraceTime + KillWait before
+SIGKILL; a plain scancel, KillWait) is left to the ranks: the trap and the agents touch RUN/slurm/term,
+and the ranks checkpoint at the next step boundary if it comes within cluster.slurm.grace_s, else stop
+without one. Nobody requeues after SIGTERM: with PreemptMode=REQUEUE SLURM requeues the job itself, and
+it resumes from the newest complete checkpoint.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from launcher.spec import SlurmSpec
 SCRIPT = "slurm/job.sbatch"
 JOB_ID_FILE = "slurm/job_id"
 STOP_FILE = "slurm/stop"
+TERM_FILE = "slurm/term"
 LOG_PATTERN = "logs/slurm-%j.log"
 SLURM_TIMEOUT_S = 60
 
@@ -138,11 +141,14 @@ def render_sbatch(plan: Plan, python: str = sys.executable) -> str:
         f"RUN_DIR={run_dir}",
         f"PYTHON={py}",
         f"STOP_FILE=\"$RUN_DIR/{STOP_FILE}\"",
-        'rm -f "$STOP_FILE"',
-        "# USR2 comes signal_lead_s before the time limit (or from `scancel --signal=USR2 --batch`): the ranks",
-        "# see this file at their next step, stop together, checkpoint, and rank 0 requeues the job.",
-        "# A plain scancel (SIGTERM) is not requeued.",
+        f"TERM_FILE=\"$RUN_DIR/{TERM_FILE}\"",
+        'rm -f "$STOP_FILE" "$TERM_FILE"',
+        "# USR2 comes signal_lead_s before the time limit (or from scancel --signal=USR2): the ranks see this",
+        "# file at their next step, stop together, checkpoint, and rank 0 requeues the job.",
         "trap 'echo \"sharpen: USR2: checkpointing at the next step, then requeueing\"; touch \"$STOP_FILE\"' USR2",
+        "# SIGTERM (preemption, scancel): the ranks checkpoint if a step ends within the grace period, then stop;",
+        "# this shell waits for them. The file's time is the first SIGTERM's.",
+        "trap 'echo \"sharpen: SIGTERM: stopping at the next step\"; [ -e \"$TERM_FILE\" ] || touch \"$TERM_FILE\"' TERM",
         'echo "sharpen: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST"',
         *start,
         "srun_pid=$!",
@@ -242,3 +248,24 @@ def scancel(job_id: str) -> None:
     result = run_slurm(["scancel", job_id])
     if result.returncode != 0:
         raise UserError(f"scancel {job_id} failed: {(result.stderr or result.stdout).strip()}")
+
+
+def site_grace_s(partition: str | None) -> float | None:
+    """Half the seconds this site allows between SIGTERM and SIGKILL: the partition's GraceTime (preemption)
+    plus KillWait, from scontrol; None when scontrol cannot tell (not a SLURM host)."""
+    try:
+        config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=SLURM_TIMEOUT_S)
+        target = ["scontrol", "-o", "show", "partition"] + ([partition] if partition else [])
+        partitions = subprocess.run(target, capture_output=True, text=True, timeout=SLURM_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    kill_wait = re.search(r"^KillWait\s*=\s*(\d+)", config.stdout, re.MULTILINE)
+    if config.returncode != 0 or kill_wait is None:
+        return None
+    grace = 0
+    for line in partitions.stdout.splitlines() if partitions.returncode == 0 else []:
+        if partition or "Default=YES" in line:
+            found = re.search(r"\bGraceTime=(\d+)", line)
+            grace = int(found.group(1)) if found else 0
+            break
+    return (grace + int(kill_wait.group(1))) / 2

@@ -17,8 +17,22 @@ from launcher.errors import UserError
 from launcher.spec import JobSpec
 
 PLAN_FILE = "plan.json"
-# Collectives that wait longer than this fail instead of hanging (torch's default is 30 minutes).
-COLLECTIVE_TIMEOUT_S = 600
+# The hang watch (training/heartbeat.py, cluster/hang_watch.py): without train.hang_timeout_s, a rank is hung
+# after max(AUTO_HANG_FLOOR_S, 10 x its slowest step, its start-up) without progress; start-up, checkpoints
+# and final/ get at least STARTUP_HANG_LIMIT_S.
+AUTO_HANG_FLOOR_S = 300
+STARTUP_HANG_LIMIT_S = 1800
+# Collectives that wait longer than this fail instead of hanging. Longer than any hang limit, so that the
+# watch, which names where every rank is, speaks first; the collective's own timeout is the backstop.
+COLLECTIVE_TIMEOUT_S = STARTUP_HANG_LIMIT_S + 300
+
+
+# Half of SLURM's default KillWait (30 s): the grace after SIGTERM where the site's cannot be read.
+DEFAULT_STOP_GRACE_S = 15.0
+
+
+def collective_timeout_s(hang_timeout_s: int | None) -> int:
+    return max(COLLECTIVE_TIMEOUT_S, (hang_timeout_s or 0) + 300)
 # A checkpoint's bytes per trainable parameter, before one exists to measure: its fp32 weights and AdamW's
 # two fp32 moments (frozen weights are not saved; DCP stores a replicated tensor once, a sharded one in
 # shards that add up to it). DeepSpeed's files add its 16-bit module weights, about 15% more.
@@ -50,6 +64,9 @@ class Plan(BaseModel):
     params: dict[str, int]
     state_bytes_per_rank: dict[str, int]
     collective_timeout_s: int = COLLECTIVE_TIMEOUT_S
+    # On SLURM, after SIGTERM: checkpoint if the step boundary comes within this many seconds
+    # (cluster.slurm.grace_s, else half the site's GraceTime + KillWait, read by `sharpen submit`).
+    stop_grace_s: float = DEFAULT_STOP_GRACE_S
     data_cache: str | None = None
     reference: dict[str, Any] | None = None  # DPO's or GRPO's reference model: where it comes from, what it costs
     # GRPO's rollout per rank: generation_batch (rows), row_length, kv_cache_bytes, decode_logits_bytes,

@@ -22,7 +22,7 @@ from launcher.candidates import (
     usable_bytes,
 )
 from launcher.errors import UserError
-from launcher.plan import Plan
+from launcher.plan import DEFAULT_STOP_GRACE_S, Plan, collective_timeout_s
 from launcher.shapes import count_parameters, human_bytes
 from launcher.spec import CHECKPOINTING, JobSpec
 from strategies import candidate_order, capabilities
@@ -292,6 +292,8 @@ def build_plan(
         run_dir=str(Path(run_dir).resolve()),
         device=device,
         backend="nccl" if device == "cuda" else "gloo",
+        collective_timeout_s=collective_timeout_s(spec.train.hang_timeout_s),
+        stop_grace_s=DEFAULT_STOP_GRACE_S if spec.cluster.slurm.grace_s is None else float(spec.cluster.slurm.grace_s),
         nnodes=nnodes,
         nproc_per_node=nproc,
         world_size=world,

@@ -193,6 +193,13 @@ class TrainSpec(Section):
         0, ge=0, description="Evaluate every N steps (0: never); needs data.eval or data.eval_split"
     )
     seed: int = Field(0, description="Seed of initialisation, data order and dropout")
+    hang_timeout_s: int | None = Field(
+        None,
+        ge=1,
+        description="Seconds without progress on any rank before the run is stopped as hung, naming where each "
+        "rank waits (null: the largest of 300 s, 10x the slowest step and the start-up; start-up and checkpoints "
+        "get at least 1800 s)",
+    )
 
     @field_validator("micro_batch_size")
     @classmethod
@@ -258,6 +265,12 @@ class SlurmSpec(Section):
         True, description="Requeue after preemption or the time limit, resuming from a checkpoint"
     )
     max_requeues: int = Field(3, ge=0, description="Most times a job requeues itself")
+    grace_s: int | None = Field(
+        None,
+        ge=0,
+        description="After SIGTERM (preemption, scancel), checkpoint at the next step boundary if it comes within "
+        "this many seconds, else exit without one (null: half the site's GraceTime + KillWait, read at submit)",
+    )
     launch: Literal["agent", "task_per_rank"] = Field(
         "agent",
         description="agent: one task per node starts the ranks; task_per_rank: srun starts every rank",
@@ -269,6 +282,12 @@ class ClusterSpec(Section):
 
     kind: Literal["local", "slurm"] = Field(
         "local", description="local: this machine (`sharpen run`); slurm: a SLURM job (`sharpen submit`)"
+    )
+    rendezvous_timeout_s: int = Field(
+        900,
+        ge=1,
+        description="Seconds the nodes of a multi-node run wait for each other to start before the run stops, "
+        "naming the nodes that did not arrive",
     )
     slurm: SlurmSpec = Field(default_factory=SlurmSpec, description="SLURM options, used when kind is slurm")
 

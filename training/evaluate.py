@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from strategies.base import Strategy
+from training import heartbeat
 from training.data.packing import MicroBatch, collate
 from training.forward import run_forward
 
@@ -86,6 +87,7 @@ def evaluate(strategy: Strategy, method, dataset, **batching) -> dict[str, float
             for micro, real in shard_micro_batches(
                 dataset, range(len(dataset)), rank=env.rank, world_size=env.world_size, **batching
             ):
+                heartbeat.beat()
                 out = run_forward(strategy, method, micro)
                 for name, value in {"loss": out.loss_sum, **out.metric_sums}.items():
                     # A throwaway batch adds zero, so every rank holds the same names for the all-reduce.

@@ -4,8 +4,10 @@
   kill-in-save:N      SIGKILL this rank while checkpoint step-N is half written (shards on disk, no marker)
   fill-disk-in-save:N fill the checkpoint's filesystem (a file in step-N.tmp) after the space check passed,
                       as another writer would: the checkpoint's own write then meets a real ENOSPC
+  hang-after-step:N   stop making progress right after optimizer step N, for ever (the other ranks then
+                      wait in the next collective): what the hang watch must find, name and stop
 
-Without @RANK every rank is killed. A real kill -9, so the launcher's failure handling is what is tested.
+Without @RANK every rank is hit. A real kill -9 and a real hang, so the launcher's handling is what is tested.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 
 from training.env_hooks import FAULT
 
@@ -32,6 +35,12 @@ _FAULT = _parse()
 def maybe_kill(point: str, step: int, rank: int) -> None:
     if _wanted(point, step, rank):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_hang(point: str, step: int, rank: int) -> None:
+    if _wanted(point, step, rank):
+        while True:
+            time.sleep(3600)
 
 
 def _wanted(point: str, step: int, rank: int) -> bool:

@@ -13,9 +13,10 @@ from typing import IO, NoReturn
 import torch
 
 from strategies.base import Strategy
-from training import checkpoint, faults
+from training import checkpoint, faults, heartbeat
 from training.forward import run_forward
 from training.metrics import MetricsLog, Progress, Throughput, WandbRun
+from training.preemption import StopRequest
 
 log = logging.getLogger("sharpen")
 
@@ -30,10 +31,11 @@ class LoopConfig:
     show_progress: bool = True
     checkpoint_meta: dict = field(default_factory=dict)  # job hash, sharpen version: written with each checkpoint
     # Preemption hooks from the worker (training/preemption.py): should_stop is polled on every rank after
-    # every step and agreed through a collective; True checkpoints the run at this step and then calls
-    # on_stop(step, checkpoint dir), which ends the process (on SLURM: requeue, cluster/requeue.py).
-    should_stop: Callable[[], bool] | None = None
-    on_stop: Callable[[int, Path], NoReturn] | None = None
+    # every step and agreed through a collective; a StopRequest checkpoints the run at this step (unless it
+    # came too late in a SIGTERM's grace period) and then calls on_stop(step, checkpoint dir or None,
+    # request), which ends the process (on SLURM: requeue, cluster/requeue.py).
+    should_stop: Callable[[], StopRequest | None] | None = None
+    on_stop: Callable[[int, Path | None, StopRequest], NoReturn] | None = None
     # Evaluation hook (training/evaluate.py), called on every rank after every step: a row of eval/
     # metrics to log (rank 0 writes it), or None when this step has no evaluation.
     evaluate: Callable[[int], dict | None] | None = None
@@ -103,6 +105,7 @@ def run_steps(
             rollout = getattr(step_batch, "metrics", None)
             update_started = time.perf_counter() if rollout is not None else 0.0
             for i, micro in enumerate(micro_batches):
+                heartbeat.beat("training", step, i)
                 with strategy.accumulate(i == len(micro_batches) - 1):
                     out = run_forward(strategy, method, micro)
                     # Gradients are averaged over ranks by every strategy, hence × world size; dividing by
@@ -112,6 +115,7 @@ def run_steps(
                 for name, value in out.metric_sums.items():
                     metric_sums[name] = metric_sums.get(name, 0) + value.detach().double()
             grad_norm = strategy.step()
+            heartbeat.beat(step=step, micro=len(micro_batches))
             if rollout is not None:  # a rollout step syncs with the host anyway (generation)
                 if env.device.type == "cuda":
                     torch.cuda.synchronize(env.device)
@@ -162,25 +166,35 @@ def run_steps(
             else:
                 progress.update(step, None)
             eval_row = cfg.evaluate(step) if cfg.evaluate is not None else None
+            heartbeat.beat("training")
             if eval_row and env.is_main:
                 metrics.write(eval_row)
                 wandb_run.log(eval_row)
 
             if cfg.save_every and step % cfg.save_every == 0 and step != cfg.max_steps:
+                heartbeat.beat("checkpoint")
                 state = {**cfg.checkpoint_meta, "tokens_seen": tokens_seen, "wandb_id": wandb_run.id}
                 path = checkpoint.save(run_dir, step, strategy, state, cfg.keep_last, cfg.checkpoint_extra,
                                        cfg.checkpoint_estimate)
                 log.info("checkpoint written: %s", path)
+                heartbeat.beat("training")
+            heartbeat.step_done(step)
             faults.maybe_kill("kill-after-step", step, env.rank)
+            faults.maybe_hang("hang-after-step", step, env.rank)
 
-            # -- preemption: stop together at this step boundary, checkpoint, requeue (never returns) --
-            if should_stop is not None and step < cfg.max_steps and should_stop():
-                if not (cfg.save_every and step % cfg.save_every == 0):
-                    state = {**cfg.checkpoint_meta, "tokens_seen": tokens_seen, "wandb_id": wandb_run.id}
-                    checkpoint.save(run_dir, step, strategy, state, cfg.keep_last, cfg.checkpoint_extra,
-                                    cfg.checkpoint_estimate)
+            # -- a stop request: stop together at this step boundary, checkpoint, requeue (never returns) --
+            request = should_stop() if should_stop is not None and step < cfg.max_steps else None
+            if request is not None:
+                saved = None
+                if request.checkpoint:
+                    if not (cfg.save_every and step % cfg.save_every == 0):
+                        heartbeat.beat("checkpoint")
+                        state = {**cfg.checkpoint_meta, "tokens_seen": tokens_seen, "wandb_id": wandb_run.id}
+                        checkpoint.save(run_dir, step, strategy, state, cfg.keep_last, cfg.checkpoint_extra,
+                                        cfg.checkpoint_estimate)
+                    saved = checkpoint.checkpoints_dir(run_dir) / f"step-{step}"
                 wandb_run.finish()
-                cfg.on_stop(step, checkpoint.checkpoints_dir(run_dir) / f"step-{step}")
+                cfg.on_stop(step, saved, request)
         return last_row
     finally:
         progress.close()

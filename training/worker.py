@@ -3,11 +3,21 @@
 Started by the elastic agent as `python -m training.worker RUN_DIR` (or by srun, one task per rank).
 """
 
+# ruff: noqa: E402  (the stop signals are taken before the imports)
 from __future__ import annotations
+
+import os
+
+if os.environ.get("SLURM_JOB_ID"):
+    # Before the seconds of imports below: a preemption's SIGTERM or an early USR2 is remembered from the
+    # first moment (training/preemption.py acts on it at a step boundary) instead of killing a rank that
+    # is still starting.
+    from training.stop_signals import STOP_SIGNALS
+
+    STOP_SIGNALS.install()
 
 import datetime
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import IO
@@ -17,11 +27,11 @@ import torch.distributed as dist
 
 from cluster.environment import ProcessEnv, from_environment, slurm_job
 from cluster.requeue import stop_and_requeue
-from cluster.slurm import STOP_FILE
+from cluster.slurm import STOP_FILE, TERM_FILE
 from launcher.plan import Plan
 from strategies import create_strategy
 from strategies.base import DistEnv, StrategyOptions
-from training import checkpoint, kernels
+from training import checkpoint, heartbeat, kernels
 from training.env_hooks import PROBE_LOGITS
 from training.kernels.attention import collate_attention
 from training.kernels.cpu_gemm import current_engine
@@ -188,6 +198,7 @@ def main(run_dir: str) -> int:
     spec = plan.spec
     penv = from_environment()
     console = redirect_output(run_dir, penv.rank)
+    heartbeat.start(run_dir, penv.rank, spec.train.hang_timeout_s)
     env = setup_distributed(plan, penv)
     torch.manual_seed(spec.train.seed)
 
@@ -195,8 +206,11 @@ def main(run_dir: str) -> int:
     from training.data.sampler import step_batches
 
     tokenizer = load_tokenizer(spec)
+    heartbeat.beat()
     model = load_model(spec, plan.compute_dtype, env.device)
+    heartbeat.beat()
     strategy = build_strategy(plan, env, model)
+    heartbeat.beat()
     if plan.cpu_matmul is None:  # auto, left open by the planner (other machines): record rank 0's choice
         plan = plan.model_copy(update={"cpu_matmul": current_engine()})
         if env.is_main:
@@ -207,6 +221,7 @@ def main(run_dir: str) -> int:
     if latest is not None:
         start_step, path = latest
         state = checkpoint.load(path, strategy)
+        heartbeat.beat()
         notice(console, f"resumed from {path} (step {start_step})")
 
     dataset = load_prepared(Path(plan.data_cache))
@@ -239,17 +254,17 @@ def main(run_dir: str) -> int:
         checkpoint_estimate=plan.checkpoint_bytes,
         **flops_figures(strategy, dataset, TORCH_DTYPES[plan.compute_dtype]),
     )
-    if slurm_job() is not None:  # stop together before the allocation ends, checkpoint, requeue
-        from training.preemption import stop_file_request
+    if slurm_job() is not None:  # stop together when SLURM asks (USR2, SIGTERM), checkpoint, requeue
+        from training.preemption import stop_request
 
         slurm = spec.cluster.slurm
-        cfg.should_stop = stop_file_request(strategy, run_dir / STOP_FILE)
+        cfg.should_stop = stop_request(strategy, run_dir / STOP_FILE, run_dir / TERM_FILE, plan.stop_grace_s)
 
-        def requeue(step: int, path: Path):
-            stop_and_requeue(run_dir, step, path, env.is_main, console, allowed=slurm.requeue,
+        def stop(step: int, path: Path | None, request):
+            stop_and_requeue(run_dir, step, path, request, env.is_main, console, allowed=slurm.requeue,
                              max_requeues=slurm.max_requeues)
 
-        cfg.on_stop = requeue
+        cfg.on_stop = stop
     last = {}
     if start_step < spec.train.max_steps:
         method = make_method(plan, strategy, run_dir, dataset, eval_dataset, start_step > 0, tokenizer.pad_token_id or 0)
@@ -265,13 +280,16 @@ def main(run_dir: str) -> int:
                 micro_batch_size=plan.micro_batch_size, padding_free=spec.data.padding_free,
                 attention=attention, pad_token_id=tokenizer.pad_token_id or 0, row_offset=len(dataset),
             )
+        heartbeat.beat()
         last = run_steps(cfg, strategy, method, batches, start_step, run_dir, console, wandb_run, state)
+        heartbeat.beat("checkpoint")
         final_state = {**cfg.checkpoint_meta, "tokens_seen": last.get("tokens", 0), "wandb_id": wandb_run.id}
         checkpoint.save(run_dir, spec.train.max_steps, strategy, final_state, spec.train.keep_last, cfg.checkpoint_extra,
                         cfg.checkpoint_estimate)
 
     from training.export import save_probe_logits, write_final
 
+    heartbeat.beat("final")
     write_final(strategy, tokenizer, run_dir / "final", peft=spec.finetune.type != "full")
     if os.environ.get(PROBE_LOGITS):
         save_probe_logits(strategy, os.environ[PROBE_LOGITS], len(tokenizer))
@@ -293,6 +311,7 @@ def main(run_dir: str) -> int:
     strategy.teardown()
     if dist.is_initialized():
         dist.destroy_process_group()
+    heartbeat.stop()
     if console is not None:
         console.flush()
     return 0

@@ -128,7 +128,10 @@ def multinode_launch(args: argparse.Namespace, spec) -> dict:
         socket.getaddrinfo(host, None)
     except OSError as exc:
         raise UserError(f"--master {args.master}: cannot resolve {host!r} ({exc})", "give node 0's IP address") from None
-    return {"nnodes": nnodes, "node_rank": args.node_rank, "rdzv_endpoint": args.master, "run_id": f"sharpen-{spec.name}"}
+    return {
+        "nnodes": nnodes, "node_rank": args.node_rank, "rdzv_endpoint": args.master, "run_id": f"sharpen-{spec.name}",
+        "join_timeout_s": spec.cluster.rendezvous_timeout_s,
+    }  # fmt: skip
 
 
 COMMANDS = {"plan": cmd_plan, "run": cmd_run, "resume": cmd_resume, "schema": cmd_schema}

@@ -57,6 +57,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     # Tokenized data inside the run dir unless the job names a cache: every node must read it.
     cache_root = spec.data.cache_dir or run_dir / "data_cache"
     plan = prepare_run(spec, run_dir, device=device, cache_root=cache_root)
+    if spec.cluster.slurm.grace_s is None and (grace := slurm.site_grace_s(spec.cluster.slurm.partition)) is not None:
+        plan = plan.model_copy(update={"stop_grace_s": grace})  # the site's, where the job names none
+        plan.write(run_dir)
     script = slurm.write_sbatch(plan)
     slurm_spec = spec.cluster.slurm
     print(

@@ -14,6 +14,8 @@ the real ones; the model takes the path a bf16 GPU run takes (PEFT's LoRA forwar
 
 from __future__ import annotations
 
+import time
+
 import traceback
 import weakref
 from pathlib import Path
@@ -181,12 +183,13 @@ def test_no_host_device_sync_in_a_step_that_does_not_log(case, tiny_model, tmp_p
 
     batches = step_batches(dataset, global_batch_size=4, micro_batch_size=1, grad_accum=4, rank=0, world_size=1,
                            seed=0, attention="sdpa")  # the dense block mask a GPU run collates
-    from training.preemption import stop_file_request
+    from training.preemption import stop_request
+    from training.stop_signals import StopSignals
 
     cfg = LoopConfig(max_steps=STEPS, log_every=100, save_every=0, keep_last=1, world_size=1, show_progress=False,
                      evaluate=lambda step: watch.events.append(("step", step)),
                      # the SLURM stop poll, as the worker sets it inside a SLURM job: a collective every step
-                     should_stop=stop_file_request(strategy, tmp_path / "stop"))
+                     should_stop=stop_request(strategy, tmp_path / "stop", tmp_path / "term", 15.0, StopSignals()))
     (tmp_path / "run").mkdir()
     with ExplicitDevice(watch), watch:
         last = run_steps(cfg, strategy, method, batches, 0, tmp_path / "run", None,
@@ -201,14 +204,47 @@ def test_no_host_device_sync_in_a_step_that_does_not_log(case, tiny_model, tmp_p
 
 
 def test_a_stop_request_is_read_one_step_later_on_every_rank(tmp_path):
-    """The SLURM stop poll reduces this step's flag and returns the previous step's: a request made after
+    """The SLURM stop poll reduces this step's flags and returns the previous step's: a request made after
     step k stops the run after step k + 1, and a run that saw none goes on."""
-    from cluster.slurm import STOP_FILE
-    from training.preemption import stop_file_request
+    from cluster.slurm import STOP_FILE, TERM_FILE
+    from training.preemption import REQUEUE, stop_request
+    from training.stop_signals import StopSignals
 
-    should_stop = stop_file_request(SingleStrategy(StrategyOptions(), DistEnv()), tmp_path / STOP_FILE)
-    assert [should_stop(), should_stop()] == [False, False]
+    should_stop = stop_request(SingleStrategy(StrategyOptions(), DistEnv()), tmp_path / STOP_FILE,
+                               tmp_path / TERM_FILE, 15.0, StopSignals())
+    assert [should_stop(), should_stop()] == [None, None]
     (tmp_path / STOP_FILE).parent.mkdir(parents=True)
     (tmp_path / STOP_FILE).touch()
-    assert should_stop() is False  # this step's flag is on its way
-    assert should_stop() is True
+    assert should_stop() is None  # this step's flags are on their way
+    request = should_stop()
+    assert request is not None and (request.kind, request.checkpoint) == (REQUEUE, True)
+
+
+@pytest.mark.parametrize("how", ["signal", "file"])
+def test_sigterm_checkpoints_within_the_grace_period_and_not_after(tmp_path, how):
+    """SIGTERM, sent to the rank or written by the batch shell's trap: a checkpoint if the step boundary
+    comes within grace_s of it, else a stop without one (SLURM would kill a checkpoint half written)."""
+    import os
+
+    from cluster.slurm import STOP_FILE, TERM_FILE
+    from training.preemption import TERMINATE, stop_request
+    from training.stop_signals import StopSignals
+
+    def request_after(seconds_ago: float):
+        signals = StopSignals()
+        term_file = tmp_path / f"{seconds_ago}" / TERM_FILE
+        if how == "signal":
+            signals.term_at = time.time() - seconds_ago
+        else:
+            term_file.parent.mkdir(parents=True)
+            term_file.touch()
+            os.utime(term_file, (time.time() - seconds_ago,) * 2)
+        should_stop = stop_request(SingleStrategy(StrategyOptions(), DistEnv()), tmp_path / STOP_FILE, term_file,
+                                   10.0, signals)
+        assert should_stop() is None
+        return should_stop()
+
+    soon = request_after(1.0)
+    assert (soon.kind, soon.checkpoint, soon.grace_s) == (TERMINATE, True, 10.0)
+    late = request_after(30.0)
+    assert (late.kind, late.checkpoint) == (TERMINATE, False)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from training import heartbeat
 from training.forward import run_forward
 from training.kernels.attention import collate_attention
 from training.methods.base import PerModel, takes_logits_to_keep
@@ -98,6 +99,7 @@ def precompute(strategy, logps_of, train_ds, train_rows, eval_ds, sequences_per_
             for micro, real in shard_micro_batches(
                 dataset, rows, rank=env.rank, world_size=env.world_size, row_offset=offset, **batching
             ):
+                heartbeat.beat()
                 with torch.no_grad():
                     values = run_forward(strategy, logps_of, micro).double().view(-1, sequences_per_row)
                 if real:

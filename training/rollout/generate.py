@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from launcher.method_spec import GRPOMethod
+from training import heartbeat
 
 # The generation_kwargs this decode loop implements (TRL passes these on to transformers' generate);
 # anything else in a job's generation_kwargs is a job-file error, not something to drop silently.
@@ -267,6 +268,7 @@ def generate(
             next_position = positions[:, -1:] + 1
             seen = None
             for step in range(length):
+                heartbeat.beat()
                 logits = out.logits[:, -1, :]
                 if logits_rows is not None:  # the prefill's: one row per distinct prompt
                     logits, logits_rows = logits[logits_rows], None
