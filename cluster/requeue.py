@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 from pathlib import Path
 from typing import IO, NoReturn
@@ -84,6 +85,9 @@ def stop_and_requeue(
 
     The notice goes out before `scontrol requeue`: the requeue itself makes SLURM kill the job's steps,
     this rank with them, and a line written after it can be lost."""
+    # The requeue (or the cancel) makes SLURM send SIGTERM while this process exits; Python puts the default
+    # handlers back as it shuts down, and that SIGTERM would turn this clean stop into a rank killed.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR2})
     if request.kind != "requeue":
         if is_main:
             _say(console, terminate_notice(run_dir, step, checkpoint, request.grace_s))

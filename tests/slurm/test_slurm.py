@@ -76,6 +76,7 @@ def test_two_nodes_train_like_two_local_ranks(cluster, job_file, local_losses, t
     plan = json.loads((run_dir / "plan.json").read_text())
     assert (plan["nnodes"], plan["nproc_per_node"], plan["world_size"]) == (2, 1, 2)
     assert Path(plan["data_cache"]).is_relative_to(run_dir)  # every node reads the tokens from the run dir
+    assert plan["stop_grace_s"] == 5.0  # half of the site's GraceTime (0) + KillWait (10), as submit read them
 
     status = sharpen("status", str(run_dir))
     assert_ok(status)
@@ -90,9 +91,13 @@ def test_two_nodes_train_like_two_local_ranks(cluster, job_file, local_losses, t
         assert SECRET not in path.read_text(errors="replace"), path
 
 
-def test_usr2_checkpoints_requeues_and_resumes_to_the_same_losses(cluster, job_file, local_losses, tmp_path):
-    """USR2 to the batch shell (what --signal=B:USR2@lead sends): the ranks stop together, checkpoint,
-    rank 0 requeues; the requeued job resumes and ends with the uninterrupted run's losses."""
+@pytest.mark.parametrize("to", ["steps", "full"])
+def test_usr2_checkpoints_requeues_and_resumes_to_the_same_losses(cluster, job_file, local_losses, tmp_path, to):
+    """USR2 to the job's steps only (`scancel --signal=USR2 JOB`, or a template's --signal=USR2@lead: the
+    agents and the ranks get it, not the batch shell), or to the steps and the batch shell (`--full`): the
+    ranks stop together, checkpoint, rank 0 requeues; the requeued job resumes and ends with the
+    uninterrupted run's losses. (USR2 to the batch shell alone, as --signal=B:USR2@lead sends it, is
+    test_stop_without_requeue_budget_is_said_and_kept's.)"""
     run_dir = tmp_path / "run"
     job_id = submit(job_file, run_dir, "logging.wandb.project=sharpen-tests", "logging.wandb.mode=offline")
     follow = subprocess.Popen(
@@ -101,7 +106,7 @@ def test_usr2_checkpoints_requeues_and_resumes_to_the_same_losses(cluster, job_f
     )  # fmt: skip
     try:
         wait_until(lambda: logged_steps(run_dir) >= 3, "training to start")
-        subprocess.run(["scancel", "--signal=USR2", "--batch", job_id], check=True)
+        subprocess.run(["scancel", "--signal=USR2", *(["--full"] if to == "full" else []), job_id], check=True)
         # SLURM holds a requeued job for two minutes (BeginTime); a test does not wait that long.
         wait_until(lambda: scontrol_job(job_id).get("Restarts") == "1", "the requeue", every_s=0.2)
         wait_until(lambda: scontrol_job(job_id).get("JobState") == "PENDING", "the job to be pending", every_s=0.2)
@@ -130,10 +135,14 @@ def test_usr2_checkpoints_requeues_and_resumes_to_the_same_losses(cluster, job_f
         assert SECRET not in path.read_text(errors="replace"), path
 
 
-def test_cancel_is_not_requeued(cluster, job_file, tmp_path):
+def test_cancel_checkpoints_within_the_grace_period_and_is_not_requeued(cluster, job_file, local_losses, tmp_path):
+    """`sharpen cancel` (scancel: SIGTERM to the batch shell, the agents and the ranks, SIGKILL KillWait
+    later): the ranks stop at the next step, which comes well within grace_s, and checkpoint; the job is
+    cancelled, not requeued. Submitting it again into the run dir (here with launch: task_per_rank, one
+    srun task per rank) resumes from that checkpoint and ends with the uninterrupted losses."""
     run_dir = tmp_path / "run"
-    job_id = submit(job_file, run_dir)
-    wait_until(lambda: logged_steps(run_dir) >= 1, "training to start")
+    job_id = submit(job_file, run_dir, "cluster.slurm.grace_s=8")
+    wait_until(lambda: logged_steps(run_dir) >= 3, "training to start")
     result = sharpen("cancel", str(run_dir))
     assert_ok(result)
     assert f"cancelled SLURM job {job_id}" in result.stdout
@@ -141,14 +150,26 @@ def test_cancel_is_not_requeued(cluster, job_file, tmp_path):
     time.sleep(2)  # a requeue would show by now
     assert scontrol_job(job_id)["JobState"] == "CANCELLED" and scontrol_job(job_id)["Restarts"] == "0"
     assert read_requeue_count(run_dir) == 0 and not (run_dir / "final").exists()
+    log = slurm.log_path(run_dir, job_id).read_text()
+    stopped = re.search(r"SIGTERM: stopped at step (\d+) within the grace period \(8 s", log)
+    assert stopped, log
+    step = int(stopped.group(1))
+    assert 3 <= step < STEPS and (run_dir / "checkpoints" / f"step-{step}").is_dir()
+    assert "Traceback" not in log
     again = sharpen("cancel", str(run_dir))
     assert_ok(again)
     assert "nothing to cancel" in again.stdout
 
+    second = submit(job_file, run_dir, "cluster.slurm.launch=task_per_rank")
+    assert wait_for_end(second)["state"] == "COMPLETED"
+    assert "-m training.worker" in (run_dir / slurm.SCRIPT).read_text()
+    assert f"resumed from {run_dir / 'checkpoints' / f'step-{step}'}" in (run_dir / "logs" / "rank-0.log").read_text()
+    assert_same_losses(losses(run_dir), local_losses)
 
-def test_stop_without_requeue_budget_then_resubmit_resumes(cluster, job_file, local_losses, tmp_path):
-    """max_requeues used up: USR2 still gives a checkpoint but no requeue; submitting the job again into the
-    same run dir (here with launch: task_per_rank, one srun task per rank) finishes it with the same losses."""
+
+def test_stop_without_requeue_budget_is_said_and_kept(cluster, job_file, tmp_path):
+    """USR2 to the batch shell alone (what --signal=B:USR2@lead sends) with max_requeues used up: a
+    checkpoint, no requeue, and the log says how to go on."""
     run_dir = tmp_path / "run"
     job_id = submit(job_file, run_dir, "cluster.slurm.max_requeues=0")
     wait_until(lambda: logged_steps(run_dir) >= 3, "training to start")
@@ -157,15 +178,10 @@ def test_stop_without_requeue_budget_then_resubmit_resumes(cluster, job_file, lo
     log = slurm.log_path(run_dir, job_id).read_text()
     stopped = re.search(r"stopped at step (\d+) .*max_requeues \(0\) is used up", log)
     assert stopped, log
+    assert "sharpen submit" in log.split("max_requeues (0) is used up")[1].splitlines()[0]
     assert scontrol_job(job_id)["Restarts"] == "0" and not (run_dir / "final").exists()
     assert (run_dir / "checkpoints" / f"step-{stopped.group(1)}").is_dir()
-
-    second = submit(job_file, run_dir, "cluster.slurm.launch=task_per_rank")
-    assert second != job_id
-    assert wait_for_end(second)["state"] == "COMPLETED"
-    assert "-m training.worker" in (run_dir / slurm.SCRIPT).read_text()
-    assert f"resumed from {run_dir / 'checkpoints'}" in (run_dir / "logs" / "rank-0.log").read_text()
-    assert_same_losses(losses(run_dir), local_losses)
+    assert "rank 0 failed" not in log  # it stopped on purpose
 
 
 def test_sbatch_refusal_is_shown_plainly(cluster, job_file, tmp_path):

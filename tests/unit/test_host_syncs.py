@@ -15,7 +15,6 @@ the real ones; the model takes the path a bf16 GPU run takes (PEFT's LoRA forwar
 from __future__ import annotations
 
 import time
-
 import traceback
 import weakref
 from pathlib import Path
