@@ -7,8 +7,8 @@ cluster/ and launcher/ import it from here; strategies/ reads none.
 
 from __future__ import annotations
 
-# training/faults.py: kill a rank at a point of the run, POINT:STEP[@RANK] (kill-after-step:3, kill-in-save:4@1,
-# fill-disk-in-save:4)
+# training/faults.py: hit a rank at a point of the run, POINT:STEP[@RANK] (kill-after-step:3, kill-in-save:4@1,
+# fill-disk-in-save:4, hang-after-step:3@1)
 FAULT = "SHARPEN_FAULT"
 # training/worker.py: a file to save final/'s model logits on a fixed probe into (tests check the export)
 PROBE_LOGITS = "SHARPEN_PROBE_LOGITS"

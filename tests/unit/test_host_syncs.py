@@ -247,3 +247,28 @@ def test_sigterm_checkpoints_within_the_grace_period_and_not_after(tmp_path, how
     assert (soon.kind, soon.checkpoint, soon.grace_s) == (TERMINATE, True, 10.0)
     late = request_after(30.0)
     assert (late.kind, late.checkpoint) == (TERMINATE, False)
+
+
+def test_real_usr2_and_sigterm_are_remembered_not_obeyed(tmp_path):
+    """The handlers a rank installs on SLURM, sent the real signals: the process lives on, and the next
+    steps' agreement turns them into the stop requests (SIGTERM wins: the job is going away)."""
+    import os
+    import signal
+
+    from training.preemption import REQUEUE, TERMINATE, stop_request
+    from training.stop_signals import StopSignals
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGTERM)}
+    try:
+        signals = StopSignals().install()
+        should_stop = stop_request(SingleStrategy(StrategyOptions(), DistEnv()), tmp_path / "stop", tmp_path / "term",
+                                   10.0, signals)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert should_stop() is None and should_stop().kind == REQUEUE
+        os.kill(os.getpid(), signal.SIGTERM)
+        should_stop()
+        request = should_stop()
+        assert (request.kind, request.checkpoint) == (TERMINATE, True)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
