@@ -17,6 +17,7 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,11 +129,16 @@ def _kill(pid: int) -> None:
 
 
 class HangWatch:
-    """Watches the ranks this process started (their heartbeat's parent is this pid) from a daemon thread."""
+    """Watches the ranks this process started (their heartbeat's parent is this pid) from a daemon thread.
+    With `own=True` a rank watches itself instead (srun started it: no process of sharpen's above it)."""
 
-    def __init__(self, run_dir: Path, poll_s: float = POLL_S):
+    def __init__(
+        self, run_dir: Path, poll_s: float = POLL_S, own: bool = False, on_own_hang: Callable[[str], None] | None = None
+    ):
         self.run_dir = Path(run_dir)
         self.poll_s = poll_s
+        self.own = own
+        self.on_own_hang = on_own_hang
         self.report: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sharpen-hang-watch", daemon=True)
@@ -153,7 +159,8 @@ class HangWatch:
                 state = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue  # being replaced (it is written atomically, so this is rare) or left half by a crash
-            if state.get("parent") == os.getpid() and _alive(state["pid"]):
+            mine = state.get("pid") == os.getpid() if self.own else state.get("parent") == os.getpid()
+            if mine and _alive(state["pid"]):
                 found.append(state)
         return found
 
@@ -184,6 +191,10 @@ class HangWatch:
                     dumps[r["rank"]] = latest_dump(self.rank_log(r["rank"]))
             time.sleep(0.1)
         self.report = self.compose(ranks, dumps, now)  # before the kill: the launcher reads it when they are gone
+        if self.own:  # this rank: its log (and rank 0's terminal, srun's log) says why, then it ends
+            if self.on_own_hang is not None:
+                self.on_own_hang(self.report)
+            os._exit(1)
         for r in ranks:
             _kill(r["pid"])
         return self.report

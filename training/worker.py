@@ -199,6 +199,11 @@ def main(run_dir: str) -> int:
     penv = from_environment()
     console = redirect_output(run_dir, penv.rank)
     heartbeat.start(run_dir, penv.rank, spec.train.hang_timeout_s)
+    if spec.cluster.kind == "slurm" and spec.cluster.slurm.launch == "task_per_rank":
+        # srun started this rank: no agent of sharpen's watches it, so it watches itself
+        from cluster.hang_watch import HangWatch
+
+        HangWatch(run_dir, own=True, on_own_hang=lambda report: notice(console, report)).__enter__()
     env = setup_distributed(plan, penv)
     torch.manual_seed(spec.train.seed)
 

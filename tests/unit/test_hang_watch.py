@@ -120,3 +120,20 @@ def test_the_main_thread_is_found_and_described_past_wrappers(first):
         "__call__ (training/methods/causal_lm.py:39) <- run_forward (training/forward.py:21) <- "
         "run_steps (training/loop.py:110)"
     )
+
+
+def test_a_rank_srun_started_watches_itself(tmp_path):
+    """launch: task_per_rank has no agent above the ranks: a rank that stops moving finds it itself, says
+    where it is, and ends with exit 1 (srun then stops the others)."""
+    (tmp_path / "logs").mkdir()
+    own = CHILD.replace(
+        "heartbeat.start(sys.argv[1], 0, 1)",
+        "heartbeat.start(sys.argv[1], 0, 1)\n"
+        "from cluster.hang_watch import HangWatch\n"
+        "HangWatch(sys.argv[1], poll_s=0.2, own=True, on_own_hang=lambda r: print('REPORT', r, flush=True)).__enter__()",
+    )
+    with (tmp_path / "logs" / "rank-0.log").open("a") as log:
+        child = subprocess.run([sys.executable, "-c", own, str(tmp_path)], stdout=subprocess.PIPE, stderr=log,
+                               text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert child.returncode == 1
+    assert "REPORT error: the run hung" in child.stdout and "in wait_for_a_peer (<string>:" in child.stdout, child.stdout
