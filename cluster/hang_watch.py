@@ -133,12 +133,15 @@ class HangWatch:
     With `own=True` a rank watches itself instead (srun started it: no process of sharpen's above it)."""
 
     def __init__(
-        self, run_dir: Path, poll_s: float = POLL_S, own: bool = False, on_own_hang: Callable[[str], None] | None = None
-    ):
+        self, run_dir: Path, expected: int = 1, poll_s: float = POLL_S, own: bool = False,
+        on_own_hang: Callable[[str], None] | None = None,
+    ):  # fmt: skip
         self.run_dir = Path(run_dir)
         self.poll_s = poll_s
         self.own = own
         self.on_own_hang = on_own_hang
+        self.expected = 1 if own else expected
+        self._mine: set[Path] = set()
         self.report: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sharpen-hang-watch", daemon=True)
@@ -152,15 +155,21 @@ class HangWatch:
         self._thread.join(timeout=DUMP_WAIT_S + 5)
 
     def ranks(self) -> list[dict]:
-        """The heartbeats of this process's live ranks."""
+        """The heartbeats of this process's live ranks. Once all `expected` are found only their files are
+        read: on a large job the run dir's filesystem is shared by every node."""
+        if len(self._mine) < self.expected:
+            paths = sorted((self.run_dir / HEARTBEAT_DIR).glob("rank-*.json"))
+        else:
+            paths = sorted(self._mine)
         found = []
-        for path in sorted((self.run_dir / HEARTBEAT_DIR).glob("rank-*.json")):
+        for path in paths:
             try:
                 state = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue  # being replaced (it is written atomically, so this is rare) or left half by a crash
             mine = state.get("pid") == os.getpid() if self.own else state.get("parent") == os.getpid()
             if mine and _alive(state["pid"]):
+                self._mine.add(path)
                 found.append(state)
         return found
 

@@ -97,7 +97,7 @@ def launch(
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
     arrival = mark_arrival(run_dir, run_id, node_rank) if nnodes > 1 else None
     try:
-        with HangWatch(run_dir) as watch:
+        with HangWatch(run_dir, expected=nproc_per_node) as watch:
             try:
                 elastic_launch(config, entrypoint=sys.executable)("-m", WORKER_MODULE, str(run_dir))
             except ChildFailedError as exc:
