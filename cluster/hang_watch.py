@@ -3,7 +3,7 @@ rank is waiting, and stop it, instead of leaving it to a collective timeout that
 
 Each rank writes its progress to RUN/logs/heartbeat/rank-N.json (training/heartbeat.py), with the limit
 its next beat must come within. When none of this process's ranks has beaten within its limit, the watch
-asks each for its Python stack (SIGUSR1: faulthandler writes every thread's stack into the rank's log),
+asks each for its Python stack (a real-time signal: faulthandler writes every thread's stack into the rank's log),
 reads the main thread's innermost frame and sharpen's own frame from it, keeps that as the report
 `launch` prints, and kills the ranks. The checkpoints are left alone: the newest complete one is where
 `sharpen resume` continues.
@@ -186,7 +186,7 @@ class HangWatch:
         for r in ranks:
             log_path = self.rank_log(r["rank"])
             with log_path.open("a") as out:
-                out.write(f"\n{STACK_MARKER} (SIGUSR1)\n")
+                out.write(f"\n{STACK_MARKER}\n")
             try:
                 os.kill(r["pid"], STACK_SIGNAL)
             except ProcessLookupError:

@@ -56,8 +56,9 @@ def this_job() -> SlurmJob:
     return job
 
 
-def take_stop_signals(run_dir: Path, node_rank: int) -> None:
-    """USR2 and SIGTERM that reach this node's agent (`scancel --signal=USR2 JOB`, a preemption) become the
+def take_stop_signals(run_dir: Path, node_rank: int, stop_signal: str) -> None:
+    """The stop signal (cluster.slurm.signal, USR2 by default) and SIGTERM that reach this node's agent
+    (`scancel --signal=USR2 JOB`, a preemption) become the
     requests the batch script's trap writes: files rank 0 reads at its next step (training/preemption.py).
     The agent does not stop its ranks on SIGTERM: they checkpoint within the grace period and stop
     themselves; SLURM's SIGKILL ends whatever is left."""
@@ -72,15 +73,16 @@ def take_stop_signals(run_dir: Path, node_rank: int) -> None:
 
         return handler
 
-    signal.signal(signal.SIGUSR2, request(run_dir / STOP_FILE, "USR2: checkpointing at the next step, then requeueing", False))
+    stop = request(run_dir / STOP_FILE, f"{stop_signal}: checkpointing at the next step, then requeueing", False)
+    signal.signal(getattr(signal, f"SIG{stop_signal}"), stop)
     signal.signal(signal.SIGTERM, request(run_dir / TERM_FILE, "SIGTERM: stopping at the next step", True))
 
 
 def run_node(run_dir: Path) -> int:
     """Start this node's ranks under the elastic agent; returns their exit status."""
     job = this_job()
-    take_stop_signals(run_dir, job.node_id)
     plan = Plan.read(run_dir)
+    take_stop_signals(run_dir, job.node_id, plan.spec.cluster.slurm.signal)
     job_id, nnodes, node_rank = job.job_id, job.num_nodes, job.node_id
     if nnodes != plan.nnodes:
         print(
@@ -105,7 +107,7 @@ def run_node(run_dir: Path) -> int:
             rdzv_endpoint=f"{host}:{port}",
             run_id=f"sharpen-{job_id}-{restart}",
             join_timeout_s=plan.spec.cluster.rendezvous_timeout_s,
-            agent_signals="SIGINT,SIGHUP,SIGQUIT",  # SIGTERM and USR2 are take_stop_signals'
+            agent_signals="SIGINT,SIGHUP,SIGQUIT",  # SIGTERM and the stop signal are take_stop_signals'
         )
     except SignalException as exc:  # scancel, requeue, a failed rank on another node: SLURM ends the step
         print(f"sharpen: node {node_rank}: ranks stopped by {exc.sigval.name}", file=sys.stderr, flush=True)

@@ -86,7 +86,7 @@ SBATCH_OPTIONS: list[tuple[str, Callable[[Plan, SlurmSpec, str], Any]]] = [
     ("output", lambda p, s, r: f"{r}/{LOG_PATTERN}"),
     ("error", lambda p, s, r: f"{r}/{LOG_PATTERN}"),
     ("open-mode", lambda p, s, r: "append"),  # a requeued job appends to the same log
-    ("signal", lambda p, s, r: f"B:USR2@{s.signal_lead_s}" if s.signal_lead_s else None),
+    ("signal", lambda p, s, r: f"B:{s.signal}@{s.signal_lead_s}" if s.signal_lead_s else None),
     ("requeue", lambda p, s, r: s.requeue),
     ("no-requeue", lambda p, s, r: not s.requeue),
 ]
@@ -143,9 +143,10 @@ def render_sbatch(plan: Plan, python: str = sys.executable) -> str:
         f"STOP_FILE=\"$RUN_DIR/{STOP_FILE}\"",
         f"TERM_FILE=\"$RUN_DIR/{TERM_FILE}\"",
         'rm -f "$STOP_FILE" "$TERM_FILE"',
-        "# USR2 comes signal_lead_s before the time limit (or from scancel --signal=USR2): the ranks see this",
-        "# file at their next step, stop together, checkpoint, and rank 0 requeues the job.",
-        "trap 'echo \"sharpen: USR2: checkpointing at the next step, then requeueing\"; touch \"$STOP_FILE\"' USR2",
+        f"# {slurm.signal} comes signal_lead_s before the time limit (or from scancel --signal={slurm.signal}): the",
+        "# ranks see this file at their next step, stop together, checkpoint, and rank 0 requeues the job.",
+        f"trap 'echo \"sharpen: {slurm.signal}: checkpointing at the next step, then requeueing\"; touch \"$STOP_FILE\"' "
+        f"{slurm.signal}",
         "# SIGTERM (preemption, scancel): the ranks checkpoint if a step ends within the grace period, then stop;",
         "# this shell waits for them. The file's time is the first SIGTERM's.",
         "trap 'echo \"sharpen: SIGTERM: stopping at the next step\"; [ -e \"$TERM_FILE\" ] || touch \"$TERM_FILE\"' TERM",

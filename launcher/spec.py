@@ -265,6 +265,11 @@ class SlurmSpec(Section):
         True, description="Requeue after preemption or the time limit, resuming from a checkpoint"
     )
     max_requeues: int = Field(3, ge=0, description="Most times a job requeues itself")
+    signal: Literal["USR2", "USR1", "URG"] = Field(
+        "USR2",
+        description="The signal SLURM sends signal_lead_s before the time limit, and that asks a running job to "
+        "checkpoint and requeue however it is sent (batch shell, steps, one rank)",
+    )
     grace_s: int | None = Field(
         None,
         ge=0,

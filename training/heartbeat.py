@@ -4,7 +4,7 @@ The loop calls `beat()` every micro-step (and generation, evaluation and the ref
 as they go): that only sets a few attributes. A daemon thread writes them to RUN/logs/heartbeat/rank-N.json
 twice a second when they changed, with the limit this rank's next beat must come within (`limit_s`). The
 watch in the process that started the rank reads those files; when no rank of its node has beaten within
-its limit it sends SIGUSR1, which faulthandler answers (in C, even while the rank is stuck inside a
+its limit it sends STACK_SIGNAL, which faulthandler answers (in C, even while the rank is stuck inside a
 collective) by writing every thread's Python stack into the rank's log, then it stops the ranks.
 
 The limit: train.hang_timeout_s when the job sets it, else max(AUTO_HANG_FLOOR_S, 10 x the slowest step so
@@ -27,7 +27,9 @@ from pathlib import Path
 from launcher.plan import AUTO_HANG_FLOOR_S, STARTUP_HANG_LIMIT_S
 
 HEARTBEAT_DIR = "logs/heartbeat"
-STACK_SIGNAL = signal.SIGUSR1  # the watch's request for every thread's stack (faulthandler)
+# The watch's request for every thread's stack (faulthandler): a real-time signal, so that USR1, USR2 and
+# URG stay free for SLURM's stop request (cluster.slurm.signal).
+STACK_SIGNAL = signal.SIGRTMIN + 4
 # Phases whose single operations can be as slow as loading the model: they get the start-up limit.
 LONG_PHASES = frozenset({"start-up", "checkpoint", "final"})
 WRITE_EVERY_S = 0.5
@@ -129,7 +131,7 @@ _current: Heartbeat | None = None
 
 
 def start(run_dir: Path, rank: int, hang_timeout_s: int | None) -> Heartbeat:
-    """Begin beating for this rank, and answer the watch's SIGUSR1 with every thread's stack on stderr
+    """Begin beating for this rank, and answer the watch's STACK_SIGNAL with every thread's stack on stderr
     (the rank's log)."""
     global _current
     faulthandler.register(STACK_SIGNAL, file=sys.stderr, all_threads=True)

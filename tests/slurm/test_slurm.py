@@ -94,19 +94,22 @@ def test_two_nodes_train_like_two_local_ranks(cluster, job_file, local_losses, t
 @pytest.mark.parametrize("to", ["steps", "full"])
 def test_usr2_checkpoints_requeues_and_resumes_to_the_same_losses(cluster, job_file, local_losses, tmp_path, to):
     """USR2 to the job's steps only (`scancel --signal=USR2 JOB`, or a template's --signal=USR2@lead: the
-    agents and the ranks get it, not the batch shell), or to the steps and the batch shell (`--full`): the
+    agents and the ranks get it, not the batch shell), or (with cluster.slurm.signal: USR1) USR1 to the
+    steps and the batch shell (`--full`): the
     ranks stop together, checkpoint, rank 0 requeues; the requeued job resumes and ends with the
     uninterrupted run's losses. (USR2 to the batch shell alone, as --signal=B:USR2@lead sends it, is
     test_stop_without_requeue_budget_is_said_and_kept's.)"""
     run_dir = tmp_path / "run"
-    job_id = submit(job_file, run_dir, "logging.wandb.project=sharpen-tests", "logging.wandb.mode=offline")
+    signal_name = "USR1" if to == "full" else "USR2"  # cluster.slurm.signal names the one the job answers
+    job_id = submit(job_file, run_dir, "logging.wandb.project=sharpen-tests", "logging.wandb.mode=offline",
+                    f"cluster.slurm.signal={signal_name}")
     follow = subprocess.Popen(
         [sys.executable, "-m", "launcher.cli", "logs", "-f", str(run_dir)], stdout=subprocess.PIPE, text=True,
         cwd=Path(__file__).resolve().parents[2],
     )  # fmt: skip
     try:
         wait_until(lambda: logged_steps(run_dir) >= 3, "training to start")
-        subprocess.run(["scancel", "--signal=USR2", *(["--full"] if to == "full" else []), job_id], check=True)
+        subprocess.run(["scancel", f"--signal={signal_name}", *(["--full"] if to == "full" else []), job_id], check=True)
         # SLURM holds a requeued job for two minutes (BeginTime); a test does not wait that long.
         wait_until(lambda: scontrol_job(job_id).get("Restarts") == "1", "the requeue", every_s=0.2)
         wait_until(lambda: scontrol_job(job_id).get("JobState") == "PENDING", "the job to be pending", every_s=0.2)

@@ -62,6 +62,15 @@ def test_sbatch_script_matches_golden_file(launch, golden):
     assert rendered == path.read_text()
 
 
+def test_the_stop_signal_is_the_one_the_job_names():
+    plan = golden_plan("agent")
+    job = plan.job
+    job["cluster"]["slurm"]["signal"] = "URG"
+    script = slurm.render_sbatch(plan.model_copy(update={"job": job}), python="python")
+    assert "#SBATCH --signal=B:URG@300" in script and "touch \"$STOP_FILE\"' URG" in script
+    assert "USR2" not in script
+
+
 def test_cpu_jobs_ask_for_no_gpus_and_bad_extra_options_are_refused():
     plan = golden_plan("agent")
     cpu_plan = plan.model_copy(update={"device": "cpu"})
