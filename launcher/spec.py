@@ -175,11 +175,6 @@ class DataFile(Section):
             "rejected), feedback (prompt, completion, label: true/false, for kto), prompt (a prompt to generate from, for grpo; every other field reaches the reward functions)"
         ),
     )
-    split: str = Field("train", description="Split to read from a hub dataset or a dataset directory")
-    field: str | None = Field(
-        None,
-        description="The column holding the text (text), the messages (chat, sharegpt) or the prompt (prompt)",
-    )
     columns: dict[str, str] | None = Field(
         None,
         description=(
@@ -194,7 +189,6 @@ class DataFile(Section):
             "added to the defaults (sharegpt: human, gpt, system, tool, function, observation, function_call)"
         ),
     )
-    weight: float = Field(1.0, gt=0, description="Reserved: sampling weight when mixing files")
 
     @model_validator(mode="after")
     def _columns_and_roles(self) -> DataFile:
@@ -203,13 +197,19 @@ class DataFile(Section):
         if unknown:
             raise ValueError(
                 f"columns: {', '.join(repr(k) for k in unknown)} is not a field of format {self.format} "
-                f"(its fields: {', '.join(fields)}); map them as {{field: your_column}}"
+                f"(its fields: {', '.join(fields)}); map each as {{field: your_column}}"
             )
         if self.columns and self.field:
             raise ValueError(f"give field or columns, not both; e.g. columns: {{{fields[0]}: {self.field}}}")
         if self.roles and self.format not in ("chat", "sharegpt"):
             raise ValueError(f"roles apply to chat and sharegpt data, not format {self.format}")
         return self
+
+    split: str = Field("train", description="Split to read from a hub dataset or a dataset directory")
+    field: str | None = Field(
+        None, description="The column holding the text (text), the messages (chat) or the prompt (prompt)"
+    )
+    weight: float = Field(1.0, gt=0, description="Reserved: sampling weight when mixing files")
 
 
 class DataSpec(Section):

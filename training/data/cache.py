@@ -87,10 +87,9 @@ def cache_key(
     inputs = {
         "version": PIPELINE_VERSION, "files": files_key("train"), "method": method_kind, "train_on": train_on,
         "tokenizer": _tokenizer_fingerprint(tokenizer_path, trust_remote_code),
+        **({"chat_template": chat_template} if chat_template is not None else {}),  # jobs without keep their keys
         "max_length": data.max_length, "packing": data.packing, "truncation": data.truncation,
     }
-    if chat_template is not None:
-        inputs["chat_template"] = chat_template
     if data.eval or data.eval_split:  # only then: caches of jobs without eval data keep their keys
         inputs["eval"] = {"files": files_key("eval"), "split": data.eval_split, "seed": EVAL_SPLIT_SEED}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
