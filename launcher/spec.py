@@ -185,8 +185,9 @@ class DataFile(Section):
     roles: dict[str, ChatRole] | None = Field(
         None,
         description=(
-            "chat, sharegpt: the file's role names as system, user, assistant or tool, e.g. {bot: assistant}; "
-            "added to the defaults (sharegpt: human, gpt, system, tool, function, observation, function_call)"
+            "Message lists (chat, sharegpt; preference, feedback, prompt given as messages): the file's role names "
+            "as system, user, assistant or tool, e.g. {bot: assistant}; added to the defaults (chat: those four; "
+            "sharegpt: human, gpt, system, tool, function, observation, function_call)"
         ),
     )
 
@@ -201,8 +202,8 @@ class DataFile(Section):
             )
         if self.columns and self.field:
             raise ValueError(f"give field or columns, not both; e.g. columns: {{{fields[0]}: {self.field}}}")
-        if self.roles and self.format not in ("chat", "sharegpt"):
-            raise ValueError(f"roles apply to chat and sharegpt data, not format {self.format}")
+        if self.roles and self.format in ("alpaca", "text"):
+            raise ValueError(f"roles apply to message lists (chat, sharegpt, preference, feedback, prompt), not format {self.format}")
         return self
 
     split: str = Field("train", description="Split to read from a hub dataset or a dataset directory")

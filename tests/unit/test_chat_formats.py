@@ -272,3 +272,18 @@ def test_final_tokenizer_carries_the_template(model_dir, tmp_path):
     assert saved.chat_template == load_chat_template("llama3")
     prompt = saved.apply_chat_template(CHAT[:2], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_preference_messages_take_the_roles_mapping(model_dir, tmp_path):
+    def pair(user, bot):
+        return {"prompt": [{"role": user, "content": "What is 2+2?"}], "chosen": [{"role": bot, "content": "4"}],
+                "rejected": [{"role": bot, "content": "5"}]}
+
+    native = prepared(model_dir, tmp_path / "c", write_jsonl(tmp_path / "n.jsonl", [pair("user", "assistant")]), "preference")
+    path = write_jsonl(tmp_path / "t.jsonl", [pair("human", "bot")])
+    spec = DataSpec(train=[{"path": str(path), "format": "preference"}])
+    with pytest.raises(UserError, match=r"t\.jsonl\): record 1 \(line 1\): prompt\[0\] has the role 'human'"):
+        D.prepare_dataset(spec, "dpo", str(model_dir), cache_root=tmp_path / "c")
+    spec = DataSpec(train=[{"path": str(path), "format": "preference", "roles": {"human": "user", "bot": "assistant"}}])
+    mapped = C.load_prepared(D.prepare_dataset(spec, "dpo", str(model_dir), cache_root=tmp_path / "c"))
+    assert mapped["input_ids"] == native["input_ids"] and mapped["labels"] == native["labels"]

@@ -40,7 +40,7 @@ def job(tmp_path, model, train_on="completion") -> str:
     return str(tmp_path / "job.yaml")
 
 
-def test_preview_marks_the_trained_text_and_counts_what_was_cut(model_dir, tmp_path, capsys):
+def test_preview_marks_the_trained_text_and_counts_what_was_cut(model_dir, tmp_path, capsys, monkeypatch):
     path = job(tmp_path, model_dir)
     assert main(["preview", path, "--n", "2"]) == 0
     out = capsys.readouterr().out
@@ -56,6 +56,12 @@ def test_preview_marks_the_trained_text_and_counts_what_was_cut(model_dir, tmp_p
     assert main(["preview", path, "--n", "2", "--set", "method.train_on=last_turn"]) == 0  # the final answers only
     assert re.findall(r"\[\[(.*?)\]\]", capsys.readouterr().out.split(" lengths ")[0], re.S) == [
         "Hello, Ada!<|im_end|>", "11<|im_end|>"]
+
+    monkeypatch.setenv("FORCE_COLOR", "1")  # a terminal: the answers styled (bold black on green), no brackets
+    assert main(["preview", path, "--n", "1"]) == 0
+    colored = capsys.readouterr().out
+    assert "[[" not in colored and re.search(r"\x1b\[[0-9;]*42m[^\x1b]*Hello, Ada!", colored)
+    assert "█" in colored
 
 
 def test_preview_through_the_installed_command_line(model_dir, tmp_path):

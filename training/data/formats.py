@@ -314,15 +314,16 @@ def encode_sharegpt(batch: dict[str, list], enc: Encoder):
     return encode_chat(batch, enc, "conversations", sharegpt=True)
 
 
-def _turns(value, name: str, index: int, role: str) -> list[dict]:
+def _turns(value, name: str, index: int, role: str, roles: dict[str, str] | None = None) -> list[dict]:
     """A preference field as chat messages: a message list as is, a string as one `role` message."""
     if isinstance(value, list):
-        return _messages({name: value}, name, index)
+        return _messages({name: value}, name, index, roles)
     return [{"role": role, "content": value}]
 
 
 def _preference_texts(
-    record: dict, index: int, tokenizer, answers: tuple[str, ...] = ("chosen", "rejected")
+    record: dict, index: int, tokenizer, answers: tuple[str, ...] = ("chosen", "rejected"),
+    roles: dict[str, str] | None = None,
 ) -> list[tuple[str, tuple[int, int]]]:
     """(text, loss span) of prompt + answer for each of `answers` (chosen and rejected; feedback's completion).
 
@@ -343,11 +344,11 @@ def _preference_texts(
     if not tokenizer.chat_template:
         raise RecordError(None, "message lists need a chat template, and the tokenizer has none; set "
                           "model.chat_template or give the fields as strings")
-    prompt = _turns(fields["prompt"], "prompt", index, "user")
+    prompt = _turns(fields["prompt"], "prompt", index, "user", roles)
     before = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     out = []
     for name in answers:
-        answer = _turns(fields[name], name, index, "assistant")
+        answer = _turns(fields[name], name, index, "assistant", roles)
         if len(answer) > len(prompt) and answer[: len(prompt)] == prompt:
             answer = answer[len(prompt) :]  # answers that repeat the prompt's turns (UltraFeedback binarized)
         full = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
@@ -366,7 +367,7 @@ def encode_preference(batch: dict[str, list], enc: Encoder):
         enc = Encoder(enc.tokenizer, "completion", enc.field, enc.roles)
     texts, spans = [], []
     for i, record in enumerate(_rows(batch)):
-        for text, span in _preference_texts(record, i, enc.tokenizer):
+        for text, span in _preference_texts(record, i, enc.tokenizer, roles=enc.roles):
             texts.append(text)
             spans.append([span])
     encoded = enc.encode_spans(texts, spans)
@@ -390,7 +391,7 @@ def encode_feedback(batch: dict[str, list], enc: Encoder):
     texts, spans, labels = [], [], []
     for i, record in enumerate(_rows(batch)):
         labels.append(_desirable(record, i))
-        ((text, span),) = _preference_texts(record, i, enc.tokenizer, ("completion",))
+        ((text, span),) = _preference_texts(record, i, enc.tokenizer, ("completion",), enc.roles)
         texts.append(text)
         spans.append([span])
     return list(zip(enc.encode_spans(texts, spans), labels, strict=True))
@@ -411,7 +412,7 @@ def encode_prompt(batch: dict[str, list], enc: Encoder):
             if not tokenizer.chat_template:
                 raise RecordError(None, "message prompts need a chat template, and the tokenizer has none; set "
                                   "model.chat_template or give the prompts as strings")
-            value = _messages(record, name, i)
+            value = _messages(record, name, i, enc.roles)
             texts.append(tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True))
         elif isinstance(value, str):
             texts.append(value)
