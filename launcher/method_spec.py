@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 GRPOLossType = Literal["grpo", "dr_grpo", "dapo"]
 RewardScaling = Literal["group", "batch", "none"]
+TrainOn = Literal["completion", "last_turn", "all"]
+TRAIN_ON: tuple[str, ...] = get_args(TrainOn)
 GRPO_LOSSES: tuple[str, ...] = get_args(GRPOLossType)
 REWARD_SCALINGS: tuple[str, ...] = get_args(RewardScaling)
 
@@ -26,7 +28,7 @@ class SFTMethod(Section):
     """Supervised fine-tuning: next-token loss on prompt/completion or chat data."""
 
     kind: Literal["sft"] = Field("sft", description="Supervised fine-tuning (formats alpaca, chat, sharegpt, text)")
-    train_on: Literal["completion", "last_turn", "all"] = Field(
+    train_on: TrainOn = Field(
         "completion",
         description=(
             "Which tokens carry loss: the completion (default; every assistant turn of a conversation), "

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserError
+from launcher.method_spec import TRAIN_ON
 from launcher.spec import CHAT_ROLES, CHAT_TEMPLATES, SHAREGPT_ROLES, DataFile
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -35,7 +36,6 @@ ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{inpu
 
 _GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 CHAT_DEFAULT_ROLES = {role: role for role in CHAT_ROLES}
-TRAIN_ON = ("completion", "last_turn", "all")
 
 
 class RecordError(ValueError):
@@ -82,9 +82,7 @@ class Encoder:
 
     @classmethod
     def for_file(cls, tokenizer, train_on: str, file: DataFile) -> Encoder:
-        """The encoder of one data item: its field, and its roles added to the format's defaults.
-
-        The field is None where `columns` renamed the file's columns to the format's own (map_columns)."""
+        """The encoder of one data item: its field, and its roles added to the format's defaults."""
         defaults = SHAREGPT_ROLES if file.format == "sharegpt" else CHAT_DEFAULT_ROLES
         roles = {**defaults, **file.roles} if file.roles else None
         return cls(tokenizer, train_on, file.field, roles)
