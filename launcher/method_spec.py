@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 GRPOLossType = Literal["grpo", "dr_grpo", "dapo"]
 RewardScaling = Literal["group", "batch", "none"]
+TrainOn = Literal["completion", "last_turn", "all"]
+TRAIN_ON: tuple[str, ...] = get_args(TrainOn)
 GRPO_LOSSES: tuple[str, ...] = get_args(GRPOLossType)
 REWARD_SCALINGS: tuple[str, ...] = get_args(RewardScaling)
 
@@ -25,9 +27,14 @@ class Section(BaseModel):
 class SFTMethod(Section):
     """Supervised fine-tuning: next-token loss on prompt/completion or chat data."""
 
-    kind: Literal["sft"] = Field("sft", description="Supervised fine-tuning (formats alpaca, chat, text)")
-    train_on: Literal["completion", "all"] = Field(
-        "completion", description="Which tokens carry loss: only the completion (default) or the whole text"
+    kind: Literal["sft"] = Field("sft", description="Supervised fine-tuning (formats alpaca, chat, sharegpt, text)")
+    train_on: TrainOn = Field(
+        "completion",
+        description=(
+            "Which tokens carry loss: the completion (default; every assistant turn of a conversation), "
+            "last_turn (only a conversation's final assistant answer), or all (the whole text). "
+            "Tool results never carry loss but under all"
+        ),
     )
 
 
@@ -202,7 +209,7 @@ Method = Annotated[
     Field(discriminator="kind"),
 ]
 # The data formats each method reads (the default: the supervised formats); one copy, for the rules and messages.
-SUPERVISED_FORMATS = ("alpaca", "chat", "text")
+SUPERVISED_FORMATS = ("alpaca", "chat", "sharegpt", "text")
 METHOD_FORMATS = {"dpo": ("preference",), "reward": ("preference",), "pretrain": ("text",), "grpo": ("prompt",),
                   "kto": ("feedback",)}
 METHOD_FORMATS |= {"orpo": ("preference",), "simpo": ("preference",)}

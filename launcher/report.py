@@ -27,6 +27,8 @@ def print_plan(plan: Plan) -> None:
     table.add_column("what", style="bold")
     table.add_column("value")
     table.add_row("model", f"{spec.model.path} ({spec.finetune.type}, {spec.method.kind})")
+    if spec.model.chat_template:
+        table.add_row("chat template", f"{spec.model.chat_template} (in place of the tokenizer's; saved in final/)")
     table.add_row("device", f"{plan.device} ({plan.backend}), compute {plan.compute_dtype}")
     table.add_row("ranks", f"{plan.nnodes} node(s) × {plan.nproc_per_node} = {plan.world_size}")
     offload = "" if plan.offload == "none" else f" + offload {plan.offload}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,6 +35,26 @@ CHECKPOINTING: tuple[str, ...] = get_args(Checkpointing)  # from the least recom
 # context={RULES_CONTEXT: [rule, ...]})` checks them with the others, each rule a JobSpec's (field, message) list.
 RULES_CONTEXT = "rules"
 Rule = Callable[["JobSpec"], list[tuple[str, str]]]
+
+# model.chat_template's built-in names: training/data/templates/NAME.jinja each.
+CHAT_TEMPLATES = ("chatml", "llama3", "mistral", "gemma", "qwen", "phi3")
+# The fields of each data format's records, the names `columns:` maps (the first listed may also be `field:`).
+FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
+    "alpaca": ("instruction", "input", "output"),
+    "chat": ("messages", "tools"),
+    "sharegpt": ("conversations", "system", "tools"),
+    "text": ("text",),
+    "preference": ("prompt", "chosen", "rejected"),
+    "feedback": ("prompt", "completion", "label"),
+    "prompt": ("prompt",),
+}
+# The roles a conversation's messages take, and sharegpt's defaults for the file's own role names.
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+ChatRole = Literal["system", "user", "assistant", "tool"]
+SHAREGPT_ROLES: dict[str, str] = {
+    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+    "tool": "tool", "function": "tool", "observation": "tool", "function_call": "assistant",
+}
 
 
 class ModelSpec(Section):
@@ -78,6 +99,23 @@ class ModelSpec(Section):
         False, description="Run model code shipped with the checkpoint (transformers' trust_remote_code)"
     )
     revision: str | None = Field(None, description="Hub branch, tag or commit of model.path (default: main)")
+    chat_template: str | None = Field(
+        None,
+        description=(
+            "The chat template chat and sharegpt data are rendered with, in place of the tokenizer's: a built-in "
+            f"({', '.join(CHAT_TEMPLATES)}) or the path of a .jinja file; saved with the tokenizer in final/. "
+            "Needed for a base model whose tokenizer has none"
+        ),
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_name(cls, v: str | None) -> str | None:
+        if v is None or v in CHAT_TEMPLATES or v.endswith(".jinja"):
+            return v
+        close = difflib.get_close_matches(v.lower(), CHAT_TEMPLATES, n=1)
+        guess = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"{guess}{v!r} is not a built-in template ({', '.join(CHAT_TEMPLATES)}) nor a .jinja file")
 
     @field_validator("gradient_checkpointing", mode="before", json_schema_input_type=Checkpointing | bool)
     @classmethod
@@ -129,13 +167,45 @@ class DataFile(Section):
     """One data file or dataset, an item of data.train or data.eval."""
 
     path: str = Field(description="A .jsonl/.json/.parquet/.csv file, a directory, or a hub dataset name")
-    format: Literal["alpaca", "chat", "text", "preference", "prompt", "feedback"] = Field(
+    format: Literal["alpaca", "chat", "sharegpt", "text", "preference", "prompt", "feedback"] = Field(
         "alpaca",
         description=(
-            "alpaca (instruction, input, output), chat (messages), text (raw text), preference (prompt, chosen, "
+            "alpaca (instruction, input, output), chat (messages of role and content), sharegpt (conversations "
+            "of from and value), text (raw text), preference (prompt, chosen, "
             "rejected), feedback (prompt, completion, label: true/false, for kto), prompt (a prompt to generate from, for grpo; every other field reaches the reward functions)"
         ),
     )
+    columns: dict[str, str] | None = Field(
+        None,
+        description=(
+            "The format's fields read from the file's own columns, e.g. {instruction: question, output: answer} "
+            "(alpaca), {prompt: query, chosen: good, rejected: bad} (preference)"
+        ),
+    )
+    roles: dict[str, ChatRole] | None = Field(
+        None,
+        description=(
+            "Message lists (chat, sharegpt; preference, feedback, prompt given as messages): the file's role names "
+            "as system, user, assistant or tool, e.g. {bot: assistant}; added to the defaults (chat: those four; "
+            "sharegpt: human, gpt, system, tool, function, observation, function_call)"
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _columns_and_roles(self) -> DataFile:
+        fields = FORMAT_FIELDS[self.format]
+        unknown = [k for k in self.columns or {} if k not in fields]
+        if unknown:
+            raise ValueError(
+                f"columns: {', '.join(repr(k) for k in unknown)} is not a field of format {self.format} "
+                f"(its fields: {', '.join(fields)}); map each as {{field: your_column}}"
+            )
+        if self.columns and self.field:
+            raise ValueError(f"give field or columns, not both; e.g. columns: {{{fields[0]}: {self.field}}}")
+        if self.roles and self.format in ("alpaca", "text"):
+            raise ValueError(f"roles apply to message lists (chat, sharegpt, preference, feedback, prompt), not format {self.format}")
+        return self
+
     split: str = Field("train", description="Split to read from a hub dataset or a dataset directory")
     field: str | None = Field(
         None, description="The column holding the text (text), the messages (chat) or the prompt (prompt)"

@@ -20,7 +20,11 @@ TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 
 
 def load_tokenizer(spec: JobSpec):
+    """The job's tokenizer, with model.chat_template in place of its own template when the job sets one
+    (so final/'s tokenizer, saved from this one, chats as the model was trained)."""
     from transformers import AutoTokenizer
+
+    from training.data.templates import apply_chat_template_setting
 
     tok = AutoTokenizer.from_pretrained(
         spec.model.tokenizer or spec.model.path,
@@ -29,7 +33,7 @@ def load_tokenizer(spec: JobSpec):
     )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return tok
+    return apply_chat_template_setting(tok, spec.model.chat_template)
 
 
 def quantization_config(spec: JobSpec, compute_dtype: torch.dtype):

@@ -83,7 +83,7 @@ def test_all_problems_of_a_file_come_at_once(tmp_path: Path):
         f"error: {tmp_path / 'job.yaml'}: 6 problems in the job file",
         "  model.dtype: 'half' is not one of: auto, bf16, fp16, fp32; did you mean 'fp16'? (line 3)",
         "  finetune.lora_alpha: unknown key; did you mean 'alpha'? (line 6)",
-        "  data.train.0.format: 'messages' is not one of: alpaca, chat, text, preference, prompt, feedback; did you mean 'chat'? (line 10)",
+        "  data.train.0.format: 'messages' is not one of: alpaca, chat, sharegpt, text, preference, prompt, feedback; did you mean 'chat'? (line 10)",
         "  train.learning_rate: unknown key; did you mean 'lr'? (line 12)",
         "  train.max_steps: 0 is out of range; must be >= 1 (line 13)",
         "  strategy.name: 'deepspeed' is not one of: auto, single, ddp, fsdp, zero1, zero2, zero3 (line 15)",

@@ -68,20 +68,26 @@ def load_tokenizer(tokenizer_path: str, trust_remote_code: bool):
         raise UserError(f"cannot load the tokenizer {tokenizer_path!r}: {e}") from e
 
 
-def cache_key(data: DataSpec, method_kind: str, tokenizer_path: str, train_on: str, trust_remote_code: bool) -> str:
-    """Hash of everything that changes the tokenized output (file contents, not just names)."""
+def cache_key(
+    data: DataSpec, method_kind: str, tokenizer_path: str, train_on: str, trust_remote_code: bool,
+    chat_template: str | None = None,
+) -> str:
+    """Hash of everything that changes the tokenized output (file contents, not just names; the text of
+    model.chat_template, when the job sets one)."""
 
     def files_key(section: str) -> list:
         files = []
         for i, file in enumerate(getattr(data, section)):
             local = source_files(i, file, section)
             content = [[str(p.resolve()), _fingerprint(p)] for p in local] if local is not None else "hub"
-            files.append([file.path, file.format, file.split, file.field, content])
+            mapped = [file.columns, file.roles] if file.columns or file.roles else []  # jobs without keep their keys
+            files.append([file.path, file.format, file.split, file.field, content, *mapped])
         return files
 
     inputs = {
         "version": PIPELINE_VERSION, "files": files_key("train"), "method": method_kind, "train_on": train_on,
         "tokenizer": _tokenizer_fingerprint(tokenizer_path, trust_remote_code),
+        **({"chat_template": chat_template} if chat_template is not None else {}),  # jobs without keep their keys
         "max_length": data.max_length, "packing": data.packing, "truncation": data.truncation,
     }
     if data.eval or data.eval_split:  # only then: caches of jobs without eval data keep their keys

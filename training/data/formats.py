@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserError
-from launcher.spec import DataFile
+from launcher.method_spec import TRAIN_ON
+from launcher.spec import CHAT_ROLES, CHAT_TEMPLATES, SHAREGPT_ROLES, DataFile
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 COMPRESSIONS = {".gz", ".bz2", ".xz", ".zst", ".lz4"}
@@ -34,6 +35,7 @@ ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
 _GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+CHAT_DEFAULT_ROLES = {role: role for role in CHAT_ROLES}
 
 
 class RecordError(ValueError):
@@ -62,16 +64,28 @@ class Format:
 
 
 class Encoder:
-    """Tokenizer plus the rules shared by every format: BOS/EOS handling, train_on, spans to targets."""
+    """Tokenizer plus the rules shared by every format: BOS/EOS handling, train_on, spans to targets.
 
-    def __init__(self, tokenizer, train_on: str = "completion", field: str | None = None):
-        if train_on not in ("completion", "all"):
-            raise ValueError(f"train_on must be 'completion' or 'all', not {train_on!r}")
+    `roles` maps a conversation file's role names to the template's (None: the format's defaults)."""
+
+    def __init__(
+        self, tokenizer, train_on: str = "completion", field: str | None = None, roles: dict[str, str] | None = None
+    ):
+        if train_on not in TRAIN_ON:
+            raise ValueError(f"train_on must be one of {', '.join(TRAIN_ON)}, not {train_on!r}")
         self.tokenizer = tokenizer
         self.train_on = train_on
         self.field = field
+        self.roles = roles
         self.bos_id = tokenizer.bos_token_id
         self.eos_id = tokenizer.eos_token_id
+
+    @classmethod
+    def for_file(cls, tokenizer, train_on: str, file: DataFile) -> Encoder:
+        """The encoder of one data item: its field, and its roles added to the format's defaults."""
+        defaults = SHAREGPT_ROLES if file.format == "sharegpt" else CHAT_DEFAULT_ROLES
+        roles = {**defaults, **file.roles} if file.roles else None
+        return cls(tokenizer, train_on, file.field, roles)
 
     def encode_spans(self, texts: list[str], spans: list[list[tuple[int, int]]]):
         """Tokenize each text once; a token is a target when it overlaps one of its text's loss spans."""
@@ -146,20 +160,79 @@ def encode_text(batch: dict[str, list], enc: Encoder):
     return enc.encode_spans(texts, [[(0, len(t))] for t in texts])
 
 
-def _messages(record: dict, name: str, index: int) -> list[dict]:
+def _tools(record: dict, index: int) -> list[dict] | None:
+    """A record's tool definitions (JSON schemas) for the template: a list, or a JSON string of one."""
+    tools = record.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools) if tools.strip() else None
+        except json.JSONDecodeError as e:
+            raise RecordError(index, f"field 'tools' is a string but not JSON: {e.msg}") from None
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise RecordError(index, "field 'tools' must be a list of tool definitions (JSON schemas)")
+    return tools or None
+
+
+def _messages(
+    record: dict, name: str, index: int, roles: dict[str, str] | None = None, system_column: bool = False
+) -> list[dict]:
+    """A record's conversation as {role, content, ...} messages with the template's role names.
+
+    A message's role may be under `role` or `from`, its text under `content` or `value` (ShareGPT); its
+    role is mapped by `roles` (the file's role names to system, user, assistant, tool), and a role the
+    mapping does not name is refused: a prompt turn it would silently become could hide a whole dataset's
+    answers. With `system_column`, a record's `system` string (sharegpt's) opens a conversation that has none."""
+    roles = roles or CHAT_DEFAULT_ROLES
     messages = record.get(name)
     if not isinstance(messages, list) or not messages:
         raise RecordError(index, f"field '{name}' must be a non-empty list of {{role, content}} messages")
+    out = []
     for j, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise RecordError(index, f"{name}[{j}] needs a string 'role'")
+        if not isinstance(message, dict):
+            raise RecordError(index, f"{name}[{j}] must be a {{role, content}} message")
+        # Parquet/JSON loaders give every message the union of all keys; None values are not part of the message.
+        message = {k: v for k, v in message.items() if v is not None}
+        role = message.pop("role", message.pop("from", None))
+        if not isinstance(role, str):
+            raise RecordError(index, f"{name}[{j}] needs a string 'role' (or 'from')")
+        if role not in roles:
+            raise RecordError(
+                index,
+                f"{name}[{j}] has the role {role!r}, which is not one of the roles this file may use "
+                f"({', '.join(roles)}); map it with roles: {{{role}: user}} (or assistant, system, tool) on the data item",
+            )
+        message = {"role": roles[role], **message}
+        if "content" not in message and "value" in message:
+            message["content"] = message.pop("value")
         if not isinstance(message.get("content"), str) and not message.get("tool_calls"):
-            raise RecordError(index, f"{name}[{j}] needs a string 'content'")
-    # Parquet/JSON loaders give every message the union of all keys; None values are not part of the message.
-    return [{k: v for k, v in message.items() if v is not None} for message in messages]
+            raise RecordError(index, f"{name}[{j}] needs a string 'content' (or 'value')")
+        out.append(message)
+    system = record.get("system") if system_column else None
+    if isinstance(system, str) and system and out[0]["role"] != "system":
+        out.insert(0, {"role": "system", "content": system})
+    return out
 
 
-def _assistant_spans(tokenizer, messages: list[dict], full: str, index: int) -> list[tuple[int, int]]:
+def _template(tokenizer) -> str:
+    if not tokenizer.chat_template:
+        raise RecordError(
+            None,
+            "the tokenizer has no chat template (a base model?): set model.chat_template to a built-in "
+            f"({', '.join(CHAT_TEMPLATES)}) or the path of a .jinja file, or use format: text",
+        )
+    return tokenizer.get_chat_template()
+
+
+def _render(tokenizer, messages: list[dict], tools, index: int, generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except Exception as e:  # the template's raise_exception, or a message it cannot render
+        raise RecordError(index, f"the chat template cannot render this conversation: {e}") from None
+
+
+def _assistant_spans(tokenizer, messages: list[dict], tools, full: str, index: int) -> list[tuple[int, int]]:
     """Character spans of assistant turns, found by rendering growing prefixes of the conversation.
 
     The text an assistant turn adds is render(messages[:i+1]) minus render(messages[:i]) with the
@@ -167,60 +240,88 @@ def _assistant_spans(tokenizer, messages: list[dict], full: str, index: int) -> 
     needs a template whose renderings of prefixes are prefixes of the whole; one that rewrites earlier
     turns (e.g. strips reasoning) is refused rather than trained on misplaced labels.
     """
-
-    def render(msgs: list[dict], generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
-
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         try:
-            before = render(messages[:i], True)
-        except Exception:  # some templates cannot render an empty prefix (an assistant-first conversation)
+            before = _render(tokenizer, messages[:i], tools, index, True)
+        except RecordError:  # some templates cannot render an empty prefix (an assistant-first conversation)
             before = ""
-        upto = render(messages[: i + 1], False)
+        upto = _render(tokenizer, messages[: i + 1], tools, index)
         if not (full.startswith(upto) and upto.startswith(before)):
             raise RecordError(
                 index,
                 "the tokenizer's chat template does not render this conversation's prefixes as prefixes of the "
                 "whole, so its assistant turns cannot be located; use a template with {% generation %} "
-                "blocks, or method.train_on: all",
+                "blocks (model.chat_template), or method.train_on: all",
             )
         spans.append((len(before), len(upto)))
     return spans
 
 
-def encode_chat(batch: dict[str, list], enc: Encoder):
-    tokenizer, name = enc.tokenizer, enc.field or "messages"
-    if not tokenizer.chat_template:
-        raise RecordError(None, "the tokenizer has no chat template; use a chat model's tokenizer or format: text")
-    conversations = [_messages(record, name, i) for i, record in enumerate(_rows(batch))]
-    if enc.train_on == "completion" and _GENERATION_BLOCK.search(str(tokenizer.chat_template)):
-        # The template marks assistant text itself: trust it over prefix diffs.
-        out = tokenizer.apply_chat_template(
-            conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+def _generation_spans(tokenizer, template: str, messages: list[dict], tools, index: int):
+    """(text, the character span of each {% generation %} block): the template marks assistant text itself."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    try:
+        texts, spans = render_jinja_template(
+            conversations=[messages], tools=tools, chat_template=template, return_assistant_tokens_mask=True,
+            **tokenizer.special_tokens_map,
         )
-        return [
-            enc.finish(list(ids), [bool(m) for m in mask])
-            for ids, mask in zip(out["input_ids"], out["assistant_masks"], strict=True)
-        ]
-    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+    except Exception as e:
+        raise RecordError(index, f"the chat template cannot render this conversation: {e}") from None
+    return texts[0], list(spans[0])
+
+
+def conversation_spans(enc: Encoder, messages: list[dict], tools, index: int) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and its loss spans under enc.train_on: every assistant turn (completion),
+    the last one (last_turn) or everything (all). Tool results are never assistant text."""
+    tokenizer = enc.tokenizer
+    template = _template(tokenizer)
     if enc.train_on == "all":
-        return enc.encode_spans(texts, [[(0, len(t))] for t in texts])
-    spans = [_assistant_spans(tokenizer, c, t, i) for i, (c, t) in enumerate(zip(conversations, texts, strict=True))]
+        text = _render(tokenizer, messages, tools, index)
+        return text, [(0, len(text))]
+    n_assistant = sum(m["role"] == "assistant" for m in messages)
+    if _GENERATION_BLOCK.search(template):
+        text, spans = _generation_spans(tokenizer, template, messages, tools, index)
+        if enc.train_on == "completion" or len(spans) == n_assistant:
+            return text, spans[-1:] if enc.train_on == "last_turn" else spans
+    else:
+        text = _render(tokenizer, messages, tools, index)
+    # last_turn where blocks and assistant turns do not pair up one to one: locate the turns by prefixes
+    spans = _assistant_spans(tokenizer, messages, tools, text, index)
+    return text, spans[-1:] if enc.train_on == "last_turn" else spans
+
+
+def encode_chat(batch: dict[str, list], enc: Encoder, name: str = "messages", sharegpt: bool = False):
+    """Each conversation rendered by the chat template; its assistant turns (per train_on) carry loss."""
+    name = enc.field or name
+    roles = enc.roles or (SHAREGPT_ROLES if sharegpt else CHAT_DEFAULT_ROLES)
+    texts, spans = [], []
+    for i, record in enumerate(_rows(batch)):
+        messages = _messages(record, name, i, roles, system_column=sharegpt)
+        text, record_spans = conversation_spans(enc, messages, _tools(record, i), i)
+        texts.append(text)
+        spans.append(record_spans)
     return enc.encode_spans(texts, spans)
 
 
-def _turns(value, name: str, index: int, role: str) -> list[dict]:
+def encode_sharegpt(batch: dict[str, list], enc: Encoder):
+    """ShareGPT records: `conversations` of {from, value} turns (human, gpt, ...), encoded as chat."""
+    return encode_chat(batch, enc, "conversations", sharegpt=True)
+
+
+def _turns(value, name: str, index: int, role: str, roles: dict[str, str] | None = None) -> list[dict]:
     """A preference field as chat messages: a message list as is, a string as one `role` message."""
     if isinstance(value, list):
-        return _messages({name: value}, name, index)
+        return _messages({name: value}, name, index, roles)
     return [{"role": role, "content": value}]
 
 
 def _preference_texts(
-    record: dict, index: int, tokenizer, answers: tuple[str, ...] = ("chosen", "rejected")
+    record: dict, index: int, tokenizer, answers: tuple[str, ...] = ("chosen", "rejected"),
+    roles: dict[str, str] | None = None,
 ) -> list[tuple[str, tuple[int, int]]]:
     """(text, loss span) of prompt + answer for each of `answers` (chosen and rejected; feedback's completion).
 
@@ -239,12 +340,13 @@ def _preference_texts(
         prompt = fields["prompt"]
         return [(prompt + fields[k], (len(prompt), len(prompt) + len(fields[k]))) for k in answers]
     if not tokenizer.chat_template:
-        raise RecordError(None, "message lists need a chat template, and the tokenizer has none; use strings")
-    prompt = _turns(fields["prompt"], "prompt", index, "user")
+        raise RecordError(None, "message lists need a chat template, and the tokenizer has none; set "
+                          "model.chat_template or give the fields as strings")
+    prompt = _turns(fields["prompt"], "prompt", index, "user", roles)
     before = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     out = []
     for name in answers:
-        answer = _turns(fields[name], name, index, "assistant")
+        answer = _turns(fields[name], name, index, "assistant", roles)
         if len(answer) > len(prompt) and answer[: len(prompt)] == prompt:
             answer = answer[len(prompt) :]  # answers that repeat the prompt's turns (UltraFeedback binarized)
         full = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
@@ -260,10 +362,10 @@ def _preference_texts(
 def encode_preference(batch: dict[str, list], enc: Encoder):
     """Each record to ((chosen ids, targets), (rejected ids, targets)); the prompt never carries loss."""
     if enc.train_on != "completion":  # a method setting for SFT; a preference is about the answers only
-        enc = Encoder(enc.tokenizer, "completion", enc.field)
+        enc = Encoder(enc.tokenizer, "completion", enc.field, enc.roles)
     texts, spans = [], []
     for i, record in enumerate(_rows(batch)):
-        for text, span in _preference_texts(record, i, enc.tokenizer):
+        for text, span in _preference_texts(record, i, enc.tokenizer, roles=enc.roles):
             texts.append(text)
             spans.append([span])
     encoded = enc.encode_spans(texts, spans)
@@ -283,11 +385,11 @@ def _desirable(record: dict, index: int) -> bool:
 def encode_feedback(batch: dict[str, list], enc: Encoder):
     """Each record to ((prompt + completion ids, targets on the completion), desirable): KTO's unpaired data."""
     if enc.train_on != "completion":  # as for preferences: the label is about the completion only
-        enc = Encoder(enc.tokenizer, "completion", enc.field)
+        enc = Encoder(enc.tokenizer, "completion", enc.field, enc.roles)
     texts, spans, labels = [], [], []
     for i, record in enumerate(_rows(batch)):
         labels.append(_desirable(record, i))
-        ((text, span),) = _preference_texts(record, i, enc.tokenizer, ("completion",))
+        ((text, span),) = _preference_texts(record, i, enc.tokenizer, ("completion",), enc.roles)
         texts.append(text)
         spans.append([span])
     return list(zip(enc.encode_spans(texts, spans), labels, strict=True))
@@ -306,8 +408,9 @@ def encode_prompt(batch: dict[str, list], enc: Encoder):
             raise RecordError(i, f"field '{name}' is missing")
         if isinstance(value, list):
             if not tokenizer.chat_template:
-                raise RecordError(None, "message prompts need a chat template, and the tokenizer has none; use strings")
-            value = _messages(record, name, i)
+                raise RecordError(None, "message prompts need a chat template, and the tokenizer has none; set "
+                                  "model.chat_template or give the prompts as strings")
+            value = _messages(record, name, i, enc.roles)
             texts.append(tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True))
         elif isinstance(value, str):
             texts.append(value)
@@ -336,6 +439,12 @@ FORMATS: dict[str, Format] = {
         {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
         encode_chat,
     ),
+    "sharegpt": Format(
+        "sharegpt",
+        lambda field: (field or "conversations",),
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
+        encode_sharegpt,
+    ),
     "text": Format("text", lambda field: (field or "text",), {"text": "Some document text."}, encode_text),
     "preference": Format(
         "preference",
@@ -359,6 +468,29 @@ FORMATS: dict[str, Format] = {
         prompts_only=True,
     ),
 }
+
+
+def map_columns(ds, file: DataFile, label: str):
+    """`ds` with the file's columns renamed to the format's fields, as data item's `columns:` maps them.
+
+    A column of the file that already has a mapped field's name is dropped first (the mapping says
+    which column holds that field). A mapped column the file lacks is a UserError naming both."""
+    if not file.columns:
+        return ds
+    missing = {f: c for f, c in file.columns.items() if c not in ds.column_names}
+    if missing:
+        named = ", ".join(f"{field}: {column!r}" for field, column in missing.items())
+        raise UserError(
+            f"{label}: columns maps {named}, but the records have no such column; "
+            f"their columns are {', '.join(ds.column_names) or 'none'}",
+            hint=f"fix the column names in columns: {{{', '.join(f'{k}: {v}' for k, v in file.columns.items())}}}",
+        )
+    sources = set(file.columns.values())
+    shadowed = [f for f in file.columns if f in ds.column_names and f not in sources]
+    if shadowed:
+        ds = ds.remove_columns(shadowed)
+    renames = {column: field for field, column in file.columns.items() if column != field}
+    return ds.rename_columns(renames) if renames else ds
 
 
 # ---------------------------------------------------------------- reading files

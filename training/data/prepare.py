@@ -22,9 +22,18 @@ from training.data.cache import (
     cache_key,
     load_tokenizer,
 )
-from training.data.formats import FORMATS, Encoder, RecordError, load_source, record_location, source_files
+from training.data.formats import (
+    FORMATS,
+    Encoder,
+    RecordError,
+    load_source,
+    map_columns,
+    record_location,
+    source_files,
+)
 from training.data.packing import COLUMNS, DESIRABLE, IGNORE_INDEX, pack_dataset, row_features
 from training.data.prompts import PROMPT_COLUMNS, finish_prompt, prompt_features
+from training.data.templates import load_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +46,14 @@ def prepare_dataset(
     trust_remote_code: bool = False,
     cache_root: str | Path | None = None,
     train_on: str = "completion",
+    chat_template: str | None = None,
 ) -> Path:
     """Tokenize data.train once into the shared cache and return its directory (a finished one is reused).
 
     Many processes may call this at once on a shared filesystem: one takes the lock file and builds into
     a temporary directory that it renames into place; the others poll for that directory. No collective.
     Evaluation rows (data.eval files, data.eval_split held out of train) go into its `eval/` directory.
+    `chat_template` is model.chat_template (a built-in name or a .jinja path), in place of the tokenizer's.
     """
     files = (*data.train, *data.eval)
     # Rows a loss finds its sequences in by where their positions restart: a preference pair is
@@ -63,9 +74,10 @@ def prepare_dataset(
     if data.packing and any(FORMATS[f.format].prompts_only for f in files):
         raise UserError("data.packing: prompts are not packed (each is generated from on its own)",
                         hint="remove data.packing")
+    template = load_chat_template(chat_template) if chat_template else None
     root = Path(cache_root or data.cache_dir or DEFAULT_ROOT).expanduser()
-    final = root / cache_key(data, method_kind, tokenizer_path, train_on, trust_remote_code)
-    return build_once(final, lambda out: _build(out, data, tokenizer_path, trust_remote_code, train_on))
+    final = root / cache_key(data, method_kind, tokenizer_path, train_on, trust_remote_code, template)
+    return build_once(final, lambda out: _build(out, data, tokenizer_path, trust_remote_code, train_on, template))
 
 
 # ---------------------------------------------------------------- tokenizing
@@ -106,8 +118,9 @@ def _encode_source(
     section: str = "train",
 ):
     """Encode one source file; the Arrow output goes to `out` (each part its own file, never HF's cache)."""
-    fmt, enc = FORMATS[file.format], Encoder(tokenizer, train_on, file.field)
+    fmt, enc = FORMATS[file.format], Encoder.for_file(tokenizer, train_on, file)
     label = f"data.{section}[{i}] ({path or file.path})"
+    ds = map_columns(ds, file, label)
     missing = [c for c in fmt.required(file.field) if c not in ds.column_names]
     if missing:
         raise UserError(
@@ -151,7 +164,9 @@ def _encode_source(
     )
 
 
-def _build(out: Path, data: DataSpec, tokenizer_path: str, trust_remote_code: bool, train_on: str) -> None:
+def _build(
+    out: Path, data: DataSpec, tokenizer_path: str, trust_remote_code: bool, train_on: str, template: str | None
+) -> None:
     import datasets
 
     work = out.parent / "work"
@@ -160,6 +175,8 @@ def _build(out: Path, data: DataSpec, tokenizer_path: str, trust_remote_code: bo
     datasets.utils.logging.disable_progress_bar()
     try:
         tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
+        if template is not None:
+            tokenizer.chat_template = template
         stats = {"records": 0, "truncated": 0, "dropped_too_long": 0, "dropped_no_labels": 0}
         ds = _encode_section("train", data, tokenizer, train_on, stats, work)
         if len(ds) == 0:
