@@ -60,7 +60,7 @@ ALIASES = {
 }
 VALUE_ALIASES = {  # normalised (lower case, no - _ space) → choice
     "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32", "fa2": "flash_attention_2",
-    "flashattention": "flash_attention_2", "flashattn": "flash_attention_2", "sharegpt": "chat", "messages": "chat",
+    "flashattention": "flash_attention_2", "flashattn": "flash_attention_2", "messages": "chat",
     "conversation": "chat", "conversations": "chat", "raw": "text", "pairwise": "preference", "pairs": "preference",
     "dpo": "preference", "fsdp2": "fsdp", "gpu": "cuda", "prompts": "prompt", "promptonly": "prompt",
     "rl": "prompt", "drgrpo": "dr_grpo", "kto": "feedback", "unpaired": "feedback",

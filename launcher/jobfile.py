@@ -19,7 +19,7 @@ import yaml
 from launcher.errors import UserError
 from launcher.job_messages import count, dotted, got, problem_lines, report, show
 from launcher.method_spec import REWARD_FUNCTION
-from launcher.spec import RULES_CONTEXT, JobSpec, resolve_path
+from launcher.spec import CHAT_TEMPLATES, RULES_CONTEXT, JobSpec, resolve_path
 from strategies.job_rules import job_problems
 from training.data.prompts import data_columns
 from training.rollout.rewards import check_reward_function, resolve_reference
@@ -198,6 +198,8 @@ def _resolve_paths(spec: JobSpec, base: Path) -> None:
             reward.function = resolve_reference(reward.function, base)
         if reward.model:
             reward.model = resolve_path(reward.model, base)
+    if spec.model.chat_template and spec.model.chat_template not in CHAT_TEMPLATES:  # a .jinja file's path
+        spec.model.chat_template = resolve_path(spec.model.chat_template, base)
     for section, key in ((spec.model, "tokenizer"), (spec.data, "cache_dir"), (spec, "output_dir")):
         if getattr(section, key):
             setattr(section, key, resolve_path(getattr(section, key), base))

@@ -37,6 +37,7 @@ def prepare_run(spec, run_dir: Path, *, device: str | None = None, nnodes: int |
         trust_remote_code=spec.model.trust_remote_code,
         cache_root=cache_root,
         train_on=getattr(spec.method, "train_on", "all"),
+        chat_template=spec.model.chat_template,
     )
     plan = plan.model_copy(update={"data_cache": str(Path(cache).resolve())})
     plan.write(run_dir)

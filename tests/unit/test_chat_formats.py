@@ -287,3 +287,25 @@ def test_preference_messages_take_the_roles_mapping(model_dir, tmp_path):
     spec = DataSpec(train=[{"path": str(path), "format": "preference", "roles": {"human": "user", "bot": "assistant"}}])
     mapped = C.load_prepared(D.prepare_dataset(spec, "dpo", str(model_dir), cache_root=tmp_path / "c"))
     assert mapped["input_ids"] == native["input_ids"] and mapped["labels"] == native["labels"]
+
+
+def test_a_run_tokenizes_with_the_jobs_template_from_a_path_beside_the_job(model_dir, family_tokenizers, tmp_path):
+    """What `sharpen run` prepares (launcher/prepare.py) is rendered with model.chat_template, here a .jinja
+    file named relative to the job file's directory rather than the working directory."""
+    from pathlib import Path
+
+    from launcher.jobfile import load_job
+    from launcher.prepare import prepare_run
+
+    family_tokenizers["chatml"].chat_template = None
+    family_tokenizers["chatml"].save_pretrained(tmp_path / "base")
+    (tmp_path / "mine.jinja").write_text((HERE / "chatml.jinja").read_text())
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": CHAT}])
+    job = job_file(tmp_path, model_dir, {"path": str(path), "format": "chat"}, tokenizer=str(tmp_path / "base"),
+                   chat_template="mine.jinja")
+    spec = load_job(job, [])
+    assert spec.model.chat_template == str(tmp_path / "mine.jinja")
+    plan = prepare_run(spec, tmp_path / "run")
+    row = C.load_prepared(Path(plan.data_cache))[0]
+    labels = [t for t in row["labels"] if t != -100]
+    assert family_tokenizers["chatml"].decode(labels) == "cold<|im_end|>The sky is blue.<|im_end|>"
