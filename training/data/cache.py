@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "~/.cache/sharpen/tokenized"  # when neither data.cache_dir nor a cache_root is given
 # Bump when the stored layout or the tokenization rules change: old caches then stop matching.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: META_FILE lists each data.train entry's records, samples, tokens and rows
 META_FILE = "sharpen-data.json"
 EVAL_DIR = "eval"  # the evaluation rows (data.eval, data.eval_split), inside the training data's directory
 EVAL_SPLIT_SEED = 0  # which rows data.eval_split holds out: fixed, so every run of the same data agrees
@@ -84,6 +84,8 @@ def cache_key(data: DataSpec, method_kind: str, tokenizer_path: str, train_on: s
         "tokenizer": _tokenizer_fingerprint(tokenizer_path, trust_remote_code),
         "max_length": data.max_length, "packing": data.packing, "truncation": data.truncation,
     }
+    if data.packing and len({f.weight for f in data.train}) > 1:
+        inputs["packed_per_source"] = True  # weights that differ: each source packed apart (training/data/sampler.py)
     if data.eval or data.eval_split:  # only then: caches of jobs without eval data keep their keys
         inputs["eval"] = {"files": files_key("eval"), "split": data.eval_split, "seed": EVAL_SPLIT_SEED}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
@@ -96,6 +98,12 @@ def load_prepared(path: Path):
     if not (Path(path) / META_FILE).exists():
         raise UserError(f"{path} is not a dataset written by prepare_dataset (no {META_FILE})")
     return datasets.load_from_disk(str(path))
+
+
+def prepared_sources(path: Path) -> list[dict]:
+    """Each data.train entry as prepared: path, records, samples, tokens, and its rows (contiguous, in order;
+    None when packing laid several sources in one row)."""
+    return json.loads((Path(path) / META_FILE).read_text())["sources"]
 
 
 def load_prepared_eval(path: Path):
