@@ -100,10 +100,15 @@ def load_prepared(path: Path):
     return datasets.load_from_disk(str(path))
 
 
+def prepared_meta(path: Path) -> dict:
+    """What the builder recorded of a cache entry: rows, tokens, stats, and `sources` (prepared_sources)."""
+    return json.loads((Path(path) / META_FILE).read_text())
+
+
 def prepared_sources(path: Path) -> list[dict]:
     """Each data.train entry as prepared: path, records, samples, tokens, and its rows (contiguous, in order;
     None when packing laid several sources in one row)."""
-    return json.loads((Path(path) / META_FILE).read_text())["sources"]
+    return prepared_meta(path)["sources"]
 
 
 def load_prepared_eval(path: Path):

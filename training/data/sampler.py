@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 
@@ -109,6 +110,15 @@ class Mix:
                 row = offsets[s] + source_order(self.rows[s], seed, s, epoch, shuffle)[index]
                 drawn.append(((2 * draw + 1) * spacing[s], s, int(row)))
         return np.asarray([row for *_, row in sorted(drawn)], dtype=np.int64)
+
+
+def prepared_mix(cache: Path, weights: list[float]) -> Mix | None:
+    """The Mix of a prepared cache entry's sources under data.train's `weights` (None: all equal, one pool)."""
+    if len(set(weights)) <= 1:
+        return None
+    from training.data.cache import prepared_sources
+
+    return Mix.of([source["rows"] for source in prepared_sources(cache)], weights)
 
 
 def shares(rows: list[int], weights: list[float]) -> list[float]:
