@@ -8,7 +8,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from support import data_inputs
 from support.data_inputs import write_jsonl
 from support.planner_job import job
 
@@ -18,8 +17,6 @@ from launcher.spec import DataSpec
 from training.data import cache as C
 from training.data import prepare as D
 from training.data import sampler as S
-
-model_dir = data_inputs.model_dir
 WEIGHTS = [3.0, 1.0, 2.0]
 
 
@@ -33,14 +30,14 @@ def sources(tmp_path_factory) -> list[str]:
     return [str(write_jsonl(d / f"{tag}.jsonl", source_records(tag, n))) for tag, n in (("a", 40), ("b", 40), ("c", 40))]
 
 
-def prepare(model_dir, cache_root, paths, weights, **data):
+def prepare(tiny_model, cache_root, paths, weights, **data):
     spec = DataSpec(train=[{"path": p, "weight": w} for p, w in zip(paths, weights, strict=True)], max_length=64, **data)
-    return D.prepare_dataset(spec, "sft", str(model_dir), cache_root=cache_root)
+    return D.prepare_dataset(spec, "sft", str(tiny_model), cache_root=cache_root)
 
 
 @pytest.fixture(scope="module")
-def mixed(model_dir, sources, tmp_path_factory):
-    cache = prepare(model_dir, tmp_path_factory.mktemp("cache"), sources, WEIGHTS)
+def mixed(tiny_model, sources, tmp_path_factory):
+    cache = prepare(tiny_model, tmp_path_factory.mktemp("cache"), sources, WEIGHTS)
     return C.load_prepared(cache), S.prepared_mix(cache, WEIGHTS), cache
 
 
@@ -106,10 +103,10 @@ def test_the_draws_are_a_function_of_the_step_alone():
     assert mix.draws_before(10**9) == pytest.approx([10**9 * s for s in mix.shares()], rel=1e-6)
 
 
-def test_equal_weights_are_todays_pool(model_dir, sources, tmp_path):
+def test_equal_weights_are_todays_pool(tiny_model, sources, tmp_path):
     """Every weight equal (2, 2, 2 or the default): the same cache entry and today's one shuffled pool."""
-    default = prepare(model_dir, tmp_path, sources, [1.0] * 3)
-    assert prepare(model_dir, tmp_path, sources, [2.0] * 3) == default
+    default = prepare(tiny_model, tmp_path, sources, [1.0] * 3)
+    assert prepare(tiny_model, tmp_path, sources, [2.0] * 3) == default
     assert S.prepared_mix(default, [2.0] * 3) is None
     ds = C.load_prepared(default)
     got = [s.rows.tolist() for s, _ in zip(S.step_batches(ds, global_batch_size=8, micro_batch_size=8, grad_accum=1,
@@ -120,14 +117,14 @@ def test_equal_weights_are_todays_pool(model_dir, sources, tmp_path):
     assert got == today
 
 
-def test_packed_sources_are_packed_apart_when_weights_differ(model_dir, sources, tmp_path):
-    cache = prepare(model_dir, tmp_path, sources, WEIGHTS, packing=True)
+def test_packed_sources_are_packed_apart_when_weights_differ(tiny_model, sources, tmp_path):
+    cache = prepare(tiny_model, tmp_path, sources, WEIGHTS, packing=True)
     prepared, ds = C.prepared_sources(cache), C.load_prepared(cache)
     assert sum(s["rows"] for s in prepared) == len(ds) and all(s["samples"] == 40 for s in prepared)
     bounds = np.cumsum([0, *(s["rows"] for s in prepared)])
     segments = np.asarray(ds.with_format("arrow")["num_segments"])
     assert [int(segments[a:b].sum()) for a, b in zip(bounds, bounds[1:], strict=False)] == [40, 40, 40]
-    pooled = C.prepared_sources(prepare(model_dir, tmp_path, sources, [1.0] * 3, packing=True))
+    pooled = C.prepared_sources(prepare(tiny_model, tmp_path, sources, [1.0] * 3, packing=True))
     assert [s["rows"] for s in pooled] == [None] * 3  # one pool: a row may hold several sources
 
 
