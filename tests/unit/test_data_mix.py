@@ -17,6 +17,7 @@ from launcher.spec import DataSpec
 from training.data import cache as C
 from training.data import prepare as D
 from training.data import sampler as S
+
 WEIGHTS = [3.0, 1.0, 2.0]
 
 

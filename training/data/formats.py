@@ -411,6 +411,8 @@ def load_source(i: int, file: DataFile, path: Path | None, work: Path, section: 
     bad_text = utf8_error(path)
     if bad_text:
         raise UserError(f"{label}: cannot read it: {bad_text}", hint="re-encode it, e.g. iconv -f latin1 -t utf-8")
+    verbosity = datasets.utils.logging.get_verbosity()
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)  # its own log of a bad file: ours says it
     try:
         return datasets.load_dataset(file_type(path), data_files=[str(path)], split="train", cache_dir=str(work))
     except Exception as e:
@@ -421,6 +423,8 @@ def load_source(i: int, file: DataFile, path: Path | None, work: Path, section: 
             f"{label}: cannot read it: {where or cause}",
             hint=f"JSON Lines hold one object per line, e.g. {example}" if where else None,
         ) from e
+    finally:
+        datasets.utils.logging.set_verbosity(verbosity)
 
 
 def utf8_error(path: Path, chunk: int = 16 << 20) -> str | None:
