@@ -178,7 +178,7 @@ def _encode_source(
         encode, batched=True, batch_size=BATCH, writer_batch_size=BATCH, with_indices=True,
         remove_columns=ds.column_names, features=features, num_proc=num_proc if num_proc > 1 else None,
         cache_file_name=str(out / f"encoded-{uuid.uuid4().hex}.arrow"), new_fingerprint=uuid.uuid4().hex,
-        desc=f"tokenizing {label}",
+        desc=f"tokenizing data.{section}[{i}] {path.name if path else file.path}",
     )
     if stats_file.exists():
         for line in stats_file.read_text().splitlines():
