@@ -218,6 +218,7 @@ def build_plan(
     """Resolve `spec` into a Plan. Returns the plan and notices to show the user. `free_space(path)`: free
     bytes on path's filesystem (free_bytes; tests give their own)."""
     notices: list[str] = []
+    check_weights(spec)
     if device is None and spec.cluster.kind == "slurm" and spec.device == "cuda":
         device = "cuda"  # the cluster's GPUs, not this machine's: plan a SLURM job from anywhere
     if device is None:
@@ -376,6 +377,71 @@ def default_run_dir(spec: JobSpec) -> Path:
     if spec.output_dir:
         return Path(spec.output_dir)
     return Path("runs") / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_weights(spec: JobSpec) -> None:
+    """data.train weights that differ, refused where the rows are not drawn by the sampler's mix: GRPO's prompts
+    and a precomputed reference (DPO, KTO) choose their rows from the one-pool order before training."""
+    weights = [f.weight for f in spec.data.train]
+    if len(set(weights)) <= 1:
+        return
+    reference = reference_model(spec)
+    if spec.method.kind == "grpo":
+        why = "grpo draws its prompts from one pool (each prompt once an epoch)"
+    elif reference and reference["source"] == "precomputed":
+        why = (f"{spec.method.kind}'s reference is precomputed before training, for the rows of the one-pool "
+               "order (full fine-tuning or method.reference: precompute)")
+    else:
+        return
+    first = next(i for i, w in enumerate(weights) if w != weights[0])
+    raise UserError(
+        f"data.train[{first}].weight: {weights[first]:g} differs from data.train[0]'s {weights[0]:g}, but {why}",
+        "give every data.train entry the same weight (or none)"
+        + ("; with LoRA, method.reference: auto draws the mix" if spec.method.kind != "grpo" else ""),
+    )
+
+
+def data_sources(spec: JobSpec, cache: Path) -> list[dict]:
+    """Each data.train entry as `sharpen plan` shows it: path, weight, records, tokens, share of the samples drawn
+    and epochs over train.max_steps (how many times its samples are seen), from the prepared cache entry."""
+    from training.data.cache import prepared_meta
+    from training.data.sampler import shares
+
+    meta = prepared_meta(cache)
+    prepared = meta["sources"]
+    weights = [f.weight for f in spec.data.train]
+    mixing = len(set(weights)) > 1
+    rows = [p["rows"] if p["rows"] is not None else p["samples"] for p in prepared]
+    share = shares(rows, weights if mixing else [1.0] * len(rows))
+    drawn = spec.train.max_steps * spec.train.global_batch_size  # rows drawn over the run
+    out = []
+    for p, w, n, sh in zip(prepared, weights, rows, share, strict=True):
+        if mixing or p["rows"] is not None:
+            epochs = drawn * sh / n if n else 0.0
+        else:  # packed into one pool: every row, so every sample, seen drawn / rows times
+            epochs = drawn / max(1, meta["rows"])
+        out.append({"path": p["path"], "weight": w, "records": p["records"], "samples": p["samples"],
+                    "tokens": p["tokens"], "share": sh, "epochs": epochs})
+    return out
+
+
+def prepared_data_sources(spec: JobSpec, data_cache: str | None) -> tuple[list[dict] | None, str | None]:
+    """(data_sources, None), tokenizing into the shared cache first unless `data_cache` is given (`sharpen run`
+    then finds it there); (None, why) when the tokenizer does not load (a directory of config.json alone)."""
+    from training.data.cache import load_tokenizer
+    from training.data.prepare import prepare_dataset
+
+    tokenizer = spec.model.tokenizer or spec.model.path
+    if data_cache is None:
+        try:
+            load_tokenizer(tokenizer, spec.model.trust_remote_code)
+        except UserError as e:
+            return None, e.message
+        data_cache = prepare_dataset(
+            spec.data, spec.method.kind, tokenizer, trust_remote_code=spec.model.trust_remote_code,
+            train_on=getattr(spec.method, "train_on", "all"),
+        )
+    return data_sources(spec, Path(data_cache)), None
 
 
 def reference_model(spec: JobSpec, frozen_copy_bytes: int = 0) -> dict[str, Any] | None:

@@ -9,10 +9,12 @@ from pathlib import Path
 def prepare_run(spec, run_dir: Path, *, device: str | None = None, nnodes: int | None = None, cache_root=None):
     """Plan, check an existing run dir, tokenize the data once, write plan.json. Returns the Plan."""
     from launcher.errors import UserError
+    from launcher.model_dir import check_model_dir
     from launcher.plan import Plan
     from launcher.planner import build_plan
     from launcher.resume import prepare_resume
-    from training.data.prepare import prepare_dataset
+    from training.data.cache import prepared_sources
+    from training.data.prepare import mixes, prepare_dataset
     from training.methods import TRAINED_KINDS
 
     if spec.method.kind not in TRAINED_KINDS:  # before anything is written or tokenized
@@ -20,6 +22,7 @@ def prepare_run(spec, run_dir: Path, *, device: str | None = None, nnodes: int |
             f"method.kind: this version of sharpen checks and plans {spec.method.kind} jobs, but cannot train them yet",
             f"`sharpen plan` shows the plan; method.kind {', '.join(TRAINED_KINDS)} train today",
         )
+    check_model_dir(spec.model.path)  # a broken model dir is named now, not by every rank minutes later
     run_dir.mkdir(parents=True, exist_ok=True)
     previous = Plan.read(run_dir) if (run_dir / "plan.json").is_file() else None
     plan, notices = build_plan(spec, run_dir, device=device, nnodes=nnodes)
@@ -39,6 +42,14 @@ def prepare_run(spec, run_dir: Path, *, device: str | None = None, nnodes: int |
         train_on=getattr(spec.method, "train_on", "all"),
         chat_template=spec.model.chat_template,
     )
+    if mixes(spec.data):
+        for i, source in enumerate(prepared_sources(cache)):
+            if source["samples"] == 0:
+                raise UserError(
+                    f"data.train[{i}] ({source['path']}): none of its {source['records']} records is left after "
+                    "tokenization, so its weight cannot be drawn",
+                    "remove it from data.train, or raise data.max_length / set data.truncation: right",
+                )
     plan = plan.model_copy(update={"data_cache": str(Path(cache).resolve())})
     plan.write(run_dir)
     return plan

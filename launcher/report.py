@@ -62,6 +62,7 @@ def print_plan(plan: Plan) -> None:
     console.print(table)
     if plan.candidates:
         console.print(candidates_table(plan))
+    console.print(sources_table(plan))
 
 
 def rollout_line(r: dict) -> str:
@@ -105,4 +106,31 @@ def candidates_table(plan: Plan):
         cells = [gib(b[k]) if b[k] or k != "offloaded" else "" for k in COLUMNS]
         label = mark + candidate_label(c["strategy"], c["offload"])
         table.add_row(label, str(c["micro_batch_size"]), *cells, fits)
+    return table
+
+
+def sources_table(plan: Plan):
+    """One row per data.train entry: its records and tokens, its share of the samples drawn and how many times
+    its samples are seen over train.max_steps (data tokenized into the cache first, which `sharpen run` reuses)."""
+    from rich import box
+    from rich.table import Table
+
+    from launcher.planner import prepared_data_sources
+
+    spec = plan.spec
+    sources, why = prepared_data_sources(spec, plan.data_cache)
+    mixing = len({f.weight for f in spec.data.train}) > 1
+    how = "weight x records, normalised" if mixing else "every weight equal: one pool, each record once an epoch"
+    table = Table(title=f"data.train over {spec.train.max_steps} steps ({how})", title_justify="left",
+                  box=box.SIMPLE_HEAD)
+    for name in ("source", "weight", "records", "samples", "tokens", "share", "epochs"):
+        table.add_column(name, justify="left" if name == "source" else "right")
+    if sources is None:
+        for f in spec.data.train:
+            table.add_row(f.path, f"{f.weight:g}", "-", "-", "-", "-", "-")
+        table.caption = f"not tokenized: {why}"
+        return table
+    for s in sources:
+        table.add_row(s["path"], f"{s['weight']:g}", f"{s['records']:,}", f"{s['samples']:,}", f"{s['tokens']:,}",
+                      f"{100 * s['share']:.1f}%", f"{s['epochs']:.2f}")
     return table

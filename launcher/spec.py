@@ -210,7 +210,13 @@ class DataFile(Section):
     field: str | None = Field(
         None, description="The column holding the text (text), the messages (chat) or the prompt (prompt)"
     )
-    weight: float = Field(1.0, gt=0, description="Reserved: sampling weight when mixing files")
+    weight: float = Field(
+        1.0,
+        gt=0,
+        description="How often this source's records are drawn, relative to the others': its share of the samples "
+        "is weight x records over the sum of all sources' (every weight equal: one shuffled pool, each record once "
+        "an epoch); a source drawn more often than it has records repeats. `sharpen plan` shows each share",
+    )
 
 
 class DataSpec(Section):
@@ -230,6 +236,9 @@ class DataSpec(Section):
     )
     cache_dir: str | None = Field(
         None, description="Where tokenized data is cached (default ~/.cache/sharpen)"
+    )
+    num_proc: int | None = Field(
+        None, ge=1, description="Processes that tokenize the data (null: the cores available); the cache is the same"
     )
 
 

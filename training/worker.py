@@ -208,7 +208,7 @@ def main(run_dir: str) -> int:
     torch.manual_seed(spec.train.seed)
 
     from training.data.cache import load_prepared, load_prepared_eval
-    from training.data.sampler import step_batches
+    from training.data.sampler import prepared_mix, step_batches
 
     tokenizer = load_tokenizer(spec)
     heartbeat.beat()
@@ -245,6 +245,7 @@ def main(run_dir: str) -> int:
         attention=attention,
         start_step=start_step,
         pad_token_id=tokenizer.pad_token_id or 0,
+        mix=prepared_mix(Path(plan.data_cache), [f.weight for f in spec.data.train]),
     )
     wandb_settings = spec.logging.wandb.model_dump() if spec.logging.wandb else None
     wandb_run = WandbRun(run_dir, wandb_settings, plan.model_dump()) if env.is_main else WandbRun(run_dir, None, {})

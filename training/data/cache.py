@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "~/.cache/sharpen/tokenized"  # when neither data.cache_dir nor a cache_root is given
 # Bump when the stored layout or the tokenization rules change: old caches then stop matching.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: META_FILE lists each data.train entry's records, samples, tokens and rows
 META_FILE = "sharpen-data.json"
 EVAL_DIR = "eval"  # the evaluation rows (data.eval, data.eval_split), inside the training data's directory
 EVAL_SPLIT_SEED = 0  # which rows data.eval_split holds out: fixed, so every run of the same data agrees
@@ -90,6 +90,8 @@ def cache_key(
         **({"chat_template": chat_template} if chat_template is not None else {}),  # jobs without keep their keys
         "max_length": data.max_length, "packing": data.packing, "truncation": data.truncation,
     }
+    if data.packing and len({f.weight for f in data.train}) > 1:
+        inputs["packed_per_source"] = True  # weights that differ: each source packed apart (training/data/sampler.py)
     if data.eval or data.eval_split:  # only then: caches of jobs without eval data keep their keys
         inputs["eval"] = {"files": files_key("eval"), "split": data.eval_split, "seed": EVAL_SPLIT_SEED}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
@@ -102,6 +104,17 @@ def load_prepared(path: Path):
     if not (Path(path) / META_FILE).exists():
         raise UserError(f"{path} is not a dataset written by prepare_dataset (no {META_FILE})")
     return datasets.load_from_disk(str(path))
+
+
+def prepared_meta(path: Path) -> dict:
+    """What the builder recorded of a cache entry: rows, tokens, stats, and `sources` (prepared_sources)."""
+    return json.loads((Path(path) / META_FILE).read_text())
+
+
+def prepared_sources(path: Path) -> list[dict]:
+    """Each data.train entry as prepared: path, records, samples, tokens, and its rows (contiguous, in order;
+    None when packing laid several sources in one row)."""
+    return prepared_meta(path)["sources"]
 
 
 def load_prepared_eval(path: Path):

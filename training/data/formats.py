@@ -13,6 +13,7 @@ record's other columns.
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from collections.abc import Callable
@@ -539,6 +540,11 @@ def load_source(i: int, file: DataFile, path: Path | None, work: Path, section: 
             raise UserError(
                 f"{label}: no such local file or directory, and loading it as a hub dataset failed: {e}"
             ) from e
+    bad_text = utf8_error(path)
+    if bad_text:
+        raise UserError(f"{label}: cannot read it: {bad_text}", hint="re-encode it, e.g. iconv -f latin1 -t utf-8")
+    verbosity = datasets.utils.logging.get_verbosity()
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)  # its own log of a bad file: ours says it
     try:
         return datasets.load_dataset(file_type(path), data_files=[str(path)], split="train", cache_dir=str(work))
     except Exception as e:
@@ -549,6 +555,41 @@ def load_source(i: int, file: DataFile, path: Path | None, work: Path, section: 
             f"{label}: cannot read it: {where or cause}",
             hint=f"JSON Lines hold one object per line, e.g. {example}" if where else None,
         ) from e
+    finally:
+        datasets.utils.logging.set_verbosity(verbosity)
+
+
+def utf8_error(path: Path, chunk: int = 16 << 20) -> str | None:
+    """Where a JSON, JSONL or CSV file stops being UTF-8 text (its line, column and the byte), or None.
+
+    The Arrow readers load such bytes without a word and the records fail later, far from the file; this
+    reads the file in chunks (memory stays bounded) before it is loaded."""
+    if path.suffix.lower() not in (".json", ".jsonl", ".csv"):
+        return None
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines, tail = 1, b""  # tail: the current line's bytes so far (for the column)
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(chunk)
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError:
+                held = tail + data
+                bad = _first_invalid(held)
+                line, column = lines + held.count(b"\n", 0, bad), bad - held.rfind(b"\n", 0, bad)
+                return f"line {line}: not UTF-8 text (byte 0x{held[bad]:02x} at column {column}); save the file as UTF-8"
+            if not data:
+                return None
+            lines += data.count(b"\n")
+            tail = data[data.rfind(b"\n") + 1 :] if b"\n" in data else tail + data
+
+
+def _first_invalid(data: bytes) -> int:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start
+    return len(data)
 
 
 def json_error(path: Path) -> str | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -36,6 +38,25 @@ from training.data.prompts import PROMPT_COLUMNS, finish_prompt, prompt_features
 from training.data.templates import load_chat_template
 
 logger = logging.getLogger(__name__)
+
+# A file is split across processes only in pieces of at least this many records: starting a worker process
+# costs about a second, more than a smaller piece takes to tokenize.
+MIN_RECORDS_PER_PROC = 2000
+BATCH = 1000  # records per tokenizer call, and rows per Arrow write: memory stays bounded by it
+STAT_KEYS = ("truncated", "dropped_too_long", "dropped_no_labels")
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, as SLURM and taskset set it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def processes_for(records: int, num_proc: int | None) -> int:
+    """How many processes tokenize a file of `records`: data.num_proc (default the cores), fewer for small files."""
+    return max(1, min(num_proc or available_cores(), records // MIN_RECORDS_PER_PROC))
 
 
 def prepare_dataset(
@@ -134,7 +155,10 @@ def _encode_source(
     else:
         names, features = ((*COLUMNS, DESIRABLE) if fmt.labelled else COLUMNS), row_features(fmt.labelled)
 
+    stats_file = out / f"stats-{uuid.uuid4().hex}.jsonl"
+
     def encode(batch: dict, indices: list[int]) -> dict:
+        counts = dict.fromkeys(STAT_KEYS, 0)  # this batch's; summed from stats_file (the workers' too)
         try:
             encoded = fmt.encode(batch, enc)
         except RecordError as e:
@@ -144,24 +168,36 @@ def _encode_source(
         columns: dict[str, list] = {c: [] for c in names}
         for item in encoded:
             if fmt.prompts_only:
-                sample = finish_prompt(*item, data.max_length, data.truncation, stats)
+                sample = finish_prompt(*item, data.max_length, data.truncation, counts)
             elif fmt.paired:
-                sample = _finish_pair(*item, data.max_length, data.truncation, stats)
+                sample = _finish_pair(*item, data.max_length, data.truncation, counts)
             elif fmt.labelled:
                 (ids, targets), desirable = item
-                sample = _finish_sample(ids, targets, data.max_length, data.truncation, stats)
+                sample = _finish_sample(ids, targets, data.max_length, data.truncation, counts)
                 sample = sample and [*sample, desirable]
             else:
-                sample = _finish_sample(*item, data.max_length, data.truncation, stats)
+                sample = _finish_sample(*item, data.max_length, data.truncation, counts)
             if sample:
                 for column, value in zip(names, sample, strict=True):
                     columns[column].append(value)
+        with open(stats_file, "a") as f:  # one short line per append: whole even with several writers
+            f.write(json.dumps(counts) + "\n")
         return columns
 
-    return ds.map(
-        encode, batched=True, with_indices=True, remove_columns=ds.column_names, features=features,
-        cache_file_name=str(out / f"encoded-{uuid.uuid4().hex}.arrow"), new_fingerprint=uuid.uuid4().hex, desc=None,
+    num_proc = processes_for(len(ds), data.num_proc)
+    if num_proc > 1:  # the workers are forked: the tokenizer's own threads would only contend with them
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    encoded = ds.map(
+        encode, batched=True, batch_size=BATCH, writer_batch_size=BATCH, with_indices=True,
+        remove_columns=ds.column_names, features=features, num_proc=num_proc if num_proc > 1 else None,
+        cache_file_name=str(out / f"encoded-{uuid.uuid4().hex}.arrow"), new_fingerprint=uuid.uuid4().hex,
+        desc=f"tokenizing data.{section}[{i}] {path.name if path else file.path}",
     )
+    if stats_file.exists():
+        for line in stats_file.read_text().splitlines():
+            for key, n in json.loads(line).items():
+                stats[key] += n
+    return encoded
 
 
 def _build(
@@ -172,13 +208,17 @@ def _build(
     work = out.parent / "work"
     work.mkdir(parents=True)
     bars = datasets.utils.logging.is_progress_bar_enabled()
-    datasets.utils.logging.disable_progress_bar()
+    if sys.stderr.isatty():  # the user's terminal: records/s and the time left, per file
+        datasets.utils.logging.enable_progress_bar()
+    else:
+        datasets.utils.logging.disable_progress_bar()
     try:
         tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
         if template is not None:
             tokenizer.chat_template = template
-        stats = {"records": 0, "truncated": 0, "dropped_too_long": 0, "dropped_no_labels": 0}
-        ds = _encode_section("train", data, tokenizer, train_on, stats, work)
+        stats = {"records": 0, **dict.fromkeys(STAT_KEYS, 0)}
+        parts, records = _encode_section("train", data, tokenizer, train_on, stats, work)
+        ds = datasets.concatenate_datasets(parts)
         if len(ds) == 0:
             raise UserError(
                 f"no training samples left out of {stats['records']} records: "
@@ -186,19 +226,34 @@ def _build(
                 f"{stats['dropped_no_labels']} with no token to learn from",
                 hint="raise data.max_length, set data.truncation: right, or check the records' completions",
             )
+        source_of = np.repeat(np.arange(len(parts)), [len(p) for p in parts])  # each sample's data.train entry
         eval_parts, eval_stats = [], dict.fromkeys(stats, 0)
         if data.eval_split:
-            ds, held_out = _hold_out(ds, data.eval_split)
+            ds, held_out, kept = _hold_out(ds, data.eval_split)
+            source_of = source_of[kept]
             eval_parts.append(held_out)
         if data.eval:
-            eval_parts.append(_encode_section("eval", data, tokenizer, train_on, eval_stats, work))
-        if data.packing:
-            ds = pack_dataset(ds, data.max_length, work)
+            eval_parts.append(datasets.concatenate_datasets(_encode_section("eval", data, tokenizer, train_on, eval_stats, work)[0]))
+        samples = np.bincount(source_of, minlength=len(parts))
+        lengths = np.asarray(ds.with_format("arrow")["length"]).astype(np.int64)
+        tokens = np.bincount(source_of, weights=lengths, minlength=len(parts)).astype(np.int64)
+        rows = samples.tolist()
+        if data.packing and mixes(data):  # each source packed apart: a row holds one source's samples
+            bounds = np.cumsum([0, *samples])
+            packed = []
+            for s in range(len(parts)):
+                (work / f"source-{s}").mkdir()
+                packed.append(pack_dataset(ds.select(range(bounds[s], bounds[s + 1])), data.max_length, work / f"source-{s}"))
+            ds, rows = datasets.concatenate_datasets(packed), [len(p) for p in packed]
+        elif data.packing:
+            ds, rows = pack_dataset(ds, data.max_length, work), None  # one pool: rows mix the sources
         ds.save_to_disk(str(out))
         eval_rows = _save_eval(eval_parts, data, out, work) if eval_parts else 0
     finally:
         if bars:
             datasets.utils.logging.enable_progress_bar()
+        else:
+            datasets.utils.logging.disable_progress_bar()
     dropped = stats["dropped_too_long"] + stats["dropped_no_labels"]
     if dropped or stats["truncated"]:
         logger.warning(
@@ -206,10 +261,16 @@ def _build(
             dropped, stats["records"], stats["dropped_too_long"], data.max_length, stats["dropped_no_labels"],
             stats["truncated"],
         )
+    sources = [
+        {"path": f.path, "records": records[s], "samples": int(samples[s]), "tokens": int(tokens[s]),
+         "rows": None if rows is None else int(rows[s])}
+        for s, f in enumerate(data.train)
+    ]  # fmt: skip
     meta = {
         "pipeline_version": PIPELINE_VERSION, "rows": len(ds), "stats": stats,
         "tokens": _total(ds, "length"),
         "label_tokens": _total(ds, "num_label_tokens"),  # none in prompt rows: nothing is trained on a prompt
+        "sources": sources,
         "tokenizer": tokenizer_path, "train_on": train_on, "data": data.model_dump(),
     }
     if eval_rows:
@@ -217,32 +278,43 @@ def _build(
     (out / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")  # last: it marks the entry finished
 
 
+def mixes(data: DataSpec) -> bool:
+    """Whether data.train's weights differ (each source then drawn at its own rate: training/data/sampler.py)."""
+    return len({f.weight for f in data.train}) > 1
+
+
 def _total(ds, column: str) -> int:
     return int(np.asarray(ds.with_format("arrow")[column]).sum()) if column in ds.column_names else 0
 
 
 def _encode_section(section: str, data: DataSpec, tokenizer, train_on: str, stats: dict, work: Path):
-    """Every file of data.train or data.eval, encoded and concatenated in order."""
+    """Every entry of data.train or data.eval encoded (one dataset each, its files in order), and each entry's
+    number of records."""
     import datasets
 
-    parts = []
+    parts, records = [], []
     for i, file in enumerate(getattr(data, section)):
+        pieces, count = [], 0
         for path in source_files(i, file, section) or [None]:
             raw = load_source(i, file, path, work, section)
-            stats["records"] += len(raw)
-            parts.append(_encode_source(raw, i, file, path, tokenizer, train_on, data, stats, work, section))
-    return datasets.concatenate_datasets(parts)
+            count += len(raw)
+            pieces.append(_encode_source(raw, i, file, path, tokenizer, train_on, data, stats, work, section))
+        stats["records"] += count
+        parts.append(datasets.concatenate_datasets(pieces) if len(pieces) > 1 else pieces[0])
+        records.append(count)
+    return parts, records
 
 
 def _hold_out(ds, share: float):
-    """(train, held out): data.eval_split of the samples, chosen by a fixed seed, each part in file order."""
+    """(train, held out, the kept samples' indices): data.eval_split of the samples, chosen by a fixed seed,
+    each part in file order."""
     n = len(ds)
     n_eval = max(1, round(n * share))
     if n_eval >= n:
         raise UserError(f"data.eval_split {share} of {n} samples leaves none to train on", hint="lower data.eval_split")
     held = np.sort(np.random.default_rng(EVAL_SPLIT_SEED).permutation(n)[:n_eval])
     keep = np.setdiff1d(np.arange(n), held)
-    return ds.select(keep), ds.select(held)
+    return ds.select(keep), ds.select(held), keep
 
 
 def _save_eval(parts: list, data: DataSpec, out: Path, work: Path) -> int:

@@ -1,9 +1,19 @@
-"""World-size invariant sampling: global batch k holds the same samples whatever the ranks and accumulation."""
+"""World-size invariant sampling: global batch k holds the same samples whatever the ranks and accumulation.
+
+Every source of data.train equally weighted (the default): the rows are one pool, shuffled each epoch. With
+weights that differ, each source is drawn at its own rate (`Mix`): the step's samples come from the sources
+in proportion to weight x records, each source walking its own shuffled epochs, so a small source drawn
+often repeats. Either way a step's rows depend on the step number alone: resuming at step k continues them.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
+from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 
@@ -28,6 +38,111 @@ class StepBatch:
     step: int = 0
     global_rows: int = 0
     rows: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Mix:
+    """data.train's sources as stored rows (contiguous, in order: `rows` of each) and their weights.
+
+    Source s is drawn at the rate weight[s] x rows[s]; the draws of all sources are laid on one line by the
+    Sainte-Laguë divisor method, draw m of source s at (2m + 1) / (2 x rate[s]), ties to the lower source.
+    The first J draws are a function of J alone (no history), and draws J..J+G extend draws 0..J, so a step's
+    counts per source never go negative and a resume needs no replay. Rates are exact integers.
+    """
+
+    rows: tuple[int, ...]
+    weights: tuple[float, ...]
+
+    @classmethod
+    def of(cls, rows: list[int], weights: list[float]) -> Mix | None:
+        """The mix of these sources; None when every weight is equal (one pool: `epoch_order`)."""
+        if len(set(weights)) <= 1:
+            return None
+        return cls(tuple(int(n) for n in rows), tuple(float(w) for w in weights))
+
+    def shares(self) -> list[float]:
+        """Each source's share of the drawn samples: weight x rows, normalised."""
+        return shares(self.rows, self.weights)
+
+    @cached_property
+    def spacing(self) -> list[int]:
+        """Per source, the distance between its draws on the integer line (LCM of the rates / its rate)."""
+        rates = [Fraction(w).limit_denominator(1 << 20) * n for w, n in zip(self.weights, self.rows, strict=True)]
+        scale = math.lcm(*(r.denominator for r in rates))
+        whole = [int(r * scale) for r in rates]
+        common = math.lcm(*(r for r in whole if r))
+        return [common // r if r else 0 for r in whole]
+
+    def draws_before(self, slots: int) -> list[int]:
+        """How many of the first `slots` draws go to each source."""
+        spacing = self.spacing
+        if slots <= 0:
+            return [0] * len(spacing)
+        live = [d for d in spacing if d]
+
+        def upto(x: int) -> list[int]:  # draws of each source at positions <= x
+            return [(x // d + 1) // 2 if d else 0 for d in spacing]
+
+        lo, hi = 0, 2 * slots * min(live)  # upto(hi) of the fastest source alone reaches `slots`
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if sum(upto(mid)) >= slots:
+                hi = mid
+            else:
+                lo = mid + 1
+        before, at = upto(lo - 1), upto(lo)
+        left = slots - sum(before)
+        for s in range(len(spacing)):  # the draws tied at position lo, to the lower source first
+            if left and at[s] > before[s]:
+                before[s] += 1
+                left -= 1
+        return before
+
+    def step_rows(self, step: int, global_batch_size: int, seed: int, shuffle: bool) -> np.ndarray:
+        """The stored rows of global batch `step`, in the order they were drawn."""
+        start = self.draws_before(step * global_batch_size)
+        end = self.draws_before((step + 1) * global_batch_size)
+        spacing, offsets = self.spacing, np.cumsum([0, *self.rows])
+        drawn = []  # (position on the line, source, row)
+        for s, (first, last) in enumerate(zip(start, end, strict=True)):
+            for draw in range(first, last):
+                epoch, index = divmod(draw, self.rows[s])
+                row = offsets[s] + source_order(self.rows[s], seed, s, epoch, shuffle)[index]
+                drawn.append(((2 * draw + 1) * spacing[s], s, int(row)))
+        return np.asarray([row for *_, row in sorted(drawn)], dtype=np.int64)
+
+
+def prepared_mix(cache: Path, weights: list[float]) -> Mix | None:
+    """The Mix of a prepared cache entry's sources under data.train's `weights` (None: all equal, one pool)."""
+    if len(set(weights)) <= 1:
+        return None
+    from training.data.cache import prepared_sources
+
+    return Mix.of([source["rows"] for source in prepared_sources(cache)], weights)
+
+
+def shares(rows: list[int], weights: list[float]) -> list[float]:
+    """Each source's share of the samples drawn: weight x rows over the sum (equal weights: its share of rows)."""
+    rates = [w * n for w, n in zip(weights, rows, strict=True)]
+    total = sum(rates)
+    return [r / total if total else 0.0 for r in rates]
+
+
+_SOURCE_ORDERS: dict[tuple, np.ndarray] = {}
+
+
+def source_order(num_rows: int, seed: int, source: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """Source `source`'s own order of its rows in its `epoch`: seeded by (seed, source, epoch), kept for reuse."""
+    key = (num_rows, seed, source, epoch, shuffle)
+    order = _SOURCE_ORDERS.get(key)
+    if order is None:
+        if len(_SOURCE_ORDERS) > 64:
+            _SOURCE_ORDERS.clear()
+        order = np.arange(num_rows) if not shuffle else np.random.default_rng(
+            [seed % (1 << 63), epoch, source + 1]
+        ).permutation(num_rows)
+        _SOURCE_ORDERS[key] = order
+    return order
 
 
 def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
@@ -68,11 +183,13 @@ def step_batches(
     attention: str = "sdpa",
     start_step: int = 0,
     pad_token_id: int = 0,
+    mix: Mix | None = None,
 ) -> Iterator[StepBatch]:
     """This rank's StepBatch for steps start_step, start_step + 1, ... over endless epochs.
 
     Global batch k is rows order[e][j*G:(j+1)*G] (e, j = divmod(k, rows // G)) whatever the world size
-    and accumulation; the global counts come from stored per-row counts, so no collective is needed.
+    and accumulation, or with a `mix` its draws k*G..(k+1)*G (`Mix.step_rows`); the global counts come
+    from stored per-row counts, so no collective is needed.
     """
     if micro_batch_size * grad_accum * world_size != global_batch_size:
         raise ValueError(
@@ -86,7 +203,9 @@ def step_batches(
         np.asarray(columns[c]).astype(np.int64) for c in ("length", "num_label_tokens", "num_segments")
     )
     steps_per_epoch = len(lengths) // global_batch_size
-    if steps_per_epoch == 0:
+    if mix is not None and sum(mix.rows) != len(lengths):
+        raise ValueError(f"the mix's sources hold {sum(mix.rows)} rows, the dataset {len(lengths)}")
+    if steps_per_epoch == 0 and mix is None:
         raise UserError(
             f"the training data has {len(lengths)} rows, fewer than train.global_batch_size ({global_batch_size})",
             hint="lower train.global_batch_size, add data, or turn data.packing off",
@@ -94,10 +213,13 @@ def step_batches(
     rows_of = dataset.select_columns(["input_ids", "labels", "segment_lengths"])
     order, order_epoch = None, -1
     for step in range(start_step, 1 << 62):
-        epoch, position = divmod(step, steps_per_epoch)
-        if epoch != order_epoch:
-            order, order_epoch = epoch_order(len(lengths), seed, epoch, shuffle), epoch
-        members = order[position * global_batch_size : (position + 1) * global_batch_size]
+        if mix is not None:  # an epoch: as many samples drawn as there are rows
+            epoch, members = step * global_batch_size // len(lengths), mix.step_rows(step, global_batch_size, seed, shuffle)
+        else:
+            epoch, position = divmod(step, steps_per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = epoch_order(len(lengths), seed, epoch, shuffle), epoch
+            members = order[position * global_batch_size : (position + 1) * global_batch_size]
         mine = [slot[rank] for slot in deal(members, lengths, grad_accum, world_size, micro_batch_size)]
         fetched = rows_of[[i for slot in mine for i in slot]]
         rows = [dict(zip(fetched, values, strict=True)) for values in zip(*fetched.values(), strict=True)]
