@@ -24,7 +24,7 @@ from launcher.candidates import (
 from launcher.errors import UserError
 from launcher.plan import DEFAULT_STOP_GRACE_S, Plan, collective_timeout_s
 from launcher.shapes import count_parameters, human_bytes
-from launcher.spec import CHECKPOINTING, JobSpec
+from launcher.spec import CHECKPOINTING, JobSpec, mixing
 from strategies import candidate_order, capabilities
 from strategies.footprint.counts import MemoryEstimate, ParamCounts
 from strategies.job_rules import job_problems, ranks_problem
@@ -380,10 +380,10 @@ def default_run_dir(spec: JobSpec) -> Path:
 
 
 def check_weights(spec: JobSpec) -> None:
-    """data.train weights that differ, refused where the rows are not drawn by the sampler's mix: GRPO's prompts
-    and a precomputed reference (DPO, KTO) choose their rows from the one-pool order before training."""
+    """data.train weights, refused where the rows are not drawn by the sampler's mix: GRPO's prompts and a
+    precomputed reference (DPO, KTO) choose their rows from the one-pool order before training."""
     weights = [f.weight for f in spec.data.train]
-    if len(set(weights)) <= 1:
+    if not mixing(weights):
         return
     reference = reference_model(spec)
     if spec.method.kind == "grpo":
@@ -393,10 +393,9 @@ def check_weights(spec: JobSpec) -> None:
                "order (full fine-tuning or method.reference: precompute)")
     else:
         return
-    first = next(i for i, w in enumerate(weights) if w != weights[0])
     raise UserError(
-        f"data.train[{first}].weight: {weights[first]:g} differs from data.train[0]'s {weights[0]:g}, but {why}",
-        "give every data.train entry the same weight (or none)"
+        f"data.train[0].weight: the sources are weighted ({', '.join(f'{w:g}' for w in weights)}), but {why}",
+        "leave out the weights (the sources are then one pool, each record once an epoch)"
         + ("; with LoRA, method.reference: auto draws the mix" if spec.method.kind != "grpo" else ""),
     )
 
@@ -410,13 +409,13 @@ def data_sources(spec: JobSpec, cache: Path) -> list[dict]:
     meta = prepared_meta(cache)
     prepared = meta["sources"]
     weights = [f.weight for f in spec.data.train]
-    mixing = len(set(weights)) > 1
+    mixes = mixing(weights)
     rows = [p["rows"] if p["rows"] is not None else p["samples"] for p in prepared]
-    share = shares(rows, weights if mixing else [1.0] * len(rows))
+    share = shares(rows, weights)
     drawn = spec.train.max_steps * spec.train.global_batch_size  # rows drawn over the run
     out = []
     for p, w, n, sh in zip(prepared, weights, rows, share, strict=True):
-        if mixing or p["rows"] is not None:
+        if mixes or p["rows"] is not None:
             epochs = drawn * sh / n if n else 0.0
         else:  # packed into one pool: every row, so every sample, seen drawn / rows times
             epochs = drawn / max(1, meta["rows"])

@@ -6,6 +6,7 @@ from launcher.candidates import GIB, candidate_label
 from launcher.method_spec import PAIR_METHODS
 from launcher.plan import Plan
 from launcher.shapes import human_bytes
+from launcher.spec import mixing
 
 COLUMNS = ("params", "grads", "optimizer", "buffers", "activations", "total", "offloaded")
 WIDTH = 120  # the tables' width when stdout is not a terminal (files, pipes, docs)
@@ -109,6 +110,10 @@ def candidates_table(plan: Plan):
     return table
 
 
+def weight_text(weight: float | None) -> str:
+    return "-" if weight is None else f"{weight:g}"
+
+
 def sources_table(plan: Plan):
     """One row per data.train entry: its records and tokens, its share of the samples drawn and how many times
     its samples are seen over train.max_steps (data tokenized into the cache first, which `sharpen run` reuses)."""
@@ -119,18 +124,18 @@ def sources_table(plan: Plan):
 
     spec = plan.spec
     sources, why = prepared_data_sources(spec, plan.data_cache)
-    mixing = len({f.weight for f in spec.data.train}) > 1
-    how = "weight x records, normalised" if mixing else "every weight equal: one pool, each record once an epoch"
-    table = Table(title=f"data.train over {spec.train.max_steps} steps ({how})", title_justify="left",
+    mixes = mixing([f.weight for f in spec.data.train])
+    how = "each source's weight over the sum of the weights" if mixes else "no weights: one pool, each record once an epoch"
+    table = Table(title=f"data.train over {spec.train.max_steps} steps of {spec.train.global_batch_size} samples ({how})", title_justify="left",
                   box=box.SIMPLE_HEAD)
     for name in ("source", "weight", "records", "samples", "tokens", "share", "epochs"):
         table.add_column(name, justify="left" if name == "source" else "right")
     if sources is None:
         for f in spec.data.train:
-            table.add_row(f.path, f"{f.weight:g}", "-", "-", "-", "-", "-")
+            table.add_row(f.path, weight_text(f.weight), "-", "-", "-", "-", "-")
         table.caption = f"not tokenized: {why}"
         return table
     for s in sources:
-        table.add_row(s["path"], f"{s['weight']:g}", f"{s['records']:,}", f"{s['samples']:,}", f"{s['tokens']:,}",
+        table.add_row(s["path"], weight_text(s["weight"]), f"{s['records']:,}", f"{s['samples']:,}", f"{s['tokens']:,}",
                       f"{100 * s['share']:.1f}%", f"{s['epochs']:.2f}")
     return table

@@ -210,13 +210,19 @@ class DataFile(Section):
     field: str | None = Field(
         None, description="The column holding the text (text), the messages (chat) or the prompt (prompt)"
     )
-    weight: float = Field(
-        1.0,
+    weight: float | None = Field(
+        None,
         gt=0,
-        description="How often this source's records are drawn, relative to the others': its share of the samples "
-        "is weight x records over the sum of all sources' (every weight equal: one shuffled pool, each record once "
-        "an epoch); a source drawn more often than it has records repeats. `sharpen plan` shows each share",
+        description="data.train: this source's share of the samples drawn, as weight over the sum of the sources' "
+        "weights (0.7 and 0.3: 70% and 30%, whatever their sizes); give every source a weight or none (none: one "
+        "shuffled pool, each record once an epoch). A source drawn more than it has records repeats; `sharpen plan` "
+        "shows each share and its epochs",
     )
+
+
+def mixing(weights: list[float | None]) -> bool:
+    """Whether data.train's weights mix its sources: a weight on each of several (DataSpec allows all or none)."""
+    return len(weights) > 1 and all(w is not None for w in weights)
 
 
 class DataSpec(Section):
@@ -240,6 +246,19 @@ class DataSpec(Section):
     num_proc: int | None = Field(
         None, ge=1, description="Processes that tokenize the data (null: the cores available); the cache is the same"
     )
+
+    @model_validator(mode="after")
+    def _weights_on_every_source_or_none(self) -> DataSpec:
+        given = [f.weight is not None for f in self.train]
+        if any(given) and not all(given):
+            missing = ", ".join(f"train.{i}" for i, g in enumerate(given) if not g)
+            raise ValueError(
+                f"weights are shares of the whole mix: give every data.train source a weight, or none ({missing} has none)"
+            )
+        eval_weighted = [f"eval.{i}" for i, f in enumerate(self.eval) if f.weight is not None]
+        if eval_weighted:
+            raise ValueError(f"{', '.join(eval_weighted)}: a weight mixes training sources; evaluation files are not drawn")
+        return self
 
 
 class TrainSpec(Section):

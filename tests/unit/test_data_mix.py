@@ -1,6 +1,6 @@
 """Mixing data.train sources by weight (training/data/sampler.py's Mix): each source's share of the samples
-drawn, the same draws on 1 and 2 ranks, a resume mid-mix that continues them, equal weights as one pool,
-and the refusals where rows are chosen before training."""
+drawn is its weight's share whatever the sources' sizes, the same draws on 1 and 2 ranks, a resume mid-mix
+that continues them, no weights as today's one pool, and the refusals where rows are chosen before training."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from training.data import prepare as D
 from training.data import sampler as S
 
 WEIGHTS = [3.0, 1.0, 2.0]
+SIZES = (40, 10, 80)  # the shares are the weights' whatever the sizes
 
 
 def source_records(tag: str, n: int) -> list[dict]:
@@ -28,10 +29,11 @@ def source_records(tag: str, n: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> list[str]:
     d = tmp_path_factory.mktemp("sources")
-    return [str(write_jsonl(d / f"{tag}.jsonl", source_records(tag, n))) for tag, n in (("a", 40), ("b", 40), ("c", 40))]
+    return [str(write_jsonl(d / f"{tag}.jsonl", source_records(tag, n))) for tag, n in zip("abc", SIZES, strict=True)]
 
 
 def prepare(tiny_model, cache_root, paths, weights, **data):
+    weights = weights or [None] * len(paths)
     spec = DataSpec(train=[{"path": p, "weight": w} for p, w in zip(paths, weights, strict=True)], max_length=64, **data)
     return D.prepare_dataset(spec, "sft", str(tiny_model), cache_root=cache_root)
 
@@ -75,13 +77,13 @@ def test_each_source_gets_its_share_over_1000_steps(mixed):
         rows = mix.step_rows(step, 8, seed=5, shuffle=True)
         drawn += np.bincount(np.searchsorted(bounds, rows, side="right") - 1, minlength=len(WEIGHTS))
     share = drawn / drawn.sum()
-    expected = np.asarray(WEIGHTS) / sum(WEIGHTS)  # equal-sized sources: weight x records is the weight
+    expected = np.asarray(WEIGHTS) / sum(WEIGHTS)
     assert np.all(np.abs(share - expected) <= 0.02 * expected), (share, expected)
-    # 8000 draws of 120 rows: every source repeats, the heaviest most; the rows of a source each epoch once
+    # 8000 draws: every source repeats, the small one most; the rows of a source each epoch once
     epochs = [s["epochs"] for s in data_sources(job("m", data={"train": [{"path": "x", "weight": w} for w in WEIGHTS]},
                                                     train={"max_steps": 1000, "global_batch_size": 8}), cache)]
-    assert epochs == pytest.approx(8000 * expected / 40)
-    assert epochs[0] > epochs[2] > epochs[1] > 1
+    assert epochs == pytest.approx(8000 * expected / np.asarray(SIZES))
+    assert epochs[1] > epochs[0] > epochs[2] > 1
 
 
 def test_one_and_two_ranks_draw_the_same_samples_and_a_resume_continues_them(mixed):
@@ -104,11 +106,12 @@ def test_the_draws_are_a_function_of_the_step_alone():
     assert mix.draws_before(10**9) == pytest.approx([10**9 * s for s in mix.shares()], rel=1e-6)
 
 
-def test_equal_weights_are_todays_pool(tiny_model, sources, tmp_path):
-    """Every weight equal (2, 2, 2 or the default): the same cache entry and today's one shuffled pool."""
-    default = prepare(tiny_model, tmp_path, sources, [1.0] * 3)
-    assert prepare(tiny_model, tmp_path, sources, [2.0] * 3) == default
-    assert S.prepared_mix(default, [2.0] * 3) is None
+def test_no_weights_are_todays_pool_and_equal_weights_are_equal_shares(tiny_model, sources, tmp_path):
+    """No weights: the same cache entry and today's one shuffled pool, each source drawn by its size. Equal
+    weights (2, 2, 2) are a mix of equal shares: a third each, though the sources hold 40, 10 and 80."""
+    default = prepare(tiny_model, tmp_path, sources, None)
+    assert prepare(tiny_model, tmp_path, sources, [2.0] * 3) == default  # weights do not change the tokens
+    assert S.prepared_mix(default, [None] * 3) is None
     ds = C.load_prepared(default)
     got = [s.rows.tolist() for s, _ in zip(S.step_batches(ds, global_batch_size=8, micro_batch_size=8, grad_accum=1,
                                                             rank=0, world_size=1, seed=5), range(20), strict=False)]
@@ -116,26 +119,40 @@ def test_equal_weights_are_todays_pool(tiny_model, sources, tmp_path):
     today = [S.epoch_order(len(ds), 5, k // per_epoch)[(k % per_epoch) * 8 : (k % per_epoch + 1) * 8].tolist()
              for k in range(20)]
     assert got == today
+    equal = S.prepared_mix(default, [2.0] * 3)
+    assert equal is not None and equal.shares() == pytest.approx([1 / 3] * 3)
+    assert equal.draws_before(3000) == [1000, 1000, 1000]
 
 
-def test_packed_sources_are_packed_apart_when_weights_differ(tiny_model, sources, tmp_path):
+def test_weights_on_some_sources_only_are_refused():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"give every data.train source a weight, or none \(train.1 has none\)"):
+        DataSpec(train=[{"path": "a.jsonl", "weight": 0.7}, {"path": "b.jsonl"}])
+    with pytest.raises(ValidationError, match="evaluation files are not drawn"):
+        DataSpec(train=[{"path": "a.jsonl"}], eval=[{"path": "e.jsonl", "weight": 1}])
+    assert not S.mixing([3.0])  # one source: its weight has nothing to mix with
+
+
+def test_packed_sources_are_packed_apart_when_weighted(tiny_model, sources, tmp_path):
     cache = prepare(tiny_model, tmp_path, sources, WEIGHTS, packing=True)
     prepared, ds = C.prepared_sources(cache), C.load_prepared(cache)
-    assert sum(s["rows"] for s in prepared) == len(ds) and all(s["samples"] == 40 for s in prepared)
+    assert sum(s["rows"] for s in prepared) == len(ds) and [s["samples"] for s in prepared] == list(SIZES)
     bounds = np.cumsum([0, *(s["rows"] for s in prepared)])
     segments = np.asarray(ds.with_format("arrow")["num_segments"])
-    assert [int(segments[a:b].sum()) for a, b in zip(bounds, bounds[1:], strict=False)] == [40, 40, 40]
-    pooled = C.prepared_sources(prepare(tiny_model, tmp_path, sources, [1.0] * 3, packing=True))
+    assert [int(segments[a:b].sum()) for a, b in zip(bounds, bounds[1:], strict=False)] == list(SIZES)
+    pooled = C.prepared_sources(prepare(tiny_model, tmp_path, sources, None, packing=True))
     assert [s["rows"] for s in pooled] == [None] * 3  # one pool: a row may hold several sources
 
 
 def test_weights_are_refused_where_rows_are_chosen_before_training():
-    train = {"train": [{"path": "a.jsonl", "format": "preference"}, {"path": "b.jsonl", "format": "preference",
-                                                                      "weight": 2}]}
-    with pytest.raises(UserError, match=r"data\.train\[1\]\.weight.*precomputed"):
+    train = {"train": [{"path": "a.jsonl", "format": "preference", "weight": 1},
+                       {"path": "b.jsonl", "format": "preference", "weight": 2}]}
+    with pytest.raises(UserError, match=r"data\.train\[0\]\.weight: the sources are weighted \(1, 2\).*precomputed"):
         check_weights(job("m", data=train, method={"kind": "dpo"}, finetune={"type": "full"}))
     check_weights(job("m", data=train, method={"kind": "dpo"}, finetune={"type": "lora"}))  # reference: adapter off
-    prompts = {"train": [{"path": "a.jsonl", "format": "prompt", "weight": 0.5}, {"path": "b.jsonl", "format": "prompt"}]}
-    with pytest.raises(UserError, match=r"data\.train\[1\]\.weight.*grpo"):
+    prompts = {"train": [{"path": "a.jsonl", "format": "prompt", "weight": 0.5},
+                         {"path": "b.jsonl", "format": "prompt", "weight": 0.5}]}
+    with pytest.raises(UserError, match=r"data\.train\[0\]\.weight.*grpo"):
         check_weights(job("m", data=prompts, method={"kind": "grpo", "rewards": [{"function": "rewards.py:f"}]},
                           train={"global_batch_size": 8}))

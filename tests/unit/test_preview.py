@@ -57,7 +57,14 @@ def test_preview_marks_the_trained_text_and_counts_what_was_cut(model_dir, tmp_p
     assert re.findall(r"\[\[(.*?)\]\]", capsys.readouterr().out.split(" lengths ")[0], re.S) == [
         "Hello, Ada!<|im_end|>", "11<|im_end|>"]
 
-    monkeypatch.setenv("FORCE_COLOR", "1")  # a terminal: the answers styled (bold black on green), no brackets
+    # A terminal: the answers styled (bold black on green), no brackets. (Not by FORCE_COLOR: datasets' parallel
+    # map replaces os.environ with a copy, and rich goes on reading the one it saw at import.)
+    import os
+
+    from rich.console import Console
+
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setattr(Console, "_environ", {**os.environ, "FORCE_COLOR": "1"})
     assert main(["preview", path, "--n", "1"]) == 0
     colored = capsys.readouterr().out
     assert "[[" not in colored and re.search(r"\x1b\[[0-9;]*42m[^\x1b]*Hello, Ada!", colored)

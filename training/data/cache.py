@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from launcher.errors import UserError
-from launcher.spec import DataSpec
+from launcher.spec import DataSpec, mixing
 from training.data.formats import source_files
 
 logger = logging.getLogger(__name__)
@@ -90,8 +90,8 @@ def cache_key(
         **({"chat_template": chat_template} if chat_template is not None else {}),  # jobs without keep their keys
         "max_length": data.max_length, "packing": data.packing, "truncation": data.truncation,
     }
-    if data.packing and len({f.weight for f in data.train}) > 1:
-        inputs["packed_per_source"] = True  # weights that differ: each source packed apart (training/data/sampler.py)
+    if data.packing and mixing([f.weight for f in data.train]):
+        inputs["packed_per_source"] = True  # a mix: each source packed apart (training/data/sampler.py)
     if data.eval or data.eval_split:  # only then: caches of jobs without eval data keep their keys
         inputs["eval"] = {"files": files_key("eval"), "split": data.eval_split, "seed": EVAL_SPLIT_SEED}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from launcher.errors import UserError
-from launcher.spec import DataFile, DataSpec
+from launcher.spec import DataFile, DataSpec, mixing
 from training.data.cache import (
     DEFAULT_ROOT,
     EVAL_DIR,
@@ -279,8 +279,8 @@ def _build(
 
 
 def mixes(data: DataSpec) -> bool:
-    """Whether data.train's weights differ (each source then drawn at its own rate: training/data/sampler.py)."""
-    return len({f.weight for f in data.train}) > 1
+    """Whether data.train's weights mix its sources (each then drawn at its own share: training/data/sampler.py)."""
+    return mixing([f.weight for f in data.train])
 
 
 def _total(ds, column: str) -> int:

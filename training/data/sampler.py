@@ -1,9 +1,9 @@
 """World-size invariant sampling: global batch k holds the same samples whatever the ranks and accumulation.
 
-Every source of data.train equally weighted (the default): the rows are one pool, shuffled each epoch. With
-weights that differ, each source is drawn at its own rate (`Mix`): the step's samples come from the sources
-in proportion to weight x records, each source walking its own shuffled epochs, so a small source drawn
-often repeats. Either way a step's rows depend on the step number alone: resuming at step k continues them.
+Without weights (the default), or with one source, the rows of data.train are one pool, shuffled each epoch.
+With a weight on every source, each is drawn at its own share (`Mix`): weight over the sum of the weights,
+whatever the sources' sizes, each source walking its own shuffled epochs, so a small source drawn often
+repeats. Either way a step's rows depend on the step number alone: resuming at step k continues them.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from launcher.errors import UserError
+from launcher.spec import mixing
 from training.data.packing import MicroBatch, collate
 
 
@@ -44,7 +45,7 @@ class StepBatch:
 class Mix:
     """data.train's sources as stored rows (contiguous, in order: `rows` of each) and their weights.
 
-    Source s is drawn at the rate weight[s] x rows[s]; the draws of all sources are laid on one line by the
+    Source s is drawn at the rate weight[s] (a source with no rows, never); the draws are laid on one line by the
     Sainte-Laguë divisor method, draw m of source s at (2m + 1) / (2 x rate[s]), ties to the lower source.
     The first J draws are a function of J alone (no history), and draws J..J+G extend draws 0..J, so a step's
     counts per source never go negative and a resume needs no replay. Rates are exact integers.
@@ -54,20 +55,21 @@ class Mix:
     weights: tuple[float, ...]
 
     @classmethod
-    def of(cls, rows: list[int], weights: list[float]) -> Mix | None:
-        """The mix of these sources; None when every weight is equal (one pool: `epoch_order`)."""
-        if len(set(weights)) <= 1:
+    def of(cls, rows: list[int], weights: list[float | None]) -> Mix | None:
+        """The mix of these sources; None without weights or with one source (one pool: `epoch_order`)."""
+        if not mixing(weights):
             return None
         return cls(tuple(int(n) for n in rows), tuple(float(w) for w in weights))
 
     def shares(self) -> list[float]:
-        """Each source's share of the drawn samples: weight x rows, normalised."""
+        """Each source's share of the drawn samples: its weight over the weights of the sources with rows."""
         return shares(self.rows, self.weights)
 
     @cached_property
     def spacing(self) -> list[int]:
         """Per source, the distance between its draws on the integer line (LCM of the rates / its rate)."""
-        rates = [Fraction(w).limit_denominator(1 << 20) * n for w, n in zip(self.weights, self.rows, strict=True)]
+        rates = [Fraction(w).limit_denominator(1 << 20) if n else Fraction(0)
+                 for w, n in zip(self.weights, self.rows, strict=True)]
         scale = math.lcm(*(r.denominator for r in rates))
         whole = [int(r * scale) for r in rates]
         common = math.lcm(*(r for r in whole if r))
@@ -112,18 +114,22 @@ class Mix:
         return np.asarray([row for *_, row in sorted(drawn)], dtype=np.int64)
 
 
-def prepared_mix(cache: Path, weights: list[float]) -> Mix | None:
-    """The Mix of a prepared cache entry's sources under data.train's `weights` (None: all equal, one pool)."""
-    if len(set(weights)) <= 1:
+def prepared_mix(cache: Path, weights: list[float | None]) -> Mix | None:
+    """The Mix of a prepared cache entry's sources under data.train's `weights` (None: one pool)."""
+    if not mixing(weights):
         return None
     from training.data.cache import prepared_sources
 
     return Mix.of([source["rows"] for source in prepared_sources(cache)], weights)
 
 
-def shares(rows: list[int], weights: list[float]) -> list[float]:
-    """Each source's share of the samples drawn: weight x rows over the sum (equal weights: its share of rows)."""
-    rates = [w * n for w, n in zip(weights, rows, strict=True)]
+def shares(rows: list[int], weights: list[float | None]) -> list[float]:
+    """Each source's share of the samples drawn: with weights, its weight over those of the sources that have
+    rows; without, its share of the one pool's rows."""
+    if mixing(weights):
+        rates = [w if n else 0.0 for w, n in zip(weights, rows, strict=True)]
+    else:
+        rates = [float(n) for n in rows]
     total = sum(rates)
     return [r / total if total else 0.0 for r in rates]
 
