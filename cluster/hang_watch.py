@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.heartbeat import HEARTBEAT_DIR, STACK_SIGNAL
+from training.heartbeat import HEARTBEAT_DIR, STACK_SIGNAL, pid_alive
 
 ROOT = Path(__file__).resolve().parents[1]
 POLL_S = 1.0
@@ -107,16 +107,6 @@ def latest_dump(log_path: Path) -> str | None:
     return dump if "most recent call first" in dump else None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _kill(pid: int) -> None:
     """SIGKILL a rank and what it started: the agent starts each rank in a session of its own."""
     try:
@@ -168,7 +158,7 @@ class HangWatch:
             except (OSError, ValueError):
                 continue  # being replaced (it is written atomically, so this is rare) or left half by a crash
             mine = state.get("pid") == os.getpid() if self.own else state.get("parent") == os.getpid()
-            if mine and _alive(state["pid"]):
+            if mine and pid_alive(state["pid"]):
                 self._mine.add(path)
                 found.append(state)
         return found

@@ -36,6 +36,17 @@ WRITE_EVERY_S = 0.5
 SLOW_STEP_FACTOR = 10
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (on this machine), ours or another user's."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def heartbeat_path(run_dir: Path, rank: int) -> Path:
     return Path(run_dir) / HEARTBEAT_DIR / f"rank-{rank}.json"
 

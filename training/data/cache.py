@@ -22,6 +22,7 @@ from pathlib import Path
 from launcher.errors import UserError
 from launcher.spec import DataSpec, mixing
 from training.data.formats import source_files
+from training.heartbeat import pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ def _break_if_stale(lock: Path) -> None:
         age = time.time() - lock.stat().st_mtime
     except (OSError, ValueError):
         return
-    dead = host == socket.gethostname() and not _alive(int(pid))
+    dead = host == socket.gethostname() and not pid_alive(int(pid))
     if dead or age > LOCK_STALE_S:
         logger.warning("removing the stale lock %s (builder %s:%s gone)", lock, host, pid)
         stale = lock.with_name(f"{lock.name}.stale-{uuid.uuid4().hex[:8]}")
@@ -206,16 +207,6 @@ def _break_if_stale(lock: Path) -> None:
             return
         for leftover in lock.parent.glob(f".{lock.name.removesuffix('.lock')}.tmp-{host}-{pid}-*"):
             shutil.rmtree(leftover, ignore_errors=True)  # the dead builder's half-written directory
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _publish(built: Path, final: Path) -> None:
