@@ -112,8 +112,9 @@ def _finish_sample(ids: list[int], targets: list[bool], max_length: int, truncat
             return None
         ids, targets = ids[:max_length], targets[:max_length]
         stats["truncated"] += 1
-    labels = [nxt if target else IGNORE_INDEX for nxt, target in zip(ids[1:], targets[1:], strict=True)] + [IGNORE_INDEX]
-    n_labels = sum(label != IGNORE_INDEX for label in labels)
+    shifted = np.asarray(targets[1:], dtype=bool)
+    labels = np.where(shifted, np.asarray(ids[1:], dtype=np.int64), IGNORE_INDEX).tolist() + [IGNORE_INDEX]
+    n_labels = int(shifted.sum())
     if not n_labels:
         stats["dropped_no_labels"] += 1
         return None
