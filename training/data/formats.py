@@ -98,7 +98,10 @@ class Encoder:
         backend = self._backend()
         if backend is not None:  # the Rust tokenizer itself: the same ids, without a per-token Python dict
             encodings = backend.encode_batch(texts, add_special_tokens=False)
-            return [self.finish(e.ids, encoding_targets(e, s)) for e, s in zip(encodings, spans, strict=True)]
+            return [
+                self.finish(e.ids, span_targets(e.token_to_chars, len(e.ids), s))
+                for e, s in zip(encodings, spans, strict=True)
+            ]
         if self.tokenizer.is_fast:
             enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
             all_ids, offsets = enc["input_ids"], enc["offset_mapping"]
@@ -107,7 +110,7 @@ class Encoder:
             offsets = [self._approximate_offsets(text, s) for text, s in zip(texts, spans, strict=True)]
         out = []
         for ids, offs, text_spans in zip(all_ids, offsets, spans, strict=True):
-            out.append(self.finish(list(ids), span_targets(offs, text_spans)))
+            out.append(self.finish(list(ids), span_targets(offs.__getitem__, len(offs), text_spans)))
         return out
 
     def _backend(self):
@@ -141,29 +144,15 @@ class Encoder:
         return ids, targets
 
 
-def encoding_targets(encoding, spans: list[tuple[int, int]]) -> list[bool]:
-    """span_targets for a Rust tokenizer's Encoding without its whole offsets list (building it costs about
-    as much as tokenizing): a token's characters never start or end before the previous token's, so the
-    tokens overlapping a span (end > lo and start < hi) are one run, found by bisecting on single tokens."""
-    n = len(encoding.ids)
+def span_targets(chars: Callable[[int], tuple[int, int]], n: int, spans: list[tuple[int, int]]) -> list[bool]:
+    """Per token of `n` (its characters `chars(i)`: start, end): whether it overlaps a loss span (end > lo and
+    start < hi). A token never starts or ends before the one before it, so each span's tokens are one run,
+    found by bisecting: a Rust Encoding's whole offsets list is never built (that cost as much as tokenizing)."""
     mask = np.zeros(n, dtype=bool)
     for lo, hi in spans:
-        first = bisect.bisect_right(range(n), lo, key=lambda i: encoding.token_to_chars(i)[1])  # first end > lo
-        stop = bisect.bisect_left(range(n), hi, key=lambda i: encoding.token_to_chars(i)[0])  # first start >= hi
+        first = bisect.bisect_right(range(n), lo, key=lambda i: chars(i)[1])  # the first token ending after lo
+        stop = bisect.bisect_left(range(n), hi, key=lambda i: chars(i)[0])  # the first starting at or after hi
         mask[first:stop] = True
-    return mask.tolist()
-
-
-def span_targets(offsets, spans: list[tuple[int, int]]) -> list[bool]:
-    """Per token (its (start, end) characters): whether it overlaps one of the loss spans, computed with
-    numpy over the whole text (a Python test per token was a quarter of tokenizing's time)."""
-    if not offsets:
-        return []
-    offs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-    starts, ends = offs[:, 0], offs[:, 1]
-    mask = np.zeros(len(offs), dtype=bool)
-    for lo, hi in spans:
-        mask |= (ends > lo) & (starts < hi)
     return mask.tolist()
 
 
