@@ -22,17 +22,18 @@ def register(sub) -> None:
 
 
 def run_dirs(paths: list[str]) -> list[Path]:
-    """The run dirs named, checked: each holds plan.json, and there are two or more."""
+    """The run dirs named, checked: two or more, each holding plan.json."""
+    if len(paths) < 2:
+        one = Path(paths[0])
+        raise UserError(
+            f"compare needs two or more run directories, got one: {one}",
+            f"one run's curves and figures are in {one / 'report.png'} and {one / 'report.md'}",
+        )
     not_runs = [p for p in paths if not (Path(p) / "plan.json").is_file()]
     if not_runs:
         raise UserError(
             f"not a sharpen run directory (no plan.json): {', '.join(not_runs)}",
             "give the directories `sharpen run` or `sharpen submit` wrote (--output-dir)",
-        )
-    if len(paths) < 2:
-        raise UserError(
-            f"compare needs two or more run directories, got one: {paths[0]}",
-            f"one run's curves and figures are in {Path(paths[0]) / 'report.png'} and {Path(paths[0]) / 'report.md'}",
         )
     return [Path(p) for p in paths]
 
@@ -57,9 +58,9 @@ def figures(run_dir: Path) -> dict[str, Any]:
 
 
 def wall_time(seconds: float) -> str:
-    seconds = round(seconds)
     if seconds < 60:
-        return f"{seconds} s"
+        return f"{seconds:.1f}s"
+    seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
@@ -155,7 +156,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not console.is_terminal:
         console = Console(width=WIDTH)
     console.print(table(names, runs))
-    console.print(f"curves: {out}")
+    print(f"curves: {out}")
     return 0
 
 
