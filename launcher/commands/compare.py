@@ -79,6 +79,7 @@ ROWS: tuple[tuple[str, Callable[[dict], Any]], ...] = (
     ("min loss", lambda f: f["min_loss"]),
     ("final eval loss", lambda f: f.get("final_eval_loss")),
     ("final reward", lambda f: f.get("final_reward")),
+    ("final reward margin", lambda f: f["train"][-1].get("rewards/margin") if f["train"] else None),
     ("tokens/s", lambda f: None if f["tokens_per_s"] is None else f"{f['tokens_per_s']:,.0f}"),
     ("wall time", lambda f: None if f["wall_s"] is None else wall_time(f["wall_s"])),
     ("strategy", strategy_text),
@@ -86,7 +87,7 @@ ROWS: tuple[tuple[str, Callable[[dict], Any]], ...] = (
     ("method", lambda f: f["method"]),
     ("fine-tune", lambda f: f["finetune"]),
 )
-OPTIONAL_ROWS = ("final eval loss", "final reward")
+OPTIONAL_ROWS = ("final eval loss", "final reward", "final reward margin")
 
 
 def cell(value: Any) -> str:
@@ -113,21 +114,22 @@ def table(names: list[str], runs: list[dict]):
 
 
 def plot(out: Path, names: list[str], runs: list[dict]) -> None:
-    """One subplot per metric any run logged (loss, eval loss, reward), each run one labelled line."""
+    """One subplot per metric any run logged (loss, eval loss, reward, reward margin), each run one labelled line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [("loss", "train", "loss"), ("eval loss", "evaluation", "eval/loss"), ("reward", "train", "reward")]
+    metrics = [("loss", "train", "loss"), ("eval loss", "evaluation", "eval/loss"), ("reward", "train", "reward"),
+               ("reward margin", "train", "rewards/margin")]  # grpo's reward; the DPO family's implicit margin
     shown = [m for m in metrics if any(r.get(m[2]) is not None for f in runs for r in f[m[1]])]
     shown = shown or metrics[:1]
     fig, axes = plt.subplots(1, len(shown), figsize=(5.5 * len(shown), 3.8), squeeze=False)
     for ax, (title, rows, key) in zip(axes[0], shown, strict=True):
-        for name, f in zip(names, runs, strict=True):
+        for i, (name, f) in enumerate(zip(names, runs, strict=True)):
             points = [(r["step"], r[key]) for r in f[rows] if r.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points, strict=True), "o-" if rows == "evaluation" else "-", label=name)
+            if points:  # a run keeps its colour in every panel, also where another run has no line
+                ax.plot(*zip(*points, strict=True), "o-" if rows == "evaluation" else "-", label=name, color=f"C{i % 10}")
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
