@@ -49,7 +49,8 @@ def detect_device(requested: str) -> tuple[str, str | None]:
         raise UserError(
             "device: cuda was requested but no CUDA GPU is visible "
             f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})",
-            "run on a GPU machine, or set device: cpu (or auto) to train on the CPU with gloo",
+            "run on a GPU machine, or set device: cpu (or auto) to train on the CPU with gloo "
+            "(`sharpen plan` plans the job for GPUs without one)",
         )
     if requested == "auto":
         if has_cuda:
@@ -214,13 +215,15 @@ def build_plan(
     nnodes: int | None = None,
     counts: ParamCounts | None = None,
     free_space: Callable[[Path], int] | None = None,
+    anywhere: bool = False,
 ) -> tuple[Plan, list[str]]:
     """Resolve `spec` into a Plan. Returns the plan and notices to show the user. `free_space(path)`: free
-    bytes on path's filesystem (free_bytes; tests give their own)."""
+    bytes on path's filesystem (free_bytes; tests give their own). `anywhere` (`sharpen plan`): a device: cuda
+    job is planned for CUDA GPUs even where none is visible; a run here is still refused (detect_device)."""
     notices: list[str] = []
     check_weights(spec)
-    if device is None and spec.cluster.kind == "slurm" and spec.device == "cuda":
-        device = "cuda"  # the cluster's GPUs, not this machine's: plan a SLURM job from anywhere
+    if device is None and spec.device == "cuda" and (spec.cluster.kind == "slurm" or anywhere):
+        device = "cuda"  # the cluster's GPUs, or GPUs elsewhere, not this machine's: plan from anywhere
     if device is None:
         device, notice = detect_device(spec.device)
         if notice:
@@ -228,11 +231,13 @@ def build_plan(
     nnodes = nnodes or spec.resources.nodes
     nproc = spec.resources.gpus_per_node
     world = nnodes * nproc
+    no_gpu_here = False
     if device == "cuda" and spec.cluster.kind == "local" and nnodes == 1:
         import torch
 
         visible = torch.cuda.device_count()
-        if nproc > visible:
+        no_gpu_here = anywhere and visible == 0
+        if nproc > visible and not no_gpu_here:
             raise UserError(
                 f"resources.gpus_per_node is {nproc} but this machine has {visible} visible GPU(s)",
                 f"set resources.gpus_per_node: {visible} (or fewer)",
@@ -266,6 +271,8 @@ def build_plan(
             f"strategy {chosen.label} needs {human_bytes(chosen.memory.total)} per GPU, more than the "
             f"{human_bytes(usable)} usable: it will likely run out of memory; {fitting.label} fits (strategy.name: auto)"
         )
+    if anywhere and device == "cuda" and (no_gpu_here or spec.cluster.kind != "local"):
+        notices.append(unchecked_gpu_notice(spec, no_gpu_here, capacity, usable, chosen))
     if usable is None:
         where = "this is a CPU run" if device == "cpu" else source
         notices.append(
@@ -319,6 +326,24 @@ def build_plan(
     if notice := disk_notice(spec, Path(plan.run_dir), plan.checkpoint_bytes, free_space or free_bytes):
         notices.append(notice)
     return plan, notices
+
+
+def unchecked_gpu_notice(
+    spec: JobSpec, no_gpu_here: bool, capacity: int | None, usable: int | None, chosen: Candidate
+) -> str:
+    """`sharpen plan` of a CUDA job whose GPUs are not this machine's: what its memory was checked against."""
+    if no_gpu_here:
+        head = "no CUDA GPU is visible here: planned for CUDA GPUs elsewhere (`sharpen run` needs a machine with one)"
+    else:
+        head = "planned for the cluster's GPUs, not this machine's"
+    if capacity is None:
+        return f"{head}; nothing is checked against a real GPU"
+    fit = "fits" if chosen.fits else "does not fit"
+    return (
+        f"{head}; nothing is checked against a real GPU, memory against resources.gpu_memory_gb: "
+        f"{spec.resources.gpu_memory_gb:g} ({human_bytes(capacity)} a GPU, {human_bytes(usable)} usable): "
+        f"{chosen.label} {fit} with {human_bytes(chosen.memory.total)} per GPU"
+    )
 
 
 def checkpoints_on_disk(spec: JobSpec) -> int:
@@ -434,8 +459,8 @@ def prepared_data_sources(spec: JobSpec, data_cache: str | None) -> tuple[list[d
     if data_cache is None:
         try:
             load_tokenizer(tokenizer, spec.model.trust_remote_code)
-        except UserError as e:
-            return None, e.message
+        except UserError:  # its message is the loader's, many lines long: `sharpen run` shows it
+            return None, f"no tokenizer loads from {tokenizer} here (model.tokenizer names where one is)"
         data_cache = prepare_dataset(
             spec.data, spec.method.kind, tokenizer, trust_remote_code=spec.model.trust_remote_code,
             train_on=getattr(spec.method, "train_on", "all"),

@@ -46,7 +46,7 @@ def cmd_plan(args) -> int:
 
     spec = load_job(args.job, args.set)
     run_dir = Path(args.output_dir) if args.output_dir else default_run_dir(spec)
-    plan, notices = build_plan(spec, run_dir)
+    plan, notices = build_plan(spec, run_dir, anywhere=True)
     if args.json:
         print(plan.model_dump_json(indent=2))
     else:

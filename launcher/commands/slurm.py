@@ -56,7 +56,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     device = "cpu" if spec.device == "cpu" else "cuda"
     # Tokenized data inside the run dir unless the job names a cache: every node must read it.
     cache_root = spec.data.cache_dir or run_dir / "data_cache"
-    plan = prepare_run(spec, run_dir, device=device, cache_root=cache_root)
+    plan = prepare_run(spec, run_dir, device=device, cache_root=cache_root, dry_run=args.dry_run)
     if spec.cluster.slurm.grace_s is None and (grace := slurm.site_grace_s(spec.cluster.slurm.partition)) is not None:
         plan = plan.model_copy(update={"stop_grace_s": grace})  # the site's, where the job names none
         plan.write(run_dir)
@@ -68,7 +68,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     if args.dry_run:
-        print(f"dry run: not submitted; submit it with `sbatch {script}` or `sharpen submit` without --dry-run")
+        if plan.data_cache is None:  # the ranks would find no tokenized data: only a real submit makes it
+            print("dry run: not submitted, data not tokenized; `sharpen submit` without --dry-run tokenizes and submits")
+        else:
+            print(f"dry run: not submitted; submit it with `sbatch {script}` or `sharpen submit` without --dry-run")
         return 0
     write_requeue_count(run_dir, 0)
     job_id = slurm.sbatch(script)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -135,15 +136,37 @@ def test_compiled_layers_train_to_the_same_losses(tiny_model, reference_losses, 
     assert graphs and int(graphs.group(1)) >= 1, "nothing was compiled"
 
 
-def test_accumulation_and_micro_batch_do_not_change_the_losses(tiny_model, tmp_path):
+def test_accumulation_and_micro_batch_do_not_change_the_losses(tiny_model, tmp_path, capsys):
     """Same global batch, split 1×8 or 8×1: identical losses at every step. Normalising per micro-batch
-    (the 2024 transformers accumulation bug) would make step 2 onwards differ."""
-    runs = {}
+    (the 2024 transformers accumulation bug) would make step 2 onwards differ. `sharpen compare` of the
+    two runs shows each one's figures as its metrics.jsonl has them."""
+    from launcher.cli import main
+
+    runs, dirs = {}, {}
     for micro in (1, 8):
         job = base_job(tiny_model, ALPACA, train={"micro_batch_size": micro, "max_steps": 3})
-        runs[micro] = losses(run_job(tmp_path, f"micro{micro}", job))
+        dirs[micro] = run_job(tmp_path, f"micro{micro}", job)
+        runs[micro] = losses(dirs[micro])
     for a, b in zip(runs[1], runs[8], strict=True):
         assert math.isclose(a, b, rel_tol=1e-5), runs
+
+    picture = tmp_path / "cmp.png"
+    assert main(["compare", str(dirs[1]), str(dirs[8]), "--out", str(picture)]) == 0
+    out = capsys.readouterr().out
+    lines = [line.split() for line in out.splitlines()]
+    assert ["micro1", "micro8"] in lines  # the header: one column per run, named by its directory
+    table = {" ".join(cells[:-2]): cells[-2:] for cells in lines if len(cells) >= 3}
+    for column, micro in enumerate((1, 8)):
+        rows = metrics(dirs[micro])
+        assert table["steps"][column] == "3"
+        assert table["first loss"][column] == f"{rows[0]['loss']:.4f}"
+        assert table["final loss"][column] == f"{rows[-1]['loss']:.4f}"
+        assert table["min loss"][column] == f"{min(r['loss'] for r in rows):.4f}"
+        assert table["tokens/s"][column] == f"{statistics.median(r['tokens_per_s'] for r in rows[1:]):,.0f}"
+        assert table["wall time"][column] == f"{rows[-1]['elapsed_s']:.1f}s"
+        assert [table[k][column] for k in ("strategy", "ranks", "method", "fine-tune")] == ["single", "1", "sft", "full"]
+    assert "final eval loss" not in out  # neither run evaluates
+    assert f"curves: {picture}" in out and picture.stat().st_size > 0
 
 
 def test_final_full_weights_reproduce_trained_logits(tiny_model, tmp_path):

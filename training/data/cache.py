@@ -66,7 +66,10 @@ def load_tokenizer(tokenizer_path: str, trust_remote_code: bool):
     try:
         return AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise UserError(f"cannot load the tokenizer {tokenizer_path!r}: {e}") from e
+        raise UserError(
+            f"cannot load the tokenizer {tokenizer_path!r}: {e}",
+            "model.tokenizer: a directory (tokenizer.json or tokenizer_config.json in it) or hub id that holds one",
+        ) from e
 
 
 def cache_key(
