@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,7 @@ def _locate_run(run_dir: Path, checkpoint: str | None) -> Located:
         if not found.is_dir():
             have = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) if (run_dir / "checkpoints").is_dir() else []
             raise UserError(f"--checkpoint {checkpoint}: {found} does not exist", f"checkpoints: {', '.join(have) or 'none'}")
-        return Located("run-checkpoint", base, run_dir, name, describe=f"{run_dir} {name} ({finetune} on {base})")
+        return Located("run-checkpoint", base, run_dir, name, describe=f"{run_dir} checkpoint {name} ({finetune} on {base})")
     final = run_dir / "final"
     if not final.is_dir():
         raise UserError(
@@ -166,10 +167,15 @@ def load_source(
         dtype = "bf16" if place.type == "cuda" else "fp32"
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 
-    if located.kind in ("run-final", "run-checkpoint"):
-        model, tokenizer = _load_run(located, place)
-    else:
-        model, tokenizer = _load_weights(located, torch_dtype)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # its "Loading weights" bar, on the terminal a user reads
+    with warnings.catch_warnings():  # PEFT's calls of transformers' deprecated names: not the user's to fix
+        warnings.simplefilter("ignore", FutureWarning)
+        if located.kind in ("run-final", "run-checkpoint"):
+            model, tokenizer = _load_run(located, place)
+        else:
+            model, tokenizer = _load_weights(located, torch_dtype)
     model.to(device=place, dtype=torch_dtype)
     model.eval()
     model.config.use_cache = True
@@ -221,9 +227,6 @@ def _load_adapter_weights(model, adapter_dir: Path) -> None:
 def _load_weights(located: Located, torch_dtype) -> tuple[Any, Any]:
     """A model dir or hub id, with a PEFT adapter over it when there is one."""
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()  # its "Loading weights" bar, on the terminal a user reads
 
     try:
         model = AutoModelForCausalLM.from_pretrained(located.model, dtype=torch_dtype)
