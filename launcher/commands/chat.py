@@ -96,24 +96,31 @@ def _stop_prefix_length(text: str, stop: str) -> int:
     return 0
 
 
-def end_of_turn_ids(tokenizer: Any, chat_template: str | None) -> list[int]:
-    """The tokenizer's EOS, the model's generation config's, and the special token the chat template closes
-    an assistant turn with (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`...): each ends an answer."""
-    found = {tokenizer.eos_token_id}
-    if chat_template is not None:
-        marker = "sharpen-end-of-turn-probe"
-        try:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
-                tokenize=False, chat_template=chat_template,
-            )
-        except Exception:  # a template that refuses this conversation: the EOS alone
-            text = ""
-        if marker in text:
-            after = tokenizer(text.split(marker, 1)[1].lstrip(), add_special_tokens=False)["input_ids"]
-            if after and after[0] in set(tokenizer.all_special_ids):
-                found.add(after[0])
-    return sorted(int(t) for t in found if t is not None)
+def end_of_turn(tokenizer: Any, chat_template: str | None) -> tuple[list[int], str | None]:
+    """What ends an answer: the tokenizer's EOS, and how the chat template closes an assistant turn: its
+    special token (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`...) among the ids, or, where that is plain
+    text to this tokenizer (a built-in template on a tokenizer without its tokens), that text as a stop
+    string. Without a template: the model's own next "User:" line."""
+    ids = {tokenizer.eos_token_id}
+    if chat_template is None:
+        return sorted(ids), PLAIN_STOP
+    marker = "sharpen-end-of-turn-probe"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
+            tokenize=False, chat_template=chat_template,
+        )
+    except Exception:  # a template that refuses this conversation: the EOS alone
+        text = ""
+    closing = text.split(marker, 1)[1].strip().split("\n")[0].strip() if marker in text else ""
+    stop = None
+    if closing:
+        first = tokenizer(closing, add_special_tokens=False)["input_ids"][:1]
+        if first and first[0] in set(tokenizer.all_special_ids):
+            ids.add(first[0])
+        else:
+            stop = closing
+    return sorted(int(t) for t in ids if t is not None), stop
 
 
 class Chat:
@@ -128,7 +135,7 @@ class Chat:
         self.messages: list[dict] = []
         self.answers = 0  # each answer's key: a seed and the session's answer count
         self.stop_requested = False
-        self.end_ids = end_of_turn_ids(source.tokenizer, source.chat_template)
+        self.end_ids, self.stop_text = end_of_turn(source.tokenizer, source.chat_template)
         config = getattr(source.model, "config", None)
         self.max_positions = getattr(config, "max_position_embeddings", None)
 
@@ -176,7 +183,7 @@ class Chat:
         if budget < 1:
             self.say(f"[the conversation is {len(ids)} tokens, the model's limit is {self.max_positions}: /reset]")
             return None
-        stream = TextStream(self.source.tokenizer, PLAIN_STOP if self.source.chat_template is None else None)
+        stream = TextStream(self.source.tokenizer, self.stop_text)
 
         def on_token(tokens) -> bool:
             self.write(stream.push([int(tokens[0])]).translate(UNPRINTABLE))
@@ -234,13 +241,13 @@ class Chat:
         command, _, rest = line.partition(" ")
         if command == "/exit":
             return False
-        if command == "/reset":
-            self.reset()
-            self.say("[conversation reset]" + (f" (system: {self.system})" if self.system else ""))
-        elif command == "/system":
-            self.set_system(rest.strip())
-            self.say(f"[system prompt: {self.system}; conversation reset]" if self.system else
-                     "[system prompt cleared; conversation reset]")
+        if command in ("/reset", "/system"):
+            if command == "/system":
+                self.set_system(rest.strip())
+            else:
+                self.reset()
+            self.say(f'[conversation reset; system prompt: "{self.system}"]' if self.system else
+                     "[conversation reset; no system prompt]")
         else:
             self.say(f"[unknown command {command}] {HELP}")
         return True

@@ -1,6 +1,6 @@
 """`sharpen chat` (launcher/commands/chat.py): answers streamed as their tokens come and printed right, the
 conversation kept and formatted with the chat template, its commands, Ctrl-C stopping one answer, in-process
-(tests/ranks/test_chat_terminal.py runs it in a real terminal)."""
+(tests/ranks/test_chat.py runs it in a real terminal)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from launcher.commands.chat import UNPRINTABLE, Chat, TextStream, end_of_turn_ids, loop
+from launcher.commands.chat import UNPRINTABLE, Chat, TextStream, end_of_turn, loop
 from training.rollout.generate import SamplingSettings
 
 
@@ -53,10 +53,17 @@ def test_a_stop_string_is_held_back_until_it_is_clearly_not_one(source):
     assert stream.hit_stop
 
 
-def test_an_answer_ends_at_the_templates_end_of_turn_token(source):
+def test_an_answer_ends_at_the_templates_end_of_turn(source):
+    """The tiny model's template closes a turn with its special <|end|>; chatml's <|im_end|> is plain text to
+    this tokenizer, so it is a stop string; without a template the next "User:" line is."""
+    from training.data.templates import load_chat_template
+
     tokenizer = source.tokenizer
-    assert tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer, source.chat_template)) == ["</s>", "<|end|>"]
-    assert tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer, None)) == ["</s>"]
+    ids, stop = end_of_turn(tokenizer, source.chat_template)
+    assert tokenizer.convert_ids_to_tokens(ids) == ["</s>", "<|end|>"] and stop is None
+    ids, stop = end_of_turn(tokenizer, load_chat_template("chatml"))
+    assert tokenizer.convert_ids_to_tokens(ids) == ["</s>"] and stop == "<|im_end|>"
+    assert end_of_turn(tokenizer, None) == ([tokenizer.eos_token_id], "\nUser:")
 
 
 # -- the conversation, in-process ----------------------------------------------------------------------
@@ -94,9 +101,8 @@ def test_commands_reset_set_the_system_prompt_and_exit(source):
     assert chat.handle("/frobnicate") and chat.handle("   ")
     assert not chat.handle("/exit")
     lines = out.getvalue().splitlines()
-    assert "[system prompt: you are a pirate; conversation reset]" in lines
-    assert "[conversation reset] (system: you are a pirate)" in lines
-    assert "[system prompt cleared; conversation reset]" in lines
+    assert lines.count('[conversation reset; system prompt: "you are a pirate"]') == 2  # /system, then /reset
+    assert "[conversation reset; no system prompt]" in lines
     assert any(line.startswith("[unknown command /frobnicate] commands: /reset") for line in lines)
 
 
@@ -145,4 +151,4 @@ def test_the_loop_ends_at_end_of_input(source, monkeypatch, capsys):
     chat, out = chat_on(source)
     monkeypatch.setattr(sys, "stdin", io.StringIO("/reset\n"))
     assert loop(chat) == 0
-    assert "[conversation reset]" in out.getvalue()
+    assert "[conversation reset; no system prompt]" in out.getvalue()

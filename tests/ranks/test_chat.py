@@ -1,9 +1,10 @@
-"""`sharpen chat` in a real terminal (a pty, through pexpect): what a person at the keyboard sees. Here, not
-in tests/unit, because the process's start (torch, transformers) alone takes several seconds; the rest of
-chat is tested in-process by tests/unit/test_chat_cmd.py."""
+"""`sharpen chat` in a real terminal (a pty, through pexpect): what a person at the keyboard sees; and on a
+trained run dir. Here, not in tests/unit, because the process's start (torch, transformers) alone takes
+several seconds, and the run is trained; the rest of chat is tested in-process by tests/unit/test_chat_cmd.py."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import sys
@@ -11,6 +12,9 @@ import time
 
 import pexpect
 from support.e2e import REPO
+
+from launcher.commands.chat import Chat
+from training.rollout.generate import SamplingSettings
 
 
 def test_chat_in_a_terminal(tiny_model):
@@ -44,10 +48,10 @@ def test_chat_in_a_terminal(tiny_model):
         child.expect_exact("[Ctrl-C again, /exit or Ctrl-D to quit]")
         child.expect_exact("> ")
         child.sendline("/system you are a pirate")
-        child.expect_exact("[system prompt: you are a pirate; conversation reset]")
+        child.expect_exact('[conversation reset; system prompt: "you are a pirate"]')
         child.expect_exact("> ")
         child.sendline("/reset")
-        child.expect_exact("[conversation reset] (system: you are a pirate)")
+        child.expect_exact('[conversation reset; system prompt: "you are a pirate"]')
         child.expect_exact("> ")
         child.sendline("/oops")
         child.expect_exact("[unknown command /oops] commands: /reset")
@@ -62,3 +66,20 @@ def test_chat_in_a_terminal(tiny_model):
     finally:
         child.close(force=True)
     assert child.exitstatus == 0, child.before
+
+
+def test_chat_on_a_trained_lora_run(trained_lora_run):
+    """The session's trained run (tests/ranks/conftest.py): final/'s adapter on its base, the conversation in
+    the run's chatml template, whose <|im_end|> (plain text to the tiny tokenizer) is the answer's stop string."""
+    from launcher.source import load_source
+
+    source = load_source(str(trained_lora_run), device="cpu")
+    out = io.StringIO()
+    chat = Chat(source, SamplingSettings(40, temperature=0.0), out=out, system="You are a helpful assistant.")
+    assert chat.stop_text == "<|im_end|>"
+    reply = chat.answer("Give the opposite.\nslow")
+    assert "<|im_end|>" not in out.getvalue() and out.getvalue().strip().startswith(reply)
+    text = source.tokenizer.decode(chat.prompt_ids(chat.conversation("Add the two numbers.\n2 and 3")))
+    assert text == ("<s><|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nGive the opposite.\nslow"
+                    f"<|im_end|>\n<|im_start|>assistant\n{reply}<|im_end|>\n<|im_start|>user\nAdd the two numbers.\n2 and 3"
+                    "<|im_end|>\n<|im_start|>assistant\n")
