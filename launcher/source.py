@@ -103,13 +103,14 @@ def _locate_run(run_dir: Path, checkpoint: str | None) -> Located:
         raise UserError(f"{run_dir}: a reward model run: it scores text, it does not generate it")
     finetune = job.get("finetune", {}).get("type", "full")
     base = job.get("model", {}).get("path", "?")
+    shown = _short(base)
     if checkpoint is not None:
         name = f"step-{checkpoint}" if checkpoint.isdigit() else checkpoint
         found = run_dir / "checkpoints" / name
         if not found.is_dir():
             have = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) if (run_dir / "checkpoints").is_dir() else []
             raise UserError(f"--checkpoint {checkpoint}: {found} does not exist", f"checkpoints: {', '.join(have) or 'none'}")
-        return Located("run-checkpoint", base, run_dir, name, describe=f"{run_dir} checkpoint {name} ({finetune} on {base})")
+        return Located("run-checkpoint", base, run_dir, name, describe=f"{run_dir} checkpoint {name} ({finetune} on {shown})")
     final = run_dir / "final"
     if not final.is_dir():
         raise UserError(
@@ -117,8 +118,8 @@ def _locate_run(run_dir: Path, checkpoint: str | None) -> Located:
             "try one of its checkpoints with --checkpoint step-N (`ls " + str(run_dir / "checkpoints") + "`)",
         )
     if (final / ADAPTER_CONFIG).is_file():
-        return Located("run-final", base, run_dir, describe=f"{run_dir} final/ ({finetune} adapter on {base})")
-    return Located("model", str(final), run_dir, describe=f"{run_dir} final/ (full weights, fine-tuned from {base})")
+        return Located("run-final", base, run_dir, describe=f"{run_dir} final/ ({finetune} adapter on {shown})")
+    return Located("model", str(final), run_dir, describe=f"{run_dir} final/ (full weights, fine-tuned from {shown})")
 
 
 def _locate_weights(path: Path, adapter: str | None) -> Located:
@@ -139,6 +140,14 @@ def _locate_weights(path: Path, adapter: str | None) -> Located:
     kind = f"{export.get('kind', 'full')} export{origin}" if export else what
     describe = f"{path} ({kind})" + (f" with adapter {adapter}" if adapter else "")
     return Located("model", str(path), adapter=Path(adapter) if adapter else None, describe=describe)
+
+
+def _short(path: str) -> str:
+    """A plan's absolute model path as the user would type it from here: relative when under the cwd."""
+    try:
+        return str(Path(path).relative_to(Path.cwd())) if Path(path).is_absolute() else path
+    except ValueError:
+        return path
 
 
 def _read_json(path: Path) -> dict:

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     check_source(args.source, args.checkpoint, args.adapter)
     manager = task_manager(names, args.include_path)
     source = source_from_args(args)
-    print(f"sharpen: evaluating {source.describe} on {', '.join(names)}", file=sys.stderr)
+    print(f"sharpen: evaluating {source.describe}; tasks: {', '.join(names)}", file=sys.stderr)
     results = evaluate(source, names, manager, args)
     print(format_table(results))
     out = Path(args.out) if args.out else (source.run_dir / "eval" / "results.json" if source.run_dir else None)

@@ -58,7 +58,7 @@ def read_prompts(path: Path) -> list[Prompt]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise UserError(f"{where}: not JSON ({error.msg} at column {error.colno})") from None
+            raise UserError(f"{where}: not JSON ({error.msg}, column {error.colno})") from None
         prompts.append(Prompt(_prompt_value(record, where), where))
     if not prompts:
         raise UserError(f"--prompts {path}: no prompts in it", 'one a line: {"prompt": "text"}')

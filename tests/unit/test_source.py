@@ -56,3 +56,21 @@ def test_an_adapter_with_modules_to_save_loads_as_it_was_trained(tiny_model, tmp
     alone = load_source(str(tmp_path / "adapter"), device="cpu")
     assert torch.allclose(alone.model(input_ids=ids).logits, want, atol=1e-5)
     assert "(adapter, over" in alone.describe
+
+
+def test_a_run_dir_is_refused_when_it_cannot_generate_or_has_no_such_checkpoint(tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-2").mkdir(parents=True)
+    plan = {"job": {"model": {"path": "org/base"}, "finetune": {"type": "lora"}, "method": {"kind": "sft"}}}
+    (run / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(UserError, match=r"run: no final/ \(the run has not finished\)"):
+        check_source(str(run))
+    with pytest.raises(UserError, match="step-9 does not exist\n  hint: checkpoints: step-2"):
+        check_source(str(run), checkpoint="9")
+    assert check_source(str(run), checkpoint="2").describe == f"{run} checkpoint step-2 (lora on org/base)"
+    plan["job"]["method"]["kind"] = "reward"
+    (run / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(UserError, match="a reward model run: it scores text, it does not generate it"):
+        check_source(str(run))
