@@ -15,10 +15,13 @@ import signal
 import sys
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from launcher.errors import UserError
 from launcher.source import Source, add_source_arguments, check_source, source_from_args
+
+if TYPE_CHECKING:
+    from training.rollout.generate import SamplingSettings
 
 PROMPT = "> "
 HELP = "commands: /reset (forget the conversation), /system TEXT (a new system prompt; resets), /exit (or Ctrl-D)"
@@ -126,7 +129,10 @@ def end_of_turn(tokenizer: Any, chat_template: str | None) -> tuple[list[int], s
 class Chat:
     """One conversation with a source: its messages, its system prompt, and the answers it streams to `out`."""
 
-    def __init__(self, source: Source, settings: Any, seed: int = 0, system: str | None = None, out: TextIO = sys.stdout):
+    def __init__(
+        self, source: Source, settings: SamplingSettings, seed: int = 0, system: str | None = None,
+        out: TextIO = sys.stdout,
+    ):
         self.source = source
         self.settings = settings
         self.seed = seed
@@ -197,14 +203,16 @@ class Chat:
                                self.source.tokenizer.pad_token_id, self.end_ids, inference=True, on_token=on_token)
                 stopped = out.stopped and not stream.hit_stop
                 cut = out.truncated[0]
-            except KeyboardInterrupt:  # a second Ctrl-C, before the first token came
+            except KeyboardInterrupt:  # a second Ctrl-C: the decode interrupted where it was
                 stopped = True
         self.answers += 1
         self.write(stream.finish().translate(UNPRINTABLE))
-        marker = " [stopped]" if stopped else f" [cut at --max-new-tokens {budget}]" if cut else ""
-        self.write(marker + "\n")
+        limit = (f"--max-new-tokens {budget}" if budget == self.settings.max_completion_length else
+                 f"the model's {self.max_positions} positions")
+        self.write((" [stopped]" if stopped else f" [cut at {limit}]" if cut else "") + "\n")
         reply = stream.text.strip()
-        self.messages += [{"role": "user", "content": user_text}, {"role": "assistant", "content": reply}]
+        if reply or not stopped:  # an answer stopped before it said anything leaves no turn behind
+            self.messages += [{"role": "user", "content": user_text}, {"role": "assistant", "content": reply}]
         return reply
 
     @contextlib.contextmanager
