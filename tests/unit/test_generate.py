@@ -230,6 +230,49 @@ def test_max_completion_length_cuts_and_says_so(model, prompts):
     assert out.num_tokens == 5 * len(prompts)
 
 
+def test_on_token_sees_each_steps_tokens_as_the_completion_has_them(tiny_model, prompts):
+    """The streaming hook (sharpen chat prints from it): step by step, each row's tokens are its completion's,
+    pads once the row has ended; the completions are the same as without the hook."""
+    model = eos_heavy(tiny_model)
+    many = prompts * 4
+    keys = [(0, 0, i, 0) for i in range(len(many))]
+    steps = []
+    streamed = generate(model, many, keys, settings(max_completion_length=6), PAD, EOS, on_token=steps.append)
+    plain = generate(model, many, keys, settings(max_completion_length=6), PAD, EOS)
+    assert streamed == plain and not streamed.stopped
+    seen = torch.stack(steps, dim=1)
+    assert seen.shape == (len(many), max(len(ids) for ids in plain.token_ids))
+    for row, ids in zip(seen.tolist(), plain.token_ids, strict=True):
+        assert row[: len(ids)] == ids and set(row[len(ids):]) <= {PAD}
+    assert any(plain.ended_by_eos) and any(plain.truncated)  # both kinds of row were streamed
+
+
+def test_on_token_returning_true_stops_with_the_tokens_so_far(model, prompts):
+    s = settings(max_completion_length=12)
+    full = generate(model, prompts, keys_for(prompts), s, PAD, EOS)
+    model.train()
+    count = []
+    stopped = generate(model, prompts, keys_for(prompts), s, PAD, EOS, return_logprobs=True,
+                       on_token=lambda tokens: count.append(1) or len(count) == 3)
+    assert model.training
+    assert stopped.stopped and stopped.truncated == [False] * len(prompts)
+    assert stopped.token_ids == [ids[:3] for ids in full.token_ids]
+    assert [len(lp) for lp in stopped.logprobs] == [3] * len(prompts)
+
+
+def test_an_exception_in_on_token_leaves_the_model_in_its_mode(model, prompts):
+    """Ctrl-C while a chat answer streams: KeyboardInterrupt comes out of generate, the model as it was."""
+    def interrupt(tokens):
+        raise KeyboardInterrupt
+
+    for training in (True, False):
+        model.train(training)
+        with pytest.raises(KeyboardInterrupt):
+            generate(model, prompts, keys_for(prompts), settings(max_completion_length=6), PAD, EOS, on_token=interrupt)
+        assert model.training is training
+    model.eval()
+
+
 def test_eos_ends_a_row_and_is_kept(tiny_model, prompts):
     model = eos_heavy(tiny_model)
     many = prompts * 4

@@ -78,17 +78,19 @@ class SamplingSettings:
 @dataclass(frozen=True)
 class Completions:
     """Per row: the completion's token ids (its EOS kept, as TRL does), whether it ended by EOS (else it
-    was cut at max_completion_length), and, when asked for, the log-probability of each chosen token
-    under the distribution it was sampled from (after every logits processor)."""
+    was cut at max_completion_length, or `stopped` by the caller's on_token), and, when asked for, the
+    log-probability of each chosen token under the distribution it was sampled from (after every logits
+    processor)."""
 
     token_ids: list[list[int]]
     ended_by_eos: list[bool]
     logprobs: list[torch.Tensor] | None = None
+    stopped: bool = False  # on_token asked to stop before every row had ended
 
     @property
     def truncated(self) -> list[bool]:
-        """Rows cut at max_completion_length."""
-        return [not eos for eos in self.ended_by_eos]
+        """Rows cut at max_completion_length (none when the caller stopped the decode)."""
+        return [not eos and not self.stopped for eos in self.ended_by_eos]
 
     @property
     def num_tokens(self) -> int:
@@ -218,6 +220,7 @@ def generate(
     return_logprobs: bool = False,
     all_done: Callable[[bool], bool] | None = None,
     inference: bool = False,
+    on_token: Callable[[torch.Tensor], bool | None] | None = None,
 ) -> Completions:
     """Sample one completion per prompt row, row i from its own generator seeded by keys[i]: a row's
     completion is the same in any batch. A row stops at EOS (kept) or at max_completion_length; the loop
@@ -230,7 +233,15 @@ def generate(
 
     `inference` runs it under torch.inference_mode (less autograd bookkeeping per op: -10-20% on the CPU
     bench), for a model whose forward allocates nothing that training uses later (not one that gathers
-    its parameters inside the forward)."""
+    its parameters inside the forward).
+
+    `on_token(tokens)`, where given, sees each step's tokens as soon as they are sampled ([rows] on CPU;
+    a row that had already ended gets pad_token_id), for a caller that prints them as they come. It
+    returning True stops the decode there: the tokens so far come back, with `stopped` set. An exception
+    it raises (KeyboardInterrupt from a terminal's Ctrl-C included) ends generate with that exception,
+    the model back in its mode and nothing returned; a caller that wants the partial text keeps what
+    on_token saw. Unused, the results are the same as without it. Its stop is one process's (with
+    all_done, every rank's on_token must agree)."""
     if len(prompts) != len(keys):
         raise ValueError(f"{len(prompts)} prompts but {len(keys)} keys: one key per row")
     if not prompts:
@@ -251,6 +262,7 @@ def generate(
     was_training = model.training
     model.eval()
     tokens_by_step, logps_by_step = [], []
+    stopped = False
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     try:
         # No row padded (prompts of one length): no mask at all, so the model builds none at each step.
@@ -285,6 +297,8 @@ def generate(
                 logps_by_step.append(logp)
                 done = done | torch.isin(token, eos_ids)
                 finished = bool(done.all())
+                if on_token is not None and on_token(token.cpu()) is True and not finished:
+                    stopped = finished = True
                 if all_done is not None:
                     finished = all_done(finished)
                 if step + 1 == length or finished:
@@ -298,10 +312,12 @@ def generate(
                 next_position = next_position + 1
     finally:
         model.train(was_training)
-    return _completions(tokens_by_step, logps_by_step, eos_ids, return_logprobs)
+    return _completions(tokens_by_step, logps_by_step, eos_ids, return_logprobs, stopped)
 
 
-def _completions(tokens_by_step, logps_by_step, eos_ids: torch.Tensor, return_logprobs: bool) -> Completions:
+def _completions(
+    tokens_by_step, logps_by_step, eos_ids: torch.Tensor, return_logprobs: bool, stopped: bool = False
+) -> Completions:
     """Each row's tokens up to and including its first EOS."""
     tokens = torch.stack(tokens_by_step, dim=1).cpu()
     logps = torch.stack(logps_by_step, dim=1).float().cpu()
@@ -310,4 +326,4 @@ def _completions(tokens_by_step, logps_by_step, eos_ids: torch.Tensor, return_lo
     lengths = torch.where(ended, is_eos.int().argmax(dim=1) + 1, tokens.shape[1]).tolist()
     token_ids = [tokens[row, :n].tolist() for row, n in enumerate(lengths)]
     logprobs = [logps[row, :n].clone() for row, n in enumerate(lengths)] if return_logprobs else None
-    return Completions(token_ids, ended.tolist(), logprobs)
+    return Completions(token_ids, ended.tolist(), logprobs, stopped)
