@@ -40,18 +40,23 @@ def parse_iso(text: str | None) -> float | None:
         return None
 
 
-def process_start(pid: int) -> str | None:
-    """When process `pid` started (Linux: clock ticks since boot, /proc/PID/stat's 22nd field), so that a
-    reused pid is not taken for the launcher; None where that cannot be read."""
+def proc_stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (Linux): state first; None where it cannot be read."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot), so that a reused pid is not taken for the launcher."""
+    fields = proc_stat(pid)
+    return fields[19] if fields and len(fields) > 19 else None
 
 
 def launcher_alive(launch: dict) -> bool | None:
-    """Whether the launcher of launch.json is alive: None when it ran on another host (cannot tell here)."""
+    """Whether the launcher of launch.json is alive: None when it ran on another host (cannot tell here).
+    A zombie (ended, its parent has not yet collected it) is not."""
     from training.heartbeat import pid_alive
 
     if launch.get("host") != socket.gethostname():
@@ -59,8 +64,11 @@ def launcher_alive(launch: dict) -> bool | None:
     pid = int(launch.get("pid", 0))
     if pid <= 0 or not pid_alive(pid):
         return False
+    fields = proc_stat(pid)
+    if fields is None:
+        return True
     started = launch.get("pid_started")
-    return started is None or process_start(pid) in (None, started)
+    return fields[0] != "Z" and (started is None or fields[19] == started)
 
 
 def read_launch(run_dir: Path) -> dict | None:
@@ -304,7 +312,7 @@ def default_log(run_dir: Path, slurm: bool) -> Path:
 
 def read_state(path: str | Path, query_slurm: bool = True) -> RunState:
     """The run at `path`: what it is, where it is, how far it got. UserError when it is not a run dir."""
-    from training.checkpoint import latest_checkpoint
+    from training.checkpoint_dirs import latest_checkpoint
 
     run_dir = run_dir_of(path)
     try:

@@ -73,6 +73,19 @@ def test_a_launcher_gone_without_an_end_is_interrupted(tmp_path):
     assert info.eta_s is None
 
 
+def test_a_launcher_that_ended_uncollected_is_not_running(tmp_path):
+    """A zombie: the launcher has exited and its parent (here this test) has not yet waited for it."""
+    run_dir = make_run(tmp_path, "zombie", steps=1)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        while run_state.proc_stat(child.pid)[0] != "Z":
+            time.sleep(0.01)
+        run_state.write_launch(run_dir, {"pid": child.pid, "host": socket.gethostname(), "started_at": run_state.now_iso()})
+        assert run_state.read_state(run_dir).state == "failed"
+    finally:
+        child.wait()
+
+
 def test_a_reused_pid_is_not_taken_for_the_launcher(tmp_path):
     run_dir = make_run(tmp_path, "reused", steps=1)
     launch = {"pid": os.getpid(), "pid_started": "1", "host": socket.gethostname(), "started_at": run_state.now_iso()}
