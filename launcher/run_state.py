@@ -219,31 +219,37 @@ def slurm_seconds(text: str) -> float | None:
 def slurm_state(run_dir: Path, final: bool) -> tuple[str, str, dict]:
     """(state, detail, the job's facts) of a submitted run, from squeue/scontrol/sacct."""
     from cluster import slurm
-    from cluster.requeue import EXIT_STOPPED_EARLY, read_requeue_count
+    from cluster.requeue import read_requeue_count
 
     job_id = slurm.read_job_id(run_dir)
     job = slurm.job_state(job_id)
-    facts = {"job_id": job_id, "requeues": read_requeue_count(run_dir), **(job or {})}
+    state, detail = job_run_state(job, final)
+    return state, detail, {"job_id": job_id, "requeues": read_requeue_count(run_dir), **(job or {})}
+
+
+def job_run_state(job: dict[str, str] | None, final: bool) -> tuple[str, str]:
+    """(state, detail) of a run from what SLURM says of its job (cluster.slurm.job_state) and final/."""
+    from cluster import slurm
+    from cluster.requeue import EXIT_STOPPED_EARLY
+
     if job is None:
         if final:
-            return FINISHED, "SLURM no longer knows the job; final/ is written", facts
-        return UNKNOWN, "SLURM no longer knows the job (no accounting) and final/ is not written", facts
+            return FINISHED, "SLURM no longer knows the job; final/ is written"
+        return UNKNOWN, "SLURM no longer knows the job (no accounting) and final/ is not written"
     name = job["state"].split()[0]
     if name == "PENDING":
-        return QUEUED, f"waiting for resources ({job['reason']})" if job["reason"] else "", facts
+        return QUEUED, f"waiting: {job['reason']}" if job["reason"] not in ("", "None", "(null)") else ""
     if name in ("REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
-        return STOPPED, "stopped and requeued: it resumes from its checkpoint when SLURM starts it again", facts
+        return STOPPED, "stopped and requeued: it resumes from its checkpoint when SLURM starts it again"
     if slurm.is_active(job):
-        return RUNNING, "", facts
+        return RUNNING, ""
     if name == "COMPLETED":
-        if final:
-            return FINISHED, "", facts
-        return STOPPED, "the job ended before max_steps (stopped early, not requeued)", facts
+        return (FINISHED, "") if final else (STOPPED, "the job ended before max_steps (stopped early, not requeued)")
     if name in ("PREEMPTED", "CANCELLED"):
-        return STOPPED, "preempted" if name == "PREEMPTED" else "cancelled", facts
+        return STOPPED, "preempted" if name == "PREEMPTED" else "cancelled"
     if job.get("exit_code", "").split(":")[0] == str(EXIT_STOPPED_EARLY):
-        return STOPPED, "stopped early, not requeued", facts
-    return FAILED, f"SLURM: {name}, exit code {job.get('exit_code') or '?'}", facts
+        return STOPPED, "stopped early, not requeued"
+    return FAILED, f"SLURM: {name}, exit code {job.get('exit_code') or '?'}"
 
 
 def heartbeat_note(run_dir: Path) -> str:
@@ -358,8 +364,8 @@ def read_state(path: str | Path, query_slurm: bool = True) -> RunState:
             end = ended if ended is not None else (time.time() if state == RUNNING else None)
             if end is not None:
                 info.elapsed_s = float(launch.get("earlier_wall_s", 0.0)) + max(0.0, end - begun)
-    elif facts and facts.get("elapsed"):
-        info.elapsed_s = slurm_seconds(facts["elapsed"])
+    elif facts and slurm_seconds(facts.get("elapsed", "")):
+        info.elapsed_s = slurm_seconds(facts["elapsed"])  # this attempt of the job
     if info.elapsed_s is None and last.get("elapsed_s") is not None:
         info.elapsed_s = float(last["elapsed_s"])  # the training loop's own clock: without start-up
     if info.started_at is None:

@@ -184,3 +184,30 @@ def test_slurm_elapsed_times():
     assert run_state.slurm_seconds("1-02:03:04") == 93784.0
     assert run_state.slurm_seconds("03:04") == 184.0
     assert run_state.slurm_seconds("") is None
+
+
+def job(state: str, reason: str = "None", exit_code: str = "") -> dict[str, str]:
+    """What cluster.slurm.job_state answers for a job (squeue's or sacct's fields)."""
+    return {"state": state, "elapsed": "1:00", "limit": "1:00:00", "nodes": "n1", "reason": reason,
+            "exit_code": exit_code}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "answer,final,want",
+    [
+        (job("PENDING", "Resources"), False, ("queued", "waiting: Resources")),
+        (job("RUNNING"), False, ("running", "")),
+        (job("REQUEUED"), False, ("stopped", "stopped and requeued: it resumes from its checkpoint when SLURM "
+                                             "starts it again")),
+        (job("COMPLETED", exit_code="0:0"), True, ("finished", "")),
+        (job("COMPLETED", exit_code="0:0"), False, ("stopped", "the job ended before max_steps (stopped early, "
+                                                               "not requeued)")),
+        (job("CANCELLED by 1000", exit_code="0:15"), False, ("stopped", "cancelled")),
+        (job("PREEMPTED"), False, ("stopped", "preempted")),
+        (job("FAILED", exit_code="3:0"), False, ("stopped", "stopped early, not requeued")),
+        (job("OUT_OF_MEMORY", exit_code="0:125"), False, ("failed", "SLURM: OUT_OF_MEMORY, exit code 0:125")),
+        (None, True, ("finished", "SLURM no longer knows the job; final/ is written")),
+    ],
+)  # fmt: skip
+def test_what_slurm_says_of_the_job_is_the_runs_state(answer, final, want):
+    assert run_state.job_run_state(answer, final) == want
