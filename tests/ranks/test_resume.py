@@ -242,6 +242,8 @@ def test_resume_refuses_a_strategy_that_cannot_read_the_checkpoint(stopped_run):
     result = sharpen("resume", str(stopped_run), "--set", "strategy.name=zero2")
     assert result.returncode == 2
     assert "written by strategy fsdp" in result.stderr
+    status = sharpen("status", str(stopped_run)).stdout  # the refused resume left the run as it was
+    assert "state: failed (rank " in status and "killed by SIGKILL" in status and "step 3 of 6" in status, status
 
 
 def test_resume_on_one_rank_continues_the_same_wandb_run(stopped_run, tmp_path):
