@@ -8,11 +8,11 @@ import os
 import sys
 
 from launcher import __version__
-from launcher.commands import doctor, export, preview, run, runs, slurm
+from launcher.commands import doctor, evaluate, export, generate, preview, run, runs, slurm
 from launcher.errors import UserError
 
 EXIT_USAGE = 2
-GROUPS = (run, preview, export, slurm, runs, doctor)  # the order of `sharpen --help`
+GROUPS = (run, preview, export, generate, evaluate, slurm, runs, doctor)  # the order of `sharpen --help`
 
 
 class ArgumentParser(argparse.ArgumentParser):

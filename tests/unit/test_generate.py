@@ -338,7 +338,7 @@ def test_settings_come_from_a_method_section_and_refuse_what_the_loop_does_not_d
     assert SamplingSettings.from_method(plain) == SamplingSettings(8)
     with pytest.raises(pydantic.ValidationError, match="num_beams"):
         GRPOMethod(kind="grpo", rewards=rewards, generation_kwargs={"num_beams": 4})
-    for bad in ({"temperature": 0.0}, {"top_p": 0.0}, {"top_k": -1}, {"max_completion_length": 0}):
+    for bad in ({"temperature": -0.5}, {"top_p": 0.0}, {"top_k": -1}, {"max_completion_length": 0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SamplingSettings(**{"max_completion_length": 4, **bad})
 

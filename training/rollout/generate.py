@@ -33,7 +33,8 @@ from training import heartbeat
 @dataclass(frozen=True)
 class SamplingSettings:
     """How completions are sampled: the job's method.max_completion_length, temperature, top_p and its
-    generation_kwargs (top_k 0: off, as in transformers)."""
+    generation_kwargs (top_k 0: off, as in transformers). Temperature 0 is greedy (`sharpen generate`;
+    GRPO's schema refuses it): the likeliest token, with log-probability 0."""
 
     max_completion_length: int
     temperature: float = 1.0
@@ -46,8 +47,8 @@ class SamplingSettings:
         problems = []
         if self.max_completion_length < 1:
             problems.append(f"max_completion_length must be >= 1, got {self.max_completion_length}")
-        if not self.temperature > 0:
-            problems.append(f"temperature must be > 0, got {self.temperature}")
+        if not self.temperature >= 0:
+            problems.append(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -127,13 +128,15 @@ def process_logits(
 ) -> torch.Tensor:
     """[rows, vocab] next-token logits → the logits sampled from, as transformers' processors would:
     repetition penalty on `seen` tokens ([rows, vocab] bool), EOS masked while fewer than min_new_tokens
-    were generated (`new_tokens` so far), temperature, top_k, top_p. Returns a new float32 tensor."""
+    were generated (`new_tokens` so far), temperature (0: greedy), top_k, top_p. Returns a new float32 tensor."""
     scores = scores.float().clone()
     if settings.repetition_penalty != 1.0 and seen is not None:
         penalised = torch.where(scores < 0, scores * settings.repetition_penalty, scores / settings.repetition_penalty)
         scores = torch.where(seen, penalised, scores)
     if new_tokens < settings.min_new_tokens:
         scores[:, eos_token_ids.to(scores.device)] = -torch.inf
+    if settings.temperature == 0:  # greedy: all the mass on the likeliest token (top_k, top_p change nothing)
+        return torch.full_like(scores, -torch.inf).scatter_(1, scores.argmax(dim=-1, keepdim=True), 0.0)
     if settings.temperature != 1.0:
         scores = scores / settings.temperature
     if settings.top_k:
