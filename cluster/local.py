@@ -63,6 +63,7 @@ def launch(
     checkpoint first, cluster/node.py).
     """
     run_dir = Path(run_dir).resolve()
+    (run_dir / FAILURE_FILE).unlink(missing_ok=True)
     if nnodes == 1 and nproc_per_node == 1 and rdzv_endpoint is None and device == "cpu":
         return run_one_rank(run_dir, device)
 
@@ -102,11 +103,12 @@ def launch(
                 elastic_launch(config, entrypoint=sys.executable)("-m", WORKER_MODULE, str(run_dir))
             except ChildFailedError as exc:
                 if watch.report is not None:
-                    print(watch.report, file=sys.stderr)
-                    return 1
+                    return report_hang(run_dir, watch.report)
                 return report_failure(run_dir, exc)
             except RendezvousTimeoutError:
-                print(rendezvous_report(run_dir, run_id, nnodes, endpoint, join_timeout_s), file=sys.stderr)
+                report = rendezvous_report(run_dir, run_id, nnodes, endpoint, join_timeout_s)
+                print(report, file=sys.stderr)
+                write_failure(run_dir, {"reason": "rendezvous", "message": report.splitlines()[0]})
                 return 1
     finally:
         if arrival is not None:
@@ -211,8 +213,7 @@ def run_one_rank(run_dir: Path, device: str) -> int:
     if rank.exitcode == 0:
         return 0
     if watch.report is not None:
-        print(watch.report, file=sys.stderr)
-        return 1
+        return report_hang(run_dir, watch.report)
     failure = ProcessFailure(local_rank=0, pid=rank.pid, exitcode=rank.exitcode, error_file=str(error_file))
     return report_failure(run_dir, ChildFailedError(WORKER_MODULE, {0: failure}))
 
@@ -265,6 +266,32 @@ def _blame_order(failure) -> tuple[int, float]:
     return (0 if killed else 1, failure.timestamp or 0)
 
 
+FAILURE_FILE = "logs/agent/failure.json"
+
+
+def write_failure(run_dir: Path, summary: dict) -> None:
+    """How this node's ranks failed, in a line or two, for `sharpen status` (launcher/run_state.py)."""
+    path = Path(run_dir) / FAILURE_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary) + "\n")
+    except OSError:
+        pass  # a full or vanished run dir: the message on the terminal is what counts
+
+
+def read_failure(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((Path(run_dir) / FAILURE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def report_hang(run_dir: Path, report: str) -> int:
+    print(report, file=sys.stderr)
+    write_failure(run_dir, {"reason": "hung", "message": report.strip().splitlines()[0].removeprefix("error: ")})
+    return 1
+
+
 def report_failure(run_dir: Path, exc) -> int:
     """Name the first failed rank, its exit code, the last lines of its log, and where the whole log is.
     Returns the launcher's exit code: 1, or EXIT_STOPPED_EARLY where the ranks that did not end with 0 all
@@ -272,6 +299,7 @@ def report_failure(run_dir: Path, exc) -> int:
     failures = getattr(exc, "failures", {}) or {}
     if not failures:
         print(f"error: the run failed ({exc})", file=sys.stderr)
+        write_failure(run_dir, {"reason": "failed", "message": f"the run failed ({exc})"})
         return 1
     if all(f.exitcode == EXIT_STOPPED_EARLY for f in failures.values()):
         return EXIT_STOPPED_EARLY
@@ -288,6 +316,11 @@ def report_failure(run_dir: Path, exc) -> int:
         except (OSError, ValueError):
             message = ""
     log_path = run_dir / "logs" / f"rank-{first_rank}.log"
+    write_failure(run_dir, {
+        "reason": "failed", "rank": first_rank, "exit": reason, "log": str(log_path),
+        "ends": sorted({f.signal_name() if f.exitcode < 0 else f"exit {f.exitcode}" for f in failures.values()}),
+        "message": message.strip().splitlines()[-1] if message.strip() else "",
+    })  # fmt: skip
     print(f"error: rank {first_rank} failed ({reason}); the other ranks were stopped", file=sys.stderr)
     others = sorted(r for r in failures if r != first_rank)
     if others:

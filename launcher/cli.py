@@ -8,11 +8,11 @@ import os
 import sys
 
 from launcher import __version__
-from launcher.commands import chat, compare, doctor, evaluate, export, generate, preview, run, slurm
+from launcher.commands import chat, compare, doctor, evaluate, export, generate, preview, run, runs, slurm
 from launcher.errors import UserError
 
 EXIT_USAGE = 2
-GROUPS = (run, preview, export, generate, chat, evaluate, slurm, compare, doctor)  # the order of `sharpen --help`
+GROUPS = (run, preview, export, generate, chat, evaluate, slurm, runs, compare, doctor)  # the order of `sharpen --help`
 
 
 class ArgumentParser(argparse.ArgumentParser):

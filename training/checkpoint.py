@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -27,14 +26,20 @@ import torch
 
 from strategies.base import Strategy
 from training import faults
+from training.checkpoint_dirs import (  # noqa: F401  (where they were found before)
+    COMPLETE_MARKER,
+    STEP_DIR,
+    checkpoints_dir,
+    complete_checkpoints,
+    incomplete_checkpoints,
+    latest_checkpoint,
+)
 
 log = logging.getLogger("sharpen")
 
-COMPLETE_MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
 HASH_LIMIT = 256 * 1024**2  # files up to this size are hashed; larger ones are checked by size
-STEP_DIR = re.compile(r"^step-(\d+)$")
 # A write that failed with less than this free on the checkpoint's filesystem failed for want of space:
 # torch.save and DCP report ENOSPC as a RuntimeError without the errno ("unexpected pos ...").
 FULL_BELOW_BYTES = 1024**2
@@ -43,40 +48,6 @@ FULL_BELOW_BYTES = 1024**2
 class DiskFullError(RuntimeError):
     """A checkpoint that does not fit on its filesystem. One line: the launcher shows the last line of a
     rank's error (cluster/local.py report_failure)."""
-
-
-def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint, oldest first."""
-    root = checkpoints_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        match = STEP_DIR.match(child.name)
-        if match and (child / COMPLETE_MARKER).is_file():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
-def incomplete_checkpoints(run_dir: Path) -> list[Path]:
-    """Leftovers of interrupted saves: temporary dirs, and step dirs without the marker."""
-    root = checkpoints_dir(run_dir)
-    if not root.is_dir():
-        return []
-    return sorted(
-        child
-        for child in root.iterdir()
-        if child.is_dir() and (child.name.endswith(".tmp") or not (child / COMPLETE_MARKER).is_file())
-    )
-
-
-def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
-    found = complete_checkpoints(run_dir)
-    return found[-1] if found else None
 
 
 def rng_state() -> dict[str, Any]:

@@ -85,12 +85,18 @@ def cmd_resume(args) -> int:
         spec = validate(apply_overrides(previous.job, args.set))
     except pydantic.ValidationError as exc:
         raise UserError(format_errors(exc, f"{run_dir} with its --set overrides")) from None
-    return start_local(spec, run_dir)
+    return start_local(spec, run_dir, "resume")
 
 
-def start_local(spec, run_dir: Path, **multinode) -> int:
-    """Prepare the run dir, start this node's ranks, report."""
-    from cluster.local import launch
+def start_local(spec, run_dir: Path, command: str = "run", **multinode) -> int:
+    """Prepare the run dir, start this node's ranks, report; RUN/launch.json says whether it runs and how it
+    ended (launcher/run_state.py)."""
+    import signal
+
+    from torch.distributed.elastic.multiprocessing import SignalException
+
+    from cluster.local import launch, read_failure
+    from launcher import run_state
     from launcher.prepare import prepare_run
 
     plan = prepare_run(spec, run_dir, nnodes=multinode.get("nnodes"))
@@ -100,7 +106,26 @@ def start_local(spec, run_dir: Path, **multinode) -> int:
         f"run dir {run_dir}",
         file=sys.stderr,
     )
-    rc = launch(run_dir, nproc_per_node=plan.nproc_per_node, device=plan.device, **multinode)
+    if multinode.get("node_rank", 0) != 0:  # node 0 keeps the run's launch.json
+        rc = launch(run_dir, nproc_per_node=plan.nproc_per_node, device=plan.device, **multinode)
+        return EXIT_OK if rc == 0 else EXIT_FAILED
+    started = run_state.record_start(run_dir, command)
+    rc, outcome, detail = EXIT_FAILED, run_state.FAILED, "the launcher stopped on an error"
+    try:
+        rc = launch(run_dir, nproc_per_node=plan.nproc_per_node, device=plan.device, **multinode)
+        outcome, detail = run_state.outcome_of(rc, read_failure(run_dir))
+    except KeyboardInterrupt:
+        rc, outcome, detail = 130, run_state.STOPPED, run_state.stopped_by("SIGINT")
+        raise
+    except SignalException as exc:  # the elastic agent stopped the ranks on SIGTERM, SIGHUP, ...
+        name = signal.Signals(exc.sigval).name
+        rc, outcome, detail = EXIT_FAILED, run_state.STOPPED, run_state.stopped_by(name)
+        print(f"sharpen: {name}: the ranks were stopped; resume with `sharpen resume {run_dir}`", file=sys.stderr)
+    except Exception as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise
+    finally:
+        run_state.record_end(run_dir, started, rc, outcome, detail)
     return EXIT_OK if rc == 0 else EXIT_FAILED
 
 

@@ -1,17 +1,12 @@
-"""`sharpen submit | status | logs | cancel`: a run as a SLURM job, and following it from the login node."""
+"""`sharpen submit`: a run as a SLURM job (follow it with `sharpen status | logs | cancel`, commands/runs.py)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 from launcher.errors import UserError
-
-FOLLOW_POLL_S = 0.5
-FOLLOW_STATE_EVERY_S = 2.0
 
 
 def register(subparsers) -> None:
@@ -21,15 +16,6 @@ def register(subparsers) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a job key")
     p.add_argument("--output-dir", help="run directory (default: output_dir from the job, else runs/NAME-TIME)")
     p.add_argument("--dry-run", action="store_true", help="prepare everything and write the script, but do not sbatch")
-
-    p = subparsers.add_parser("status", help="where a submitted run is: SLURM's state and training progress")
-    p.add_argument("run_dir")
-    p = subparsers.add_parser("logs", help="print a submitted run's log (the job's, or one rank's)")
-    p.add_argument("run_dir")
-    p.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
-    p.add_argument("--rank", type=int, help="this rank's log instead of the job's")
-    p = subparsers.add_parser("cancel", help="cancel a submitted run (scancel; it is not requeued)")
-    p.add_argument("run_dir")
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -81,109 +67,4 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_dir(path: str) -> Path:
-    run_dir = Path(path)
-    if not (run_dir / "plan.json").is_file():
-        raise UserError(f"{run_dir}: not a sharpen run directory (no plan.json)")
-    return run_dir
-
-
-def progress_line(run_dir: Path) -> str:
-    """Training progress from the run dir itself: last logged step and loss, newest checkpoint, final/."""
-    from launcher.plan import Plan
-    from training.checkpoint import latest_checkpoint
-
-    max_steps = Plan.read(run_dir).spec.train.max_steps
-    parts = []
-    metrics = run_dir / "metrics.jsonl"
-    rows = [line for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
-    if rows:
-        last = json.loads(rows[-1])
-        parts.append(f"step {last['step']} of {max_steps}, loss {last['loss']:.4f}")
-    else:
-        parts.append(f"no step logged yet (of {max_steps})")
-    latest = latest_checkpoint(run_dir)
-    parts.append(f"newest checkpoint: step {latest[0]}" if latest else "no checkpoint yet")
-    if (run_dir / "final").is_dir():
-        parts.append(f"output in {run_dir / 'final'}")
-    return "; ".join(parts)
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    from cluster import slurm
-    from cluster.requeue import read_requeue_count
-    from launcher.plan import Plan
-
-    run_dir = _run_dir(args.run_dir)
-    job_id = slurm.read_job_id(run_dir)
-    state = slurm.job_state(job_id)
-    max_requeues = Plan.read(run_dir).spec.cluster.slurm.max_requeues
-    if state is None:
-        print(f"job {job_id}: no longer known to SLURM (finished before the controller's memory, no accounting)")
-    else:
-        where = f" on {state['nodes']}" if state["nodes"] and state["nodes"] != "(null)" else ""
-        reason = f", reason {state['reason']}" if state["reason"] not in ("", "None", "(null)") else ""
-        exit_code = f", exit code {state['exit_code']}" if state["exit_code"] and not slurm.is_active(state) else ""
-        print(f"job {job_id}: {state['state']}{where}, elapsed {state['elapsed'] or '0:00'} of {state['limit']}{reason}{exit_code}")
-    print(f"requeues: {read_requeue_count(run_dir)} of {max_requeues}")
-    print(f"progress: {progress_line(run_dir)}")
-    print(f"log: {slurm.log_path(run_dir, job_id)}")
-    return 0
-
-
-def cmd_logs(args: argparse.Namespace) -> int:
-    from cluster import slurm
-
-    run_dir = _run_dir(args.run_dir)
-    job_id = slurm.read_job_id(run_dir)
-    path = run_dir / "logs" / f"rank-{args.rank}.log" if args.rank is not None else slurm.log_path(run_dir, job_id)
-    if not args.follow:
-        if not path.is_file():
-            raise UserError(f"{path} does not exist yet", f"is the job running? `sharpen status {run_dir}`")
-        sys.stdout.write(path.read_text(errors="replace"))
-        return 0
-    follow(path, job_id)
-    return 0
-
-
-def follow(path: Path, job_id: str) -> None:
-    """Print `path` as it grows until the job has ended (or Ctrl-C)."""
-    from cluster import slurm
-
-    offset, next_check, active = 0, 0.0, True
-    while True:
-        if path.is_file():
-            with path.open("rb") as f:
-                f.seek(offset)
-                chunk = f.read()
-            if chunk:
-                offset += len(chunk)
-                sys.stdout.write(chunk.decode(errors="replace"))
-                sys.stdout.flush()
-        if not active:
-            return
-        if time.monotonic() >= next_check:
-            # Read the file once more after the job ended, for the lines written in its last moments.
-            active = slurm.is_active(slurm.job_state(job_id))
-            next_check = time.monotonic() + FOLLOW_STATE_EVERY_S
-            if not active:
-                continue
-        time.sleep(FOLLOW_POLL_S)
-
-
-def cmd_cancel(args: argparse.Namespace) -> int:
-    from cluster import slurm
-
-    run_dir = _run_dir(args.run_dir)
-    job_id = slurm.read_job_id(run_dir)
-    state = slurm.job_state(job_id)
-    if not slurm.is_active(state):
-        now = state["state"] if state else "no longer known to SLURM"
-        print(f"job {job_id} is not queued or running ({now}): nothing to cancel")
-        return 0
-    slurm.scancel(job_id)
-    print(f"cancelled SLURM job {job_id} (a cancelled job is not requeued); checkpoints stay in {run_dir / 'checkpoints'}")
-    return 0
-
-
-COMMANDS = {"submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel}
+COMMANDS = {"submit": cmd_submit}

@@ -122,15 +122,23 @@ def test_one_rank_killed_is_reported_and_resumes(tiny_model, tmp_path):
     assert result.returncode == 1
     assert "rank 0 failed (killed by SIGKILL)" in result.stderr and "Traceback" not in result.stderr
     assert [r["step"] for r in metrics(crashed_dir)] == [1, 2, 3]
+    status = sharpen("status", str(crashed_dir))
+    assert "state: failed (rank 0 failed (killed by SIGKILL))" in status.stdout, status.stdout
+    assert f"step 3 of {STEPS}, loss {losses(crashed_dir)[-1]:.4f}" in status.stdout and "checkpoint: step 2" in status.stdout
     assert_ok(sharpen("resume", str(crashed_dir)))
     assert_same_losses(losses(crashed_dir), losses(straight_dir))
+    table = sharpen("runs", str(tmp_path)).stdout.splitlines()
+    assert [row.split()[:7] for row in table[1:]] == [
+        ["straight", "sft", "lora", "single", "1", "finished", f"{STEPS}/{STEPS}"],
+        ["crashed", "sft", "lora", "single", "1", "finished", f"{STEPS}/{STEPS}"],
+    ], table
 
 
 def test_sigterm_to_the_launcher_stops_its_one_rank(tiny_model, tmp_path):
-    """SIGTERM to `sharpen run` (a scheduler, `kill`): passed on to the rank as the agent does, reported
-    without a traceback, exit 1, and no process left behind."""
+    """SIGTERM to `sharpen run` (`sharpen cancel`, a scheduler, `kill`): passed on to the rank as the agent
+    does, reported without a traceback, exit 1, and no process left behind. `sharpen status` says running,
+    with its step, while it runs, and stopped after."""
     import os
-    import signal
     import subprocess
     import sys
 
@@ -144,15 +152,22 @@ def test_sigterm_to_the_launcher_stops_its_one_rank(tiny_model, tmp_path):
         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True,
     )
     deadline = time.monotonic() + 300
-    while not (run_dir / "metrics.jsonl").is_file() and launcher.poll() is None and time.monotonic() < deadline:
+    while len(metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []) < 2 and launcher.poll() is None \
+            and time.monotonic() < deadline:  # fmt: skip
         time.sleep(0.1)
     ranks = psutil.Process(launcher.pid).children(recursive=True)
     assert len(ranks) == 1
-    launcher.send_signal(signal.SIGTERM)
+    running = json.loads(sharpen("status", str(run_dir), "--json").stdout)
+    assert (running["state"], running["pid"], running["max_steps"]) == ("running", launcher.pid, 100_000)
+    assert running["step"] >= 2 and running["tokens_per_s"] > 0 and running["eta_s"] > 0, running
+    cancel = sharpen("cancel", str(run_dir))  # SIGTERM to the launcher's pid
     _, stderr = launcher.communicate(timeout=120)
+    assert f"sent SIGTERM to the launcher (pid {launcher.pid}): it has stopped" in cancel.stdout, cancel.stdout
     assert launcher.returncode == 1, stderr
     assert "rank 0 failed (killed by SIGTERM)" in stderr and "Traceback" not in stderr
     assert not ranks[0].is_running()
+    status = sharpen("status", str(run_dir))
+    assert "state: stopped (by SIGTERM to the launcher (sharpen cancel, kill))" in status.stdout, status.stdout
 
 
 def test_kill_during_save_resumes_from_the_previous_checkpoint(tiny_model, tmp_path):
@@ -227,6 +242,8 @@ def test_resume_refuses_a_strategy_that_cannot_read_the_checkpoint(stopped_run):
     result = sharpen("resume", str(stopped_run), "--set", "strategy.name=zero2")
     assert result.returncode == 2
     assert "written by strategy fsdp" in result.stderr
+    status = sharpen("status", str(stopped_run)).stdout  # the refused resume left the run as it was
+    assert "state: failed (rank " in status and "killed by SIGKILL" in status and "step 3 of 6" in status, status
 
 
 def test_resume_on_one_rank_continues_the_same_wandb_run(stopped_run, tmp_path):

@@ -242,3 +242,23 @@ def test_metrics_checkpoints_logs_and_wandb_offline(tiny_model, tmp_path):
     assert len(offline) == 1 and (run_dir / "wandb_id").read_text().strip() in offline[0].name
     for path in [run_dir / "plan.json", *(run_dir / "logs").glob("*.log")]:
         assert "secret-key-never-written" not in path.read_text()
+
+    # What `sharpen status | logs | runs` tell a user of this finished local run.
+    status = sharpen("status", str(run_dir), "--json")
+    assert_ok(status)
+    state = json.loads(status.stdout)
+    assert (state["state"], state["kind"], state["step"], state["max_steps"]) == ("finished", "local", 4, 4)
+    assert state["loss"] == rows[-1]["loss"] and state["checkpoint_step"] == 4 and state["eta_s"] is None
+    assert state["final"] == str(run_dir / "final") and 0 < state["elapsed_s"] < 600
+    status = sharpen("status", str(run_dir))
+    assert_ok(status)
+    assert "state: finished\n" in status.stdout and f"progress: step 4 of 4, loss {rows[-1]['loss']:.4f}" in status.stdout
+    assert f"newest checkpoint: step 4 ({run_dir / 'checkpoints' / 'step-4'})" in status.stdout
+    assert f"log: {run_dir / 'logs' / 'rank-0.log'}" in status.stdout
+    log = sharpen("logs", str(run_dir), "--rank", "0")
+    assert_ok(log)
+    assert f"done: step 4, loss {rows[-1]['loss']:.4f}" in log.stdout
+    table = sharpen("runs", str(tmp_path))
+    assert_ok(table)
+    assert table.stdout.splitlines()[1].split()[:8] == ["wandb", "sft", "full", "ddp", "2", "finished", "4/4",
+                                                        f"{rows[-1]['loss']:.4f}"]  # fmt: skip
