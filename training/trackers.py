@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -59,8 +60,6 @@ def _missing(module: str) -> bool:
 
 
 def _sql_store(tracking_uri: str | None) -> bool:
-    import os
-
     uri = tracking_uri or os.environ.get(TRACKING_URI_ENV) or "sqlite:"
     return uri.split(":", 1)[0].split("+", 1)[0] in SQL_SCHEMES
 
@@ -102,8 +101,6 @@ class MlflowRun:
     one the MLflow run already has: the redone steps reproduce the same values (resume is exact)."""
 
     def __init__(self, run_dir: Path, settings: dict[str, Any], experiment: str, config: dict[str, Any]):
-        import os
-
         from mlflow.tracking import MlflowClient
 
         for name in ("mlflow", "alembic"):  # their INFO lines (database migrations) stay out of the rank log
