@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import math
 import os
 import re
 import time
@@ -29,6 +28,8 @@ TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 # also need SQLAlchemy and alembic, which mlflow-skinny leaves out and the extra adds.
 EXTRAS = {"mlflow": ("mlflow",), "tensorboard": ("tensorboard",)}
 NAMES = {"mlflow": "MLflow", "tensorboard": "TensorBoard"}
+MAX_FAILURES = 3  # logged steps in a row that MLflow refused before rank 0 stops sending it more
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 SQL_STORE_MODULES = ("sqlalchemy", "alembic")
 SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 # A plan value whose key says it is a credential is never sent; nor is a URL's user:password part.
@@ -101,6 +102,10 @@ class MlflowRun:
     one the MLflow run already has: the redone steps reproduce the same values (resume is exact)."""
 
     def __init__(self, run_dir: Path, settings: dict[str, Any], experiment: str, config: dict[str, Any]):
+        # A tracking server that does not answer costs a logged step seconds, not MLflow's minutes of retries
+        # (the loop waits on log_batch; past its limit the hang watch would stop the run). Yours win if set.
+        for name, value in HTTP_LIMITS.items():
+            os.environ.setdefault(name, value)
         from mlflow.tracking import MlflowClient
 
         for name in ("mlflow", "alembic"):  # their INFO lines (database migrations) stay out of the rank log
@@ -157,15 +162,18 @@ class MlflowRun:
         step = row["step"]
         now = int(time.time() * 1000)
         values = {k: v for k, v in numbers(row).items() if step > self._last_step.get(k, -1)}
-        if not values:
+        if not values or self._failures >= MAX_FAILURES:
             return
         try:
             self.client.log_batch(self.id, metrics=[self._metric(k, v, now, step) for k, v in values.items()])
         except Exception as exc:  # the tracking server's trouble does not stop a training run
             self._failures += 1
-            if self._failures == 1 or math.log2(self._failures).is_integer():
-                log.warning("MLflow: step %d not logged (%d so far): %s", step, self._failures, exc)
+            log.warning("MLflow: step %d not logged: %s", step, exc)
+            if self._failures == MAX_FAILURES:
+                log.warning("MLflow: %d logged steps in a row failed: no more MLflow logging until the run is "
+                            "resumed (metrics.jsonl has every step)", MAX_FAILURES)
             return
+        self._failures = 0
         self._last_step.update(dict.fromkeys(values, step))
 
     def log_table(self, key: str, rows: list[dict[str, Any]], step: int) -> None:

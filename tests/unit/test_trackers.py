@@ -137,3 +137,17 @@ def test_sharpen_run_without_mlflow_exits_2_before_anything_runs(tmp_path, monke
         "  hint: pip install 'sharpen[mlflow]', or remove logging.mlflow from the job",
     ]
     assert not (tmp_path / "run").exists()
+
+
+def test_mlflow_refusing_steps_does_not_stop_training_and_is_given_up_after_three(store, tmp_path, caplog):
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowRun(tmp_path, {"tracking_uri": store}, "gives-up", {})
+    run.log({"step": 1, "loss": 2.0})
+    MlflowClient(tracking_uri=store).delete_run(run.id)  # from now on the store refuses the run's metrics
+    with caplog.at_level("WARNING", logger="sharpen"):
+        for step in range(2, 7):
+            run.log({"step": step, "loss": 1.0})
+    warnings = [r.getMessage() for r in caplog.records]
+    assert [w.split(":")[1] for w in warnings[:3]] == [" step 2 not logged", " step 3 not logged", " step 4 not logged"]
+    assert warnings[3].startswith("MLflow: 3 logged steps in a row failed: no more MLflow logging") and len(warnings) == 4
