@@ -32,8 +32,9 @@ MAX_FAILURES = 3  # logged steps in a row that MLflow refused before rank 0 stop
 HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 SQL_STORE_MODULES = ("sqlalchemy", "alembic")
 SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
-# A plan value whose key says it is a credential is never sent; nor is a URL's user:password part.
-SECRET_KEY = re.compile(r"token|secret|password|passwd|api_?key|credential", re.IGNORECASE)
+# A plan value whose key names a credential (hf_token, api_key; not tokenizer) is never sent; nor is a
+# URL's user:password part.
+SECRET_KEY = re.compile(r"(token|secret|password|passwd|api_?key|credentials?)$", re.IGNORECASE)
 URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 
 

@@ -15,7 +15,8 @@ from training.trackers import MLFLOW_RUN_ID_FILE, MlflowRun, TensorboardRun, Tra
 
 GOOD_DATA = Path(__file__).resolve().parents[1] / "fixtures" / "good_jobs" / "data" / "alpaca.jsonl"
 CONFIG = {
-    "job": {"name": "t", "train": {"lr": 0.001, "betas": [0.9, 0.95]}, "hub": {"hf_token": "hf_never"}},
+    "job": {"name": "t", "train": {"lr": 0.001, "betas": [0.9, 0.95]}, "hub": {"hf_token": "hf_never"},
+            "model": {"tokenizer": "tok-dir"}},
     "notes": "x" * 7000,  # past MLflow's parameter length
     "store": "https://alice:pa55word@mlflow.example/",
 }
@@ -61,7 +62,7 @@ def test_mlflow_metrics_params_and_a_resumed_run(store, tmp_path):
     assert params["job.train.lr"] == "0.001" and params["job.train.betas"] == "[0.9, 0.95]"
     assert len(params["notes"]) == 6000 and params["store"] == "https://mlflow.example/"
     assert not any("hf_never" in v or "pa55word" in v for v in params.values())
-    assert "job.hub.hf_token" not in params
+    assert "job.hub.hf_token" not in params and params["job.model.tokenizer"] == "tok-dir"
 
     # resumed from step 2: step 3 is redone, then 4; the same MLflow run, each step once
     resumed = mlflow_run(run_dir, store, {**CONFIG, "job": {**CONFIG["job"], "name": "changed"}, "new": 1})
