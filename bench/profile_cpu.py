@@ -75,8 +75,8 @@ def profile_sharpen(bench: CpuBench, work: Path) -> Window:
     from training.kernels.attention import collate_attention
     from training.loop import LoopConfig, run_steps
     from training.methods import create_method
-    from training.metrics import WandbRun
     from training.model import load_model, load_tokenizer
+    from training.trackers import Trackers
     from training.worker import build_strategy
 
     spec, run_dir = bench.spec, work / "profile-sharpen"
@@ -104,7 +104,7 @@ def profile_sharpen(bench: CpuBench, work: Path) -> Window:
             yield batch
 
     cfg = LoopConfig(max_steps=STEPS, log_every=1, save_every=0, keep_last=1, world_size=1, show_progress=False)
-    run_steps(cfg, strategy, create_method("sft"), timed(batches), 0, run_dir, None, WandbRun(run_dir, None, {}), {})
+    run_steps(cfg, strategy, create_method("sft"), timed(batches), 0, run_dir, None, Trackers(), {})
     window.stop()
     return window
 

@@ -45,6 +45,7 @@ ALIASES = {
     "dataset": "data.train", "datasets": "data.train", "training": "train", "trainer": "train", "lora": "finetune",
     "peft": "finetune", "output": "output_dir", "out_dir": "output_dir", "wandb": "logging.wandb",
     "wandb_project": "logging.wandb.project", "report_to": "logging.wandb", "slurm": "cluster.slurm",
+    "mlflow": "logging.mlflow", "tensorboard": "logging.tensorboard", "logging_dir": "logging.tensorboard.dir",
     # online RL (TRL's GRPOConfig, OpenRLHF, verl)
     "reward_funcs": "method.rewards", "reward_functions": "method.rewards", "loss_type": "method.loss",
     "reward_weights": "give each method.rewards entry its own weight", "reward_model": REWARD_MODEL,

@@ -22,12 +22,14 @@ def prepare_run(
     from training.data.cache import prepared_sources
     from training.data.prepare import mixes, prepare_dataset
     from training.methods import TRAINED_KINDS
+    from training.trackers import check_extras
 
     if spec.method.kind not in TRAINED_KINDS:  # before anything is written or tokenized
         raise UserError(
             f"method.kind: this version of sharpen checks and plans {spec.method.kind} jobs, but cannot train them yet",
             f"`sharpen plan` shows the plan; method.kind {', '.join(TRAINED_KINDS)} train today",
         )
+    check_extras(spec.logging)  # a tracker's package missing: named now, not by rank 0 after loading the model
     try:
         check_model_dir(spec.model.path)  # a broken model dir is named now, not by every rank minutes later
     except UserError as e:

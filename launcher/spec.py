@@ -407,12 +407,34 @@ class WandbSpec(Section):
     )
 
 
+class MlflowSpec(Section):
+    """MLflow tracking (the `sharpen[mlflow]` extra): the plan as parameters, metrics per step."""
+
+    tracking_uri: str | None = Field(
+        None,
+        description="Tracking server or store: http(s)://HOST:PORT, databricks, sqlite:///PATH/mlflow.db "
+        "(default: MLFLOW_TRACKING_URI from the ranks' environment, else sqlite:///RUN/mlflow.db)",
+    )
+    experiment: str | None = Field(None, description="Experiment name (default: the job name)")
+    run_name: str | None = Field(None, description="Run name (default: the run directory's name)")
+
+
+class TensorboardSpec(Section):
+    """TensorBoard event files (the `sharpen[tensorboard]` extra): every metric as a scalar per step."""
+
+    dir: str | None = Field(
+        None, description="Directory of the event files (default RUN/tensorboard; a relative path is under RUN)"
+    )
+
+
 class LoggingSpec(Section):
-    """Metrics: the run directory's metrics.jsonl always, W&B when configured."""
+    """Metrics: the run directory's metrics.jsonl always; W&B, MLflow and TensorBoard when configured."""
 
     every: int = Field(10, ge=1, description="Log metrics every N optimizer steps")
     progress: bool = Field(True, description="Show a progress bar on rank 0")
     wandb: WandbSpec | None = Field(None, description="Weights & Biases tracking; omit to log locally only")
+    mlflow: MlflowSpec | None = Field(None, description="MLflow tracking; omit for none")
+    tensorboard: TensorboardSpec | None = Field(None, description="TensorBoard event files; omit for none")
 
 
 class JobSpec(Section):

@@ -23,5 +23,5 @@ if ! python -c "import torch" >/dev/null 2>&1; then
   fi
   pip install "${pip_quiet[@]}" "${index_args[@]}" "$torch_spec"
 fi
-pip install "${pip_quiet[@]}" -e ".[dev,eval]"
+pip install "${pip_quiet[@]}" -e ".[dev,eval,mlflow,tensorboard]"
 python -c "import torch, launcher; print(f'setup: sharpen {launcher.__version__}, torch {torch.__version__}, cuda={torch.cuda.is_available()}')"

@@ -15,8 +15,9 @@ import torch
 from strategies.base import Strategy
 from training import checkpoint, faults, heartbeat
 from training.forward import run_forward
-from training.metrics import MetricsLog, Progress, Throughput, WandbRun
+from training.metrics import MetricsLog, Progress, Throughput
 from training.preemption import StopRequest
+from training.trackers import Trackers
 
 log = logging.getLogger("sharpen")
 
@@ -73,10 +74,11 @@ def run_steps(
     start_step: int,
     run_dir: Path,
     console: IO[str] | None,
-    wandb_run: WandbRun,
+    trackers: Trackers,
     extra_state: dict,
 ) -> dict:
-    """Train from `start_step` to `cfg.max_steps`. Returns the last logged row (rank 0) or {}."""
+    """Train from `start_step` to `cfg.max_steps`. Returns the last logged row (rank 0) or {}. Rank 0 writes
+    each logged row to metrics.jsonl and to `trackers` (training/trackers.py; the other ranks' hold none)."""
     env = strategy.env
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step) if env.is_main else None
     progress = Progress(cfg.max_steps, start_step, console, cfg.show_progress and env.is_main)
@@ -160,7 +162,7 @@ def run_steps(
                 loss_denominator = 0
                 if env.is_main:
                     metrics.write(row)
-                    wandb_run.log(row)
+                    trackers.log(row)
                 last_row = row
                 progress.update(step, row)
             else:
@@ -169,11 +171,11 @@ def run_steps(
             heartbeat.beat("training")
             if eval_row and env.is_main:
                 metrics.write(eval_row)
-                wandb_run.log(eval_row)
+                trackers.log(eval_row)
 
             if cfg.save_every and step % cfg.save_every == 0 and step != cfg.max_steps:
                 heartbeat.beat("checkpoint")
-                state = {**cfg.checkpoint_meta, "tokens_seen": tokens_seen, "wandb_id": wandb_run.id}
+                state = {**cfg.checkpoint_meta, "tokens_seen": tokens_seen, **trackers.state()}
                 path = checkpoint.save(run_dir, step, strategy, state, cfg.keep_last, cfg.checkpoint_extra,
                                        cfg.checkpoint_estimate)
                 log.info("checkpoint written: %s", path)
@@ -189,11 +191,11 @@ def run_steps(
                 if request.checkpoint:
                     if not (cfg.save_every and step % cfg.save_every == 0):
                         heartbeat.beat("checkpoint")
-                        state = {**cfg.checkpoint_meta, "tokens_seen": tokens_seen, "wandb_id": wandb_run.id}
+                        state = {**cfg.checkpoint_meta, "tokens_seen": tokens_seen, **trackers.state()}
                         checkpoint.save(run_dir, step, strategy, state, cfg.keep_last, cfg.checkpoint_extra,
                                         cfg.checkpoint_estimate)
                     saved = checkpoint.checkpoints_dir(run_dir) / f"step-{step}"
-                wandb_run.finish()
+                trackers.finish("KILLED")  # resumed (requeued) later, as the same runs
                 cfg.on_stop(step, saved, request)
         return last_row
     finally:

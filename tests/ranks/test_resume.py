@@ -27,10 +27,10 @@ def job_for(model: Path, finetune: str, strategy: str, ranks: int = 2, **extra) 
     return base_job(model, ALPACA, **sections)
 
 
-def run(tmp_path: Path, name: str, job: dict, fault: str | None = None):
+def run(tmp_path: Path, name: str, job: dict, fault: str | None = None, env: dict | None = None):
     run_dir = tmp_path / name
     job_file = write_job(tmp_path / f"{name}.yaml", job)
-    env = {FAULT: fault} if fault else None
+    env = {**(env or {}), **({FAULT: fault} if fault else {})}
     return run_dir, sharpen("run", str(job_file), "--output-dir", str(run_dir), env=env)
 
 
@@ -187,13 +187,19 @@ def test_kill_during_save_resumes_from_the_previous_checkpoint(tiny_model, tmp_p
     assert not (run_dir / "checkpoints" / "step-4.tmp").exists()
 
 
+# Secrets in the environment of the runs that log to trackers: none may reach a tracker's parameters.
+SECRETS = {"WANDB_API_KEY": "wandb-key-never-logged", "HF_TOKEN": "hf_token_never_logged"}
+
+
 @pytest.fixture(scope="module")
 def stopped_run(tiny_model, tmp_path_factory) -> Path:
-    """A 2-rank fsdp run killed after step 3: checkpoint step-2 complete, resumable."""
+    """A 2-rank fsdp run killed after step 3: checkpoint step-2 complete, resumable. It logs to W&B (offline),
+    MLflow (its default store, sqlite:///RUN/mlflow.db) and TensorBoard (RUN/tensorboard)."""
     tmp = tmp_path_factory.mktemp("stopped")
-    job = job_for(tiny_model, "full", "fsdp", logging={"every": 1, "progress": False,
-                                                       "wandb": {"project": "t", "mode": "offline"}})
-    run_dir, result = run(tmp, "stopped", job, fault="kill-after-step:3")
+    logging = {"every": 1, "progress": False, "wandb": {"project": "t", "mode": "offline"}, "mlflow": {},
+               "tensorboard": {}}
+    job = job_for(tiny_model, "full", "fsdp", logging=logging)
+    run_dir, result = run(tmp, "stopped", job, fault="kill-after-step:3", env={**SECRETS, "MLFLOW_TRACKING_URI": ""})
     assert result.returncode == 1
     return run_dir
 
@@ -246,20 +252,51 @@ def test_resume_refuses_a_strategy_that_cannot_read_the_checkpoint(stopped_run):
     assert "state: failed (rank " in status and "killed by SIGKILL" in status and "step 3 of 6" in status, status
 
 
-def test_resume_on_one_rank_continues_the_same_wandb_run(stopped_run, tmp_path):
-    """FSDP checkpoint from 2 ranks resumed on 1 (DCP reshards), continuing the same W&B run."""
+def test_resume_on_one_rank_continues_the_same_tracker_runs(stopped_run, tmp_path):
+    """FSDP checkpoint from 2 ranks resumed on 1 (DCP reshards), continuing the same W&B run, the same MLflow
+    run (each step logged once: step 3, redone after the checkpoint at 2, keeps its first value) and the same
+    TensorBoard directory; what each holds is what metrics.jsonl says, step for step."""
     import shutil
+
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = tmp_path / "copy"
     shutil.copytree(stopped_run, run_dir)
     wandb_id = (run_dir / "wandb_id").read_text().strip()
-    result = sharpen("resume", str(run_dir), "--set", "resources.gpus_per_node=1")
+    mlflow_id = (run_dir / "mlflow_run_id").read_text().strip()
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir}/mlflow.db")
+    assert [m.step for m in client.get_metric_history(mlflow_id, "loss")] == [1, 2, 3]
+    assert client.get_run(mlflow_id).info.status == "RUNNING"  # killed: nobody could end it
+    result = sharpen("resume", str(run_dir), "--set", "resources.gpus_per_node=1",
+                     env={**SECRETS, "MLFLOW_TRACKING_URI": ""})
     assert_ok(result)
     assert json.loads((run_dir / "plan.json").read_text())["world_size"] == 1
-    assert [r["step"] for r in metrics(run_dir)] == list(range(1, STEPS + 1))
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert (run_dir / "wandb_id").read_text().strip() == wandb_id
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(wandb_id in p.name for p in runs)
+
+    assert (run_dir / "mlflow_run_id").read_text().strip() == mlflow_id
+    run = client.get_run(mlflow_id)
+    assert (run.info.status, run.info.run_name) == ("FINISHED", "stopped")
+    assert client.get_experiment(run.info.experiment_id).name == "e2e"  # the job's name
+    history = client.get_metric_history(mlflow_id, "loss")
+    assert [m.step for m in history] == list(range(1, STEPS + 1))
+    assert_same_losses([m.value for m in history], [r["loss"] for r in rows], rel=1e-5)
+    params = run.data.params
+    assert (params["job.train.max_steps"], params["strategy"], params["world_size"]) == (str(STEPS), "fsdp", "2")
+    leaked = [k for k, v in params.items() if any(secret in v for secret in SECRETS.values())]
+    assert not leaked and len(params) > 50
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    scalars = events.Scalars("loss")
+    assert [e.step for e in scalars] == list(range(1, STEPS + 1))
+    assert_same_losses([e.value for e in scalars], [r["loss"] for r in rows], rel=1e-5)
+    log = (run_dir / "logs" / "rank-0.log").read_text()
+    assert f"MLflow run {mlflow_id}" in log and "alembic" not in log and "Creating initial MLflow" not in log
 
 
 def test_resume_without_a_complete_checkpoint(tiny_model, tmp_path):

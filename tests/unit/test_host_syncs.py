@@ -36,7 +36,7 @@ from training.kernels.fused_loss import fuse_frozen_head_loss
 from training.kernels.last_layer import prune_last_layer
 from training.loop import LoopConfig, run_steps
 from training.methods import create_method
-from training.metrics import WandbRun
+from training.trackers import Trackers
 
 PREFS = EXAMPLES / "data" / "preference_tiny.jsonl"
 STEPS = 4  # only the last one logs
@@ -192,7 +192,7 @@ def test_no_host_device_sync_in_a_step_that_does_not_log(case, tiny_model, tmp_p
     (tmp_path / "run").mkdir()
     with ExplicitDevice(watch), watch:
         last = run_steps(cfg, strategy, method, batches, 0, tmp_path / "run", None,
-                         WandbRun(tmp_path / "run", None, {}), {})
+                         Trackers(), {})
     assert last["step"] == STEPS and torch.isfinite(torch.tensor(last["loss"]))
 
     boundary = watch.events.index(("step", STEPS - 1))
