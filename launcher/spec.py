@@ -413,6 +413,10 @@ class LoggingSpec(Section):
     every: int = Field(10, ge=1, description="Log metrics every N optimizer steps")
     progress: bool = Field(True, description="Show a progress bar on rank 0")
     wandb: WandbSpec | None = Field(None, description="Weights & Biases tracking; omit to log locally only")
+    samples: int = Field(
+        3, ge=0, le=20,
+        description="Eval prompts completed greedily (48 new tokens) before and after training, in report.md; 0: none",
+    )
 
 
 class JobSpec(Section):
