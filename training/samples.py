@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -227,12 +228,18 @@ def report_section(run_dir: Path) -> list[str]:
     return lines
 
 
+def shown(text: str) -> str:
+    """`text` as report.md shows it: control characters (an untrained model's bytes) escaped, as \\x10."""
+    return "".join(c if c in "\n\t" or unicodedata.category(c) != "Cc" else f"\\x{ord(c):02x}" for c in text)
+
+
 def _block(title: str, text: str | None) -> list[str]:
     """A titled fenced block; the fence is longer than any run of backticks in the text."""
     if text is None:
         return [f"{title}: (not recorded)", ""]
     if not text.strip():
         return [f"{title}: (nothing: the end of the sequence came first)", ""]
+    text = shown(text)
     longest, run = 0, 0
     for char in text:
         run = run + 1 if char == "`" else 0

@@ -10,7 +10,7 @@ from support.data_inputs import ALPACA, prepared, write_jsonl
 
 from training.data.formats import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
 from training.report import write_report
-from training.samples import SAMPLES_FILE, EvalSamples, eval_prompts, report_section
+from training.samples import SAMPLES_FILE, EvalSamples, eval_prompts, report_section, shown
 
 CHAT = {"messages": [
     {"role": "user", "content": "Give the opposite.\nhot"},
@@ -159,18 +159,18 @@ def test_completions_before_and_after_training_reach_the_report(model_dir, token
     first = ALPACA_PROMPT_WITH_INPUT.format(**ALPACA[0])
     assert section.count("### Sample ") == 2
     assert f"Prompt:\n\n```text\n{first}\n```" in section
-    assert f"Before training:\n\n```text\n{want_before[0]}\n```" in section
+    assert f"Before training:\n\n```text\n{shown(want_before[0])}\n```" in section
     assert "After step 6:\n\n```text\n777777777777\n```" in section
     assert "Reference answer in the data:\n\n```text\n7\n```" in section
 
 
 def test_the_section_fences_backticks_and_says_what_was_not_recorded(tmp_path):
     record = {"max_new_tokens": 48, "after_step": 3, "samples": [
-        {"prompt": "Quote ```code```", "after": "", "reference": "chosen", "reference_text": "ok"}]}
+        {"prompt": "Quote ```code```", "after": "", "reference": "chosen", "reference_text": "o\x10k"}]}
     (tmp_path / SAMPLES_FILE).write_text(json.dumps(record))
     lines = "\n".join(report_section(tmp_path))
     assert "Prompt:\n\n````text\nQuote ```code```\n````" in lines
     assert "Before training: (not recorded)" in lines
     assert "After step 3: (nothing: the end of the sequence came first)" in lines
-    assert "Chosen in the data:\n\n```text\nok\n```" in lines
+    assert "Chosen in the data:\n\n```text\no\\x10k\n```" in lines  # a control character escaped
     assert report_section(tmp_path / "none") == []
