@@ -195,7 +195,7 @@ class EvalSamples:
         if "after_step" in texts:
             record["after_step"] = texts["after_step"]
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+        tmp.write_text(json.dumps(record, ensure_ascii=False) + "\n")
         os.replace(tmp, self.path)
 
 
