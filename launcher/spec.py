@@ -435,6 +435,10 @@ class LoggingSpec(Section):
     wandb: WandbSpec | None = Field(None, description="Weights & Biases tracking; omit to log locally only")
     mlflow: MlflowSpec | None = Field(None, description="MLflow tracking; omit for none")
     tensorboard: TensorboardSpec | None = Field(None, description="TensorBoard event files; omit for none")
+    samples: int = Field(
+        3, ge=0, le=20,
+        description="Eval prompts completed greedily (48 new tokens) before and after training, in report.md; 0: none",
+    )
 
 
 class JobSpec(Section):

@@ -7,6 +7,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from training.samples import report_section
+
 
 def read_rows(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(training rows, evaluation rows) of RUN/metrics.jsonl."""
@@ -68,6 +70,7 @@ def write_report(run_dir: Path, plan: dict[str, Any], extra: dict[str, Any] | No
             continue
         lines.append(f"| {key} | {_fmt(value)} |")
     lines += ["", "![loss, learning rate, throughput (and reward)](report.png)", ""]
+    lines += report_section(run_dir)  # the eval prompts completed before and after training (training/samples.py)
     (run_dir / "report.md").write_text("\n".join(lines))
     return figures
 

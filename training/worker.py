@@ -272,6 +272,11 @@ def main(run_dir: str) -> int:
                              max_requeues=slurm.max_requeues)
 
         cfg.on_stop = stop
+    from training.samples import EvalSamples
+
+    samples = EvalSamples.for_run(spec.method.kind, spec.logging.samples, strategy, eval_dataset, tokenizer, run_dir)
+    if samples is not None:  # the eval prompts' completions before the first step, or a resumed run's read back
+        samples.before_training(fresh=latest is None)
     last = {}
     if start_step < spec.train.max_steps:
         method = make_method(plan, strategy, run_dir, dataset, eval_dataset, start_step > 0, tokenizer.pad_token_id or 0)
@@ -300,6 +305,8 @@ def main(run_dir: str) -> int:
     write_final(strategy, tokenizer, run_dir / "final", peft=spec.finetune.type != "full")
     if os.environ.get(PROBE_LOGITS):
         save_probe_logits(strategy, os.environ[PROBE_LOGITS], len(tokenizer))
+    if samples is not None:
+        samples.after_training(spec.train.max_steps)
     strategy.barrier()
     trackers.finish("FINISHED")
     if env.is_main:

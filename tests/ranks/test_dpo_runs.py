@@ -11,8 +11,10 @@ import pytest
 from support import preference_jobs
 from support.e2e import assert_ok, assert_same, eval_rows, run_job, sharpen, train_rows
 from support.preference_jobs import dpo_job
+from support.report_samples import report_samples
 
 from training.env_hooks import FAULT
+from training.samples import shown
 
 # The fixtures these tests share with others, declared here: pytest finds a test's fixtures in its
 # module and in conftest.py.
@@ -55,6 +57,14 @@ def test_margin_and_accuracy_rise_and_eval_is_logged(single_runs, finetune):
     want = "adapter_disabled" if finetune == "lora" else "precomputed"
     assert plan["reference"]["source"] == want
     assert (single_runs[finetune] / "reference" / "logps.pt").is_file() == (finetune == "full")
+    # report.md: the first 3 held-out prompts, completed before and after training, the chosen answer beside
+    samples = report_samples(single_runs[finetune])
+    chosen = {}
+    for line in preference_jobs.PREFS.read_text().splitlines():
+        record = json.loads(line)
+        chosen.setdefault(record["prompt"], set()).add(record["chosen"])
+    assert len(samples) == 3 and all(s["Chosen in the data"] in chosen[s["Prompt"]] for s in samples), samples
+    assert any(s["Before training"] != s["After step 6"] for s in samples), samples
 
 
 @pytest.mark.parametrize(
@@ -75,6 +85,10 @@ def test_two_ranks_reproduce_single_rank_dpo(tiny_model, cache, single_runs, tmp
         [r["eval/loss"] for r in eval_rows(single_runs[finetune])],
         "eval",
     )
+    # the same prompts completed by the same initial model, decoded in lockstep where a forward is a collective
+    samples, want = report_samples(run_dir), report_samples(single_runs[finetune])
+    assert [(s["Prompt"], s["Before training"]) for s in samples] == [(s["Prompt"], s["Before training"]) for s in want]
+    assert all("After step 6" in s for s in samples), samples
 
 
 def test_zero3_full_dpo_resumes_after_a_kill_with_its_precomputed_reference(
@@ -86,9 +100,17 @@ def test_zero3_full_dpo_resumes_after_a_kill_with_its_precomputed_reference(
     run_dir, result = run_job(tmp_path, "crashed", job, env={FAULT: "kill-after-step:3"}, ok=False)
     assert result.returncode == 1 and [r["step"] for r in train_rows(run_dir)] == [1, 2, 3]
     reference = (run_dir / "reference" / "logps.pt").stat().st_mtime_ns
+    before = [s["before"] for s in json.loads((run_dir / "samples.json").read_text())["samples"]]
     assert_ok(sharpen("resume", str(run_dir)))
     assert (run_dir / "reference" / "logps.pt").stat().st_mtime_ns == reference
-    assert "reference log-probabilities read from" in (run_dir / "logs" / "rank-0.log").read_text()
+    log = (run_dir / "logs" / "rank-0.log").read_text()
+    assert "reference log-probabilities read from" in log
+    # the initial model's completions, kept from the first start: the resumed run's report still has them
+    assert f"samples: completions before training read from {run_dir / 'samples.json'}" in log
+    samples = report_samples(run_dir)
+    assert [s["Before training"] for s in samples] == [shown(b) for b in before]
+    assert [s["Before training"] for s in samples] == [s["Before training"] for s in report_samples(single_runs["full"])]
+    assert all("After step 6" in s for s in samples), samples
     want = [r["loss"] for r in train_rows(single_runs["full"])]
     assert_same([r["loss"] for r in train_rows(run_dir)], want, "resumed loss")
     assert_same(

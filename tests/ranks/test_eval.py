@@ -8,14 +8,17 @@ from pathlib import Path
 
 import torch
 from support.e2e import ALPACA, assert_ok, base_job, metrics, sharpen, write_job
+from support.report_samples import report_samples
 
 from training.data.cache import load_prepared_eval
+from training.data.formats import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
 
 
 def test_sft_eval_loss_and_perplexity_are_logged_and_exact(tiny_model, tmp_path):
     """2 ranks, 21 eval samples in chunks of 2 ranks x micro batch 2: the last chunk leaves rank 1 without
     rows. The logged eval loss at the last step equals the trained model's mean cross-entropy over every
-    eval label token, each sample run alone; perplexity is its exponential."""
+    eval label token, each sample run alone; perplexity is its exponential. report.md shows the first 3 eval
+    prompts completed before and after training, with each record's output as the reference."""
     from transformers import AutoModelForCausalLM
 
     eval_file = tmp_path / "eval.jsonl"
@@ -52,3 +55,10 @@ def test_sft_eval_loss_and_perplexity_are_logged_and_exact(tiny_model, tmp_path)
         evals[1]["eval/loss"],
         total / count,
     )
+
+    records = [json.loads(line) for line in eval_file.read_text().splitlines()[:3]]
+    samples = report_samples(run_dir)
+    prompts = [(ALPACA_PROMPT_WITH_INPUT if r["input"] else ALPACA_PROMPT).format(**r) for r in records]
+    assert [s["Prompt"] for s in samples] == prompts
+    assert [s["Reference answer in the data"] for s in samples] == [r["output"] for r in records]
+    assert all(s["Before training"] != s["After step 4"] for s in samples), samples

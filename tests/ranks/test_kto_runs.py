@@ -13,6 +13,7 @@ from support import preference_jobs
 from support.e2e import assert_ok, assert_same, eval_rows, run_job, sharpen, train_rows
 from support.feedback_jobs import kto_job, write_feedback
 from support.feedback_margin import held_out_margin
+from support.report_samples import report_samples
 
 from training.env_hooks import FAULT
 
@@ -78,6 +79,11 @@ def test_kto_trains_and_is_evaluated(single_runs, finetune):
     assert evals[1]["eval/loss"] < evals[0]["eval/loss"]
     plan = json.loads((single_runs[finetune] / "plan.json").read_text())
     assert plan["reference"]["source"] == ("adapter_disabled" if finetune == "lora" else "precomputed")
+    # report.md: held-out prompts completed before and after training, each beside its judged completion
+    samples = report_samples(single_runs[finetune])
+    assert len(samples) == 3 and all({"Prompt", "Before training", "After step 6"} <= set(s) for s in samples), samples
+    judged = [t for s in samples for t in s if t.startswith("Completion (")]
+    assert len(judged) == 3 and set(judged) <= {"Completion (desirable) in the data", "Completion (undesirable) in the data"}
     assert (single_runs[finetune] / "reference" / "logps.pt").is_file() == (finetune == "full")
 
 
