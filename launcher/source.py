@@ -23,6 +23,7 @@ EXPORT_MARKER = "sharpen-export.json"  # launcher/commands/export.py's MARKER
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+PLAIN_STOP = "\nUser:"  # without a template, the model's own next "User:" line ends its answer
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 LOOKED_FOR = (
     f"a run dir ({PLAN_FILE}), an export dir ({EXPORT_MARKER}), a model dir (config.json), "
@@ -269,3 +270,34 @@ def format_prompt(source: Source, prompt: str | list[dict]) -> str:
         raise UserError(f"{source.describe}: has no chat template, so a message list cannot be formatted", "give the prompt as text")
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     return source.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, chat_template=source.chat_template)
+
+
+def end_of_turn(tokenizer: Any, chat_template: str | None, model: Any = None) -> tuple[list[int], str | None]:
+    """What ends an answer: the tokenizer's EOS, and how the chat template closes an assistant turn: its
+    special token (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`...) among the ids, or, where that is plain
+    text to this tokenizer (a built-in template on a tokenizer without its tokens), that text as a stop
+    string. Without a template: the model's own next "User:" line. With `model`, its generation config's EOS
+    ids too. One rule for `sharpen generate` (which uses the ids) and `sharpen chat` (both)."""
+    ids = {tokenizer.eos_token_id}
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(extra if isinstance(extra, list) else [extra])
+    ids.discard(None)
+    if chat_template is None:
+        return sorted(ids), PLAIN_STOP
+    marker = "sharpen-end-of-turn-probe"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
+            tokenize=False, chat_template=chat_template,
+        )
+    except Exception:  # a template that refuses this conversation: the EOS alone
+        text = ""
+    closing = text.split(marker, 1)[1].strip().split("\n")[0].strip() if marker in text else ""
+    stop = None
+    if closing:
+        first = tokenizer(closing, add_special_tokens=False)["input_ids"][:1]
+        if first and first[0] in set(tokenizer.all_special_ids):
+            ids.add(first[0])
+        else:
+            stop = closing
+    return sorted(int(t) for t in ids), stop

@@ -18,7 +18,13 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TextIO
 
 from launcher.errors import UserError
-from launcher.source import Source, add_source_arguments, check_source, source_from_args
+from launcher.source import (
+    Source,
+    add_source_arguments,
+    check_source,
+    end_of_turn,
+    source_from_args,
+)
 
 if TYPE_CHECKING:
     from training.rollout.generate import SamplingSettings
@@ -26,7 +32,6 @@ if TYPE_CHECKING:
 PROMPT = "> "
 HELP = "commands: /reset (forget the conversation), /system TEXT (a new system prompt; resets), /exit (or Ctrl-D)"
 PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
-PLAIN_STOP = "\nUser:"  # without a template, the model's own next "User:" line ends its answer
 HOLD_BACK = "\ufffd"  # what a decode ends with while a multi-byte character's last bytes are still to come
 # Control characters a model may sample (ESC, CR, ...) would drive the terminal: shown as U+FFFD instead.
 UNPRINTABLE = {c: "\ufffd" for c in [*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0)]}
@@ -99,33 +104,6 @@ def _stop_prefix_length(text: str, stop: str) -> int:
     return 0
 
 
-def end_of_turn(tokenizer: Any, chat_template: str | None) -> tuple[list[int], str | None]:
-    """What ends an answer: the tokenizer's EOS, and how the chat template closes an assistant turn: its
-    special token (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`...) among the ids, or, where that is plain
-    text to this tokenizer (a built-in template on a tokenizer without its tokens), that text as a stop
-    string. Without a template: the model's own next "User:" line."""
-    ids = {tokenizer.eos_token_id}
-    if chat_template is None:
-        return sorted(ids), PLAIN_STOP
-    marker = "sharpen-end-of-turn-probe"
-    try:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
-            tokenize=False, chat_template=chat_template,
-        )
-    except Exception:  # a template that refuses this conversation: the EOS alone
-        text = ""
-    closing = text.split(marker, 1)[1].strip().split("\n")[0].strip() if marker in text else ""
-    stop = None
-    if closing:
-        first = tokenizer(closing, add_special_tokens=False)["input_ids"][:1]
-        if first and first[0] in set(tokenizer.all_special_ids):
-            ids.add(first[0])
-        else:
-            stop = closing
-    return sorted(int(t) for t in ids if t is not None), stop
-
-
 class Chat:
     """One conversation with a source: its messages, its system prompt, and the answers it streams to `out`."""
 
@@ -141,7 +119,7 @@ class Chat:
         self.messages: list[dict] = []
         self.answers = 0  # each answer's key: a seed and the session's answer count
         self.stop_requested = False
-        self.end_ids, self.stop_text = end_of_turn(source.tokenizer, source.chat_template)
+        self.end_ids, self.stop_text = end_of_turn(source.tokenizer, source.chat_template, source.model)
         config = getattr(source.model, "config", None)
         self.max_positions = getattr(config, "max_position_embeddings", None)
 

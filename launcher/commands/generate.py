@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserError
-from launcher.source import Source, add_source_arguments, check_source, format_prompt, source_from_args
+from launcher.source import (
+    Source,
+    add_source_arguments,
+    check_source,
+    end_of_turn,
+    format_prompt,
+    source_from_args,
+)
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -131,7 +138,7 @@ def generate_rows(source: Source, prompts: list[Prompt], args: argparse.Namespac
     settings = SamplingSettings(args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     ids = encode_prompts(source, prompts, getattr(args, "raw", False))
     tokenizer = source.tokenizer
-    eos = _eos_ids(source)
+    eos, _ = end_of_turn(tokenizer, source.chat_template, source.model)  # EOS, and the template's turn end
     order = sorted(range(len(prompts)), key=lambda i: (len(ids[i]), i))
     rows = [(i, k) for i in order for k in range(args.n)]
     for start in range(0, len(rows), args.batch_size):
@@ -151,15 +158,6 @@ def generate_rows(source: Source, prompts: list[Prompt], args: argparse.Namespac
                 "completion_tokens": len(tokens),
                 "finish_reason": "stop" if ended else "length",
             }
-
-
-def _eos_ids(source: Source) -> list[int]:
-    """The tokenizer's EOS and the model's generation config's (a chat model's end-of-turn token among them)."""
-    found = [source.tokenizer.eos_token_id]
-    config = getattr(source.model, "generation_config", None)
-    extra = getattr(config, "eos_token_id", None)
-    found += extra if isinstance(extra, list) else [extra]
-    return sorted({int(t) for t in found if t is not None})
 
 
 COMMANDS = {"generate": run}
