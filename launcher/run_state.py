@@ -172,18 +172,10 @@ class RunState:
 
 
 def train_rows(run_dir: Path) -> list[dict]:
-    """metrics.jsonl's training rows (its eval rows have no `loss`); a half-written last line is skipped."""
-    path = Path(run_dir) / "metrics.jsonl"
-    rows = []
-    if path.is_file():
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and "loss" in row and "step" in row:
-                rows.append(row)
-    return rows
+    """metrics.jsonl's training rows, read as report.md and `sharpen compare` read them (torch-free)."""
+    from training.report import read_rows
+
+    return read_rows(run_dir)[0]
 
 
 def recent_rate(rows: list[dict]) -> tuple[float | None, float | None]:

@@ -11,13 +11,17 @@ from training.samples import report_section
 
 
 def read_rows(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(training rows, evaluation rows) of RUN/metrics.jsonl."""
+    """(training rows, evaluation rows) of RUN/metrics.jsonl. A line that does not parse (the last one, half
+    written, while a run is appending to it) is skipped."""
     train, evaluation = [], []
-    path = run_dir / "metrics.jsonl"
+    path = Path(run_dir) / "metrics.jsonl"
     if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
                 row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
                 (train if "loss" in row else evaluation).append(row)
     return train, evaluation
 
