@@ -126,7 +126,12 @@ class WandbRun:
         data = [[json.dumps(v) if isinstance(v, (dict, list)) else v for v in (row.get(c) for c in columns)] for row in rows]
         self._run.log({key: wandb.Table(columns=columns, data=data)}, step=step)
 
-    def finish(self) -> None:
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps, so that a resume continues this W&B run."""
+        return {"wandb_id": self.id}
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the W&B run (the status is the other trackers'; W&B reads the process's exit)."""
         if self._run is not None:
             self._run.finish()
 

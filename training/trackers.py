@@ -216,25 +216,6 @@ class TensorboardRun:
         self._writer.close()
 
 
-class WandbTracker:
-    """WandbRun (training/metrics.py) as one of the trackers."""
-
-    def __init__(self, run: WandbRun):
-        self.run = run
-
-    def log(self, row: dict[str, Any]) -> None:
-        self.run.log(row)
-
-    def log_table(self, key: str, rows: list[dict[str, Any]], step: int) -> None:
-        self.run.log_table(key, rows, step)
-
-    def state(self) -> dict[str, Any]:
-        return {"wandb_id": self.run.id}
-
-    def finish(self, status: str) -> None:
-        self.run.finish()
-
-
 class Trackers:
     """Every tracker of the run, called once per logged row by the loop (rank 0; other ranks hold none)."""
 
@@ -250,7 +231,7 @@ class Trackers:
         config = plan.model_dump()
         trackers: list = []
         if settings.wandb is not None and settings.wandb.mode != "disabled":
-            trackers.append(WandbTracker(WandbRun(run_dir, settings.wandb.model_dump(), config)))
+            trackers.append(WandbRun(run_dir, settings.wandb.model_dump(), config))
         if settings.mlflow is not None:
             trackers.append(MlflowRun(run_dir, settings.mlflow.model_dump(), spec.name, config))
         if settings.tensorboard is not None:
