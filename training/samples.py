@@ -93,21 +93,17 @@ def greedy_completions(strategy, prompts: list[list[int]], pad_token_id: int, eo
     others get None. Compiled layers run eagerly here: a decode's shapes would only add graphs."""
     import torch
 
-    from training.rollout.generate import SamplingSettings, generate
+    from training.rollout.generate import SamplingSettings, all_ranks_done, generate
 
     env, collective = strategy.env, strategy.collective_forward
     if not collective and not env.is_main:
         return None
 
-    def all_done(mine: bool) -> bool:
-        flag = torch.tensor(0.0 if mine else 1.0, device=env.device)
-        return float(strategy.all_reduce_sum(flag)) == 0.0
-
     settings = SamplingSettings(max_completion_length=max_new_tokens, top_k=1)
     keys = [(row,) for row in range(len(prompts))]  # unused by argmax, but one per row
     with torch.compiler.set_stance("force_eager"), strategy.forward_context():
         out = generate(strategy.unwrap(), prompts, keys, settings, pad_token_id, eos_token_id,
-                       all_done=all_done if collective else None, inference=not collective)
+                       all_done=all_ranks_done(strategy) if collective else None, inference=not collective)
     return out.token_ids
 
 

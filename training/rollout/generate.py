@@ -210,6 +210,17 @@ def _left_padded(prompts: Sequence[Sequence[int]], pad_token_id: int, device: to
     return input_ids.to(device), mask.to(device), positions.to(device)
 
 
+def all_ranks_done(strategy) -> Callable[[bool], bool]:
+    """generate()'s `all_done` where a forward is a collective: every rank says whether its rows are done,
+    and the decode goes on while any rank's are not (one all-reduce per token)."""
+
+    def all_done(mine: bool) -> bool:
+        flag = torch.tensor(0.0 if mine else 1.0, device=strategy.env.device)
+        return float(strategy.all_reduce_sum(flag)) == 0.0
+
+    return all_done
+
+
 def generate(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],

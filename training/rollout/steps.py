@@ -38,7 +38,7 @@ from training.data.sampler import StepBatch, step_prompts
 from training.forward import run_forward
 from training.methods.grpo import CompletionCounts, GRPOLoss, completion_micro_batches
 from training.methods.grpo_advantages import group_advantages
-from training.rollout.generate import SamplingSettings, generate, group_keys
+from training.rollout.generate import SamplingSettings, all_ranks_done, generate, group_keys
 from training.rollout.scoring import RewardScorer
 
 log = logging.getLogger("sharpen")
@@ -198,7 +198,7 @@ class RolloutSteps:
             gather = contextlib.nullcontext(self.strategy.collective_forward)
         with gather as collective, self._merged(collective), self.strategy.forward_context():
             out = generate(self.strategy.unwrap(), prompt_ids, keys, self.settings, self.pad, self.eos,
-                           all_done=self._all_done if collective else None, inference=not collective)
+                           all_done=all_ranks_done(self.strategy) if collective else None, inference=not collective)
         generated_s = time.perf_counter() - started
 
         started = time.perf_counter()
@@ -280,10 +280,6 @@ class RolloutSteps:
         if self.env.world_size == 1:
             return table
         return self.strategy.all_reduce_sum(table.to(self.env.device)).cpu()
-
-    def _all_done(self, mine: bool) -> bool:
-        flag = torch.tensor(0.0 if mine else 1.0, device=self.env.device)
-        return float(self.strategy.all_reduce_sum(flag)) == 0.0
 
     # -- RUN/completions.jsonl --------------------------------------------------------------------
     def _log_completions(self, r: Rollout, prompts, texts, values: torch.Tensor, names: list[str]) -> None:
