@@ -1,4 +1,10 @@
-"""Tiny Llama-shaped models and tokenizers built locally (no hub): for the demo, the tests and bench/."""
+"""Tiny models of every family sharpen trains, and their tokenizers, built locally (no hub): for the demo,
+the tests and bench/.
+
+`build_tiny_model(out_dir, family)` writes a randomly initialised model of one of FAMILIES from transformers'
+own config class, shaped as small as it goes (2 layers, 64 wide) but keeping what makes the family itself:
+tied embeddings (Gemma, small Qwen), Gemma 3's sliding-window layers, Phi-3's fused projections, the
+experts and router of Mixtral, Qwen3-MoE and OLMoE."""
 
 from __future__ import annotations
 
@@ -50,8 +56,38 @@ def build_tokenizer(out_dir: str | Path, corpus: Iterable[str] | None = None, vo
     return fast
 
 
-def build_tiny_llama(
+# family -> (transformers config class, what the family's tiny copy sets beyond the common shape).
+# head_dim is given where the family's default is not hidden / heads; the MoE families get 4 experts of
+# which 2 are active, so a short row leaves some expert without tokens.
+FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "gemma3": (
+        "Gemma3TextConfig",
+        {
+            "head_dim": 16,
+            "tie_word_embeddings": True,
+            "sliding_window": 8,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "query_pre_attn_scalar": 16,
+        },
+    ),
+    "phi3": ("Phi3Config", {"sliding_window": None}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64},
+    ),
+    "olmoe": ("OlmoeConfig", {"num_experts": 4, "num_experts_per_tok": 2}),
+}
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "olmoe")
+
+
+def build_tiny_model(
     out_dir: str | Path,
+    family: str = "llama",
     corpus: Iterable[str] | None = None,
     vocab_size: int = 512,
     hidden_size: int = 64,
@@ -61,33 +97,48 @@ def build_tiny_llama(
     num_kv_heads: int = 2,
     max_position_embeddings: int = 2048,
     seed: int = 0,
+    **overrides,
 ) -> Path:
-    """Write a randomly initialised LlamaForCausalLM and its tokenizer to `out_dir` (fp32 safetensors)."""
+    """Write a randomly initialised causal LM of `family` (a key of FAMILIES) and its tokenizer to
+    `out_dir` (fp32 safetensors); `overrides` are further config fields."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
+    from transformers import AutoModelForCausalLM
 
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny model family {family!r}; one of {', '.join(FAMILIES)}")
+    config_class, family_fields = FAMILIES[family]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out, corpus, vocab_size)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        torch_dtype="float32",
-    )
+    fields = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "max_position_embeddings": max_position_embeddings,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": False,
+        **family_fields,
+        **overrides,
+    }
+    config = getattr(transformers, config_class)(**fields)
+    config.dtype = torch.float32
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(str(out), safe_serialization=True)
-    (out / "sharpen-tiny.json").write_text(json.dumps({"seed": seed, "built_by": "training.tiny"}) + "\n")
+    built = {"seed": seed, "family": family, "built_by": "training.tiny"}
+    (out / "sharpen-tiny.json").write_text(json.dumps(built) + "\n")
     return out
+
+
+def build_tiny_llama(out_dir: str | Path, corpus: Iterable[str] | None = None, **shape) -> Path:
+    """Write a randomly initialised LlamaForCausalLM and its tokenizer to `out_dir` (fp32 safetensors)."""
+    return build_tiny_model(out_dir, "llama", corpus, **shape)
 
 
 def corpus_from_jsonl(path: str | Path) -> list[str]:
