@@ -95,6 +95,15 @@ class ModelSpec(Section):
             "or in bf16"
         ),
     )
+    router_aux_loss_coef: float | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Mixture-of-experts models (Mixtral, Qwen3-MoE, OLMoE): the weight of the router's load-balancing "
+            "loss added to the training loss (sft, pretrain) and logged as router_aux_loss; default the model "
+            "config's router_aux_loss_coef, 0 logs it without training on it"
+        ),
+    )
     trust_remote_code: bool = Field(
         False, description="Run model code shipped with the checkpoint (transformers' trust_remote_code)"
     )

@@ -265,6 +265,19 @@ def decoder_layer_classes(model: nn.Module) -> tuple[type, ...]:
     return tuple(sorted(classes, key=lambda c: c.__name__))
 
 
+def moe_block_classes(model: nn.Module) -> tuple[type, ...]:
+    """Classes of the sparse MoE blocks: a router `gate` beside an `experts` module holding 3D weights
+    (transformers 5's Mixtral, Qwen3-MoE, OLMoE). ZeRO-3 treats each as one leaf, gathering the block's
+    parameters once however its tokens are routed. Empty for a dense model."""
+    classes = set()
+    for module in model.modules():
+        gate, experts = getattr(module, "gate", None), getattr(module, "experts", None)
+        if isinstance(gate, nn.Module) and isinstance(experts, nn.Module):
+            if any(p.dim() == 3 for p in experts.parameters()):
+                classes.add(type(module))
+    return tuple(sorted(classes, key=lambda c: c.__name__))
+
+
 def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float | None) -> torch.Tensor:
     """Global L2 norm of the gradients (DTensor shards are reduced over their mesh), then clip in place.
 

@@ -23,6 +23,7 @@ from strategies.base import (
     StrategyOptions,
     cpu_fp32_copy,
     has_frozen_parameters,
+    moe_block_classes,
     tensor_bytes,
     trainable_names,
     trainable_parameters,
@@ -107,6 +108,7 @@ class DeepSpeedStrategy(Strategy):
         os.environ["LOCAL_RANK"] = str(self.env.local_rank)
         optimizer = make_optimizer(trainable_parameters(model))
         scheduler = make_scheduler(optimizer)
+        self.mark_moe_leaves(model)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
@@ -114,6 +116,19 @@ class DeepSpeedStrategy(Strategy):
             config=self.deepspeed_config(getattr(getattr(model, "config", None), "hidden_size", None)),
         )
         self.model = self.engine
+
+    def mark_moe_leaves(self, model: nn.Module) -> None:
+        """ZeRO-3: each sparse MoE block is one leaf (deepspeed.utils.set_z3_leaf_modules), its router and
+        every expert gathered at the block's entry. Otherwise stage 3 hooks each submodule, and a rank whose
+        tokens reach no expert of a block would skip that expert's gather and reduce while another rank
+        does not: the ranks' collectives diverge and the step hangs."""
+        classes = moe_block_classes(model)
+        if self.stage != 3 or not classes:
+            return
+        from deepspeed.utils import set_z3_leaf_modules
+
+        leaves = set_z3_leaf_modules(model, list(classes))
+        log.info("zero3: %d MoE blocks (%s) are leaf modules", len(leaves), ", ".join(c.__name__ for c in classes))
 
     def frozen_copy(self, model: nn.Module) -> nn.Module:
         """ZeRO-1/2 shard no parameters: the copy is whole on the device. ZeRO-3 partitions it as the policy
@@ -124,6 +139,7 @@ class DeepSpeedStrategy(Strategy):
         import deepspeed
 
         model.requires_grad_(False)
+        self.mark_moe_leaves(model)
         config = self.deepspeed_config(getattr(getattr(model, "config", None), "hidden_size", None))
         config["zero_optimization"].pop("offload_optimizer", None)
         engine, *_ = deepspeed.initialize(model=model, config=config)

@@ -13,6 +13,7 @@ from torch import nn
 from launcher.spec import JobSpec
 from strategies.base import decoder_layer_classes
 from training.kernels.attention import kernel_name
+from training.moe import lora_targets, router_aux_coefficient
 
 log = logging.getLogger("sharpen")
 
@@ -87,6 +88,12 @@ def load_model(spec: JobSpec, compute_dtype: str, device: torch.device) -> nn.Mo
         spec.model.path, **kwargs
     )
     model.config.use_cache = False
+    if spec.model.router_aux_loss_coef is not None:  # checked against the config before launch (an MoE model)
+        model.config.router_aux_loss_coef = spec.model.router_aux_loss_coef
+    coefficient = router_aux_coefficient(model)
+    if coefficient is not None:
+        source = "model.router_aux_loss_coef" if spec.model.router_aux_loss_coef is not None else "the model config"
+        log.info("router load-balancing loss: coefficient %g (%s)", coefficient, source)
     if reward and model.config.pad_token_id is None:
         model.config.pad_token_id = load_tokenizer(spec).pad_token_id
 
@@ -124,13 +131,18 @@ def apply_lora(model: nn.Module, spec: JobSpec) -> nn.Module:
     from peft import LoraConfig, TaskType, get_peft_model
 
     ft = spec.finetune
+    # Names of experts modules or their 3D weights become PEFT's target_parameters (training/moe.py).
+    target_modules, target_parameters = lora_targets(model, ft.target_modules)
+    if target_parameters:
+        log.info("LoRA on the experts' weights: %s", ", ".join(target_parameters))
     config = LoraConfig(
         # SEQ_CLS (reward models) also trains and saves the `score` head in full (PEFT adds it to modules_to_save).
         task_type=TaskType.SEQ_CLS if spec.method.kind == "reward" else TaskType.CAUSAL_LM,
         r=ft.r,
         lora_alpha=ft.alpha,
         lora_dropout=ft.dropout,
-        target_modules=ft.target_modules,
+        target_modules=target_modules,
+        target_parameters=target_parameters or None,
         modules_to_save=ft.modules_to_save or None,
         use_dora=ft.use_dora,
         use_rslora=ft.use_rslora,

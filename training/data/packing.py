@@ -141,6 +141,9 @@ class MicroBatch:
     # The columns where any row has a label, found on the host when collated: on CUDA, finding them
     # there (nonzero) would make the host wait for the device in the middle of every step.
     label_columns: torch.Tensor | None = None
+    # [rows, T] 1 for a real token, 0 for padding; None for a padding-free row (every token real). What an
+    # MoE router's load-balancing loss averages over (the attention mask may be a 4D block mask).
+    padding_mask: torch.Tensor | None = None
 
     def model_inputs(self) -> dict:
         """Keyword arguments of the model's forward for this micro-batch."""
@@ -156,7 +159,7 @@ class MicroBatch:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensor fields by name (what `to` moves)."""
-        names = ("input_ids", "position_ids", "labels", "attention_mask", "label_columns")
+        names = ("input_ids", "position_ids", "labels", "attention_mask", "label_columns", "padding_mask")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def to(self, device, dtype: torch.dtype | None = None) -> MicroBatch:
@@ -249,4 +252,5 @@ def collate(
         num_label_tokens=num_label_tokens,
         segments=per_sample,
         label_columns=(labels != IGNORE_INDEX).any(dim=0).nonzero().flatten(),
+        padding_mask=padded_2d,
     )
