@@ -273,9 +273,15 @@ def moe_block_classes(model: nn.Module) -> tuple[type, ...]:
     for module in model.modules():
         gate, experts = getattr(module, "gate", None), getattr(module, "experts", None)
         if isinstance(gate, nn.Module) and isinstance(experts, nn.Module):
-            if any(p.dim() == 3 for p in experts.parameters()):
+            if any(param_dims(p) == 3 for p in experts.parameters()):
                 classes.add(type(module))
     return tuple(sorted(classes, key=lambda c: c.__name__))
+
+
+def param_dims(param: nn.Parameter) -> int:
+    """A parameter's number of dimensions as the model defines it, also once ZeRO-3 has partitioned it
+    (its local tensor is then flat; `ds_shape` keeps the shape)."""
+    return len(getattr(param, "ds_shape", param.shape))
 
 
 def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float | None) -> torch.Tensor:

@@ -24,7 +24,7 @@ import sys
 import torch
 from torch import nn
 
-from strategies.base import moe_block_classes
+from strategies.base import moe_block_classes, param_dims
 
 
 def config_is_moe(config) -> bool:
@@ -57,7 +57,7 @@ def experts_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {
         name: module
         for name, module in model.named_modules()
-        if any(p.dim() == 3 for p in module.parameters(recurse=False))
+        if any(param_dims(p) == 3 for p in module.parameters(recurse=False))
     }
 
 
@@ -76,7 +76,7 @@ def lora_targets(model: nn.Module, names: str | list[str]) -> tuple[str | list[s
         for module_name, module in experts.items():
             leaf = module_name.rsplit(".", 1)[-1]
             for param_name, param in module.named_parameters(recurse=False):
-                if param.dim() != 3:
+                if param_dims(param) != 3:
                     continue
                 if name == leaf or fnmatch.fnmatchcase(leaf, name) or name in (param_name, f"{leaf}.{param_name}"):
                     parameters.add(f"{leaf}.{param_name}")
@@ -109,7 +109,9 @@ class RouterLoss:
             self._function = load_balancing_loss_func
         self._logits: list[torch.Tensor] = []
         classes = moe_block_classes(model)
-        self.routers = [m.gate for m in model.modules() if isinstance(m, classes)]
+        self.routers = [m.gate for m in model.modules() if isinstance(m, classes)] if classes else []
+        if not self.routers:
+            raise RuntimeError(f"{type(base).__name__}: a mixture-of-experts config, but no MoE block with a router found")
         for router in self.routers:
             router.register_forward_hook(self._keep)
 
