@@ -4,7 +4,8 @@ the tests and bench/.
 `build_tiny_model(out_dir, family)` writes a randomly initialised model of one of FAMILIES from transformers'
 own config class, shaped as small as it goes (2 layers, 64 wide) but keeping what makes the family itself:
 tied embeddings (Gemma, small Qwen), Gemma 3's sliding-window layers, Phi-3's fused projections, the
-experts and router of Mixtral, Qwen3-MoE and OLMoE."""
+experts and router of Mixtral, Qwen3-MoE and OLMoE. `tiny_config(family)` is its config alone, for models built
+in memory (the kernel tests)."""
 
 from __future__ import annotations
 
