@@ -22,8 +22,9 @@ from launcher.candidates import (
     usable_bytes,
 )
 from launcher.errors import UserError
+from launcher.family_rules import check_family
 from launcher.plan import DEFAULT_STOP_GRACE_S, Plan, collective_timeout_s
-from launcher.shapes import count_parameters, human_bytes
+from launcher.shapes import count_parameters, human_bytes, load_config
 from launcher.spec import CHECKPOINTING, JobSpec, mixing
 from strategies import candidate_order, capabilities
 from strategies.footprint.counts import MemoryEstimate, ParamCounts
@@ -284,6 +285,8 @@ def build_plan(
         per_node = f"{human_bytes(host * nproc)} per node of {nproc} rank(s)"
         notices.append(f"offload: {human_bytes(host)} of host memory per rank, {per_node} (not checked)")
     strategy, mbs, accum = chosen.strategy, chosen.micro_batch_size, chosen.grad_accum
+    if recount:  # (counts handed in stand for a model whose config need not be at hand)
+        check_family(spec, load_config(spec), device, mbs)  # what its attention needs of the job's rows
     cpu_matmul = planned_cpu_matmul(spec, device, compute, nnodes, nproc)
     chosen_setting = setting_for(spec, strategy, chosen.offload, world, device, compute, mbs, accum)
     rollout_plan = rollout(counts, chosen_setting)

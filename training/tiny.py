@@ -4,7 +4,8 @@ the tests and bench/.
 `build_tiny_model(out_dir, family)` writes a randomly initialised model of one of FAMILIES from transformers'
 own config class, shaped as small as it goes (2 layers, 64 wide) but keeping what makes the family itself:
 tied embeddings (Gemma, small Qwen), Gemma 3's sliding-window layers, Phi-3's fused projections, the
-experts and router of Mixtral, Qwen3-MoE and OLMoE."""
+experts and router of Mixtral, Qwen3-MoE and OLMoE. `tiny_config(family)` is its config alone, for models built
+in memory (the kernel tests)."""
 
 from __future__ import annotations
 
@@ -85,10 +86,8 @@ FAMILIES: dict[str, tuple[str, dict]] = {
 MOE_FAMILIES = ("mixtral", "qwen3_moe", "olmoe")
 
 
-def build_tiny_model(
-    out_dir: str | Path,
+def tiny_config(
     family: str = "llama",
-    corpus: Iterable[str] | None = None,
     vocab_size: int = 512,
     hidden_size: int = 64,
     intermediate_size: int = 128,
@@ -96,38 +95,54 @@ def build_tiny_model(
     num_heads: int = 4,
     num_kv_heads: int = 2,
     max_position_embeddings: int = 2048,
-    seed: int = 0,
     **overrides,
-) -> Path:
-    """Write a randomly initialised causal LM of `family` (a key of FAMILIES) and its tokenizer to
-    `out_dir` (fp32 safetensors); `overrides` are further config fields."""
+):
+    """The transformers config of `family`'s tiny copy (a key of FAMILIES), in fp32; `overrides` are further
+    config fields (the special token ids among them)."""
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM
 
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny model family {family!r}; one of {', '.join(FAMILIES)}")
     config_class, family_fields = FAMILIES[family]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(out, corpus, vocab_size)
     fields = {
-        "vocab_size": len(tokenizer),
+        "vocab_size": vocab_size,
         "hidden_size": hidden_size,
         "intermediate_size": intermediate_size,
         "num_hidden_layers": num_layers,
         "num_attention_heads": num_heads,
         "num_key_value_heads": num_kv_heads,
         "max_position_embeddings": max_position_embeddings,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
         "tie_word_embeddings": False,
         **family_fields,
         **overrides,
     }
     config = getattr(transformers, config_class)(**fields)
     config.dtype = torch.float32
+    return config
+
+
+def build_tiny_model(
+    out_dir: str | Path,
+    family: str = "llama",
+    corpus: Iterable[str] | None = None,
+    vocab_size: int = 512,
+    seed: int = 0,
+    **shape,
+) -> Path:
+    """Write a randomly initialised causal LM of `family` (a key of FAMILIES) and its tokenizer to
+    `out_dir` (fp32 safetensors); `shape` are tiny_config's sizes and further config fields."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny model family {family!r}; one of {', '.join(FAMILIES)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(out, corpus, vocab_size)
+    tokens = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+              "pad_token_id": tokenizer.pad_token_id}
+    config = tiny_config(family, **{"vocab_size": len(tokenizer), **tokens, **shape})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(str(out), safe_serialization=True)

@@ -1,5 +1,6 @@
-"""The kernel tests' inputs: a tiny random Llama (and a LoRA one), packed rows of given lengths (one
-segment a sample), a step's loss and gradients, and the CPU matmul engines to run them on."""
+"""The kernel tests' inputs: a tiny random model of each family (training/tiny.py's, built in memory; a
+LoRA one), packed rows of given lengths (one segment a sample), a step's loss and gradients, and the CPU
+matmul engines to run them on."""
 
 from __future__ import annotations
 
@@ -15,15 +16,20 @@ from training.methods.causal_lm import CausalLMLoss
 LENGTHS = [7, 12, 7, 1, 20, 12, 5]
 
 
-def tiny_llama(layers: int = 2):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_family(family: str, layers: int = 2, **fields):
+    """A random tiny model of `family` (a key of training.tiny.FAMILIES) for 96-token ids, in memory."""
+    from transformers import AutoModelForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
-    )
+    from training.tiny import tiny_config
+
+    tokens = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}  # the ids rows leave out (3 to 95)
+    config = tiny_config(family, vocab_size=96, num_layers=layers, max_position_embeddings=128, **tokens, **fields)
     torch.manual_seed(0)
-    return LlamaForCausalLM(config)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def tiny_llama(layers: int = 2):
+    return tiny_family("llama", layers)
 
 
 def packed_rows(lengths: list[int]) -> list[dict]:
@@ -46,8 +52,14 @@ def completion_rows(lengths: list[int]) -> list[dict]:
 
 
 def lora_llama(dropout: float = 0.0):
+    return lora_family("llama", dropout)
+
+
+def lora_family(family: str, dropout: float = 0.0, **fields):
+    """tiny_family's model with LoRA on every linear layer (B random: the adapters change the outputs),
+    on the per-sample sdpa kernel; `fields` are further config fields."""
     torch.manual_seed(0)
-    model = tiny_llama(layers=2).train()
+    model = tiny_family(family, layers=2, **fields).train()
     model.config._attn_implementation = kernel_name("sdpa")
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"))
     with torch.no_grad():  # B starts at zero: give the adapters a say in the outputs

@@ -1,11 +1,14 @@
-"""Per-sample sdpa (training/kernels/attention.py) against the dense block-causal mask it replaces."""
+"""Per-sample sdpa (training/kernels/attention.py) against the dense block-causal mask it replaces, and its
+sliding windows against each sample run alone through transformers' own eager attention."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
-from support.kernel_inputs import LENGTHS, packed_rows, tiny_llama
+from support.kernel_inputs import LENGTHS, packed_rows, tiny_family, tiny_llama
 
 from training.data.packing import collate
 from training.kernels.attention import (
@@ -13,8 +16,13 @@ from training.kernels.attention import (
     PackedSegments,
     collate_attention,
     kernel_name,
+    per_sample_sdpa,
     sdpa_per_sample_forward,
 )
+
+WINDOW = 8
+# Samples longer than the window (12 twice: one batched banded call, 20), one as long (plain causal), shorter ones.
+WINDOWED = [8, 12, 7, 1, 20, 12, 5]
 
 
 def logits_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -63,15 +71,61 @@ def test_without_segments_it_is_transformers_sdpa():
     torch.testing.assert_close(got[real], want[real], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize(("family", "fields"), [("gemma3", {}), ("mistral", {"sliding_window": WINDOW})])
+def test_sliding_windows_per_sample_are_each_sample_alone(family, fields):
+    """Gemma 3 (a sliding layer of window 8, then a full one) and Mistral with a window of 8 in every layer: a
+    packed row through the per-sample kernel gives each sample the logits it has alone through transformers'
+    eager attention, which builds the window itself."""
+    model = tiny_family(family, **fields).eval()
+    assert model.config.sliding_window == WINDOW
+    rows = packed_rows(WINDOWED)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([row["input_ids"]])).logits[0] for row in rows]
+        model.set_attn_implementation(kernel_name("sdpa"))
+        packed = model(**collate(rows, attention=PER_SAMPLE_SDPA).model_inputs()).logits[0]
+    for i, (got, want) in enumerate(zip(packed.split(WINDOWED), alone, strict=True)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=f"sample {i} of {WINDOWED[i]} tokens")
+    if family == "mistral":  # the window matters: without it the long sample's logits are others
+        unwindowed = copy.deepcopy(model)
+        unwindowed.config.sliding_window = None
+        unwindowed.set_attn_implementation("eager")
+        with torch.no_grad():
+            full = unwindowed(input_ids=torch.tensor([rows[4]["input_ids"]])).logits[0]
+        assert (full[WINDOW:] - alone[4][WINDOW:]).abs().max() > 1e-3
+        torch.testing.assert_close(full[:WINDOW], alone[4][:WINDOW], atol=1e-5, rtol=0)
+
+
+def test_a_window_is_a_band_per_sample_and_in_the_dense_mask():
+    """The kernel's window, per sample and in the dense mask it falls back to (for sinks, here), is sdpa over a
+    block-causal mask in which no key is `window` or more behind its query."""
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 1, True
+    segments = PackedSegments([3, 9, 9, 4])
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 25, 16, generator=g) for _ in range(3))
+    position = torch.arange(25)
+    band = segments.dense_mask(q.device) & (position[None, :] > position[:, None] - 4)
+    torch.testing.assert_close(segments.dense_mask(q.device, 4), band)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=band).transpose(1, 2)
+    torch.testing.assert_close(per_sample_sdpa(q, k, v, segments, window=4), want, atol=1e-6, rtol=0)
+    sink = {"s_aux": torch.zeros(2)}  # a feature the per-sample path lacks: the dense mask, window and all
+    out, _ = sdpa_per_sample_forward(module, q, k, v, None, packed_segments=segments, sliding_window=4, **sink)
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=0)
+    unwindowed = F.scaled_dot_product_attention(q, k, v, attn_mask=segments.dense_mask(q.device)).transpose(1, 2)
+    assert (unwindowed - want).abs().max() > 1e-2
+
+
 def test_features_it_lacks_fall_back_to_the_dense_mask():
-    """A sliding window (or softcap, sinks, position bias) is left to sdpa over the block-causal mask."""
+    """Softcap, sinks or a position bias are left to sdpa over the block-causal mask; a window no shorter than
+    any sample changes nothing."""
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = 1, True
     segments = PackedSegments([3, 5])
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 8, 16, generator=g) for _ in range(3))
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=segments.dense_mask(q.device)).transpose(1, 2)
-    for extra in ({}, {"sliding_window": 4096}):
+    for extra in ({}, {"sliding_window": 4096}, {"s_aux": torch.zeros(2)}):
         out, _ = sdpa_per_sample_forward(module, q, k, v, None, packed_segments=segments, **extra)
         torch.testing.assert_close(out, want, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="padding-free"):

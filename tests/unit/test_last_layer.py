@@ -1,5 +1,6 @@
 """training/kernels/last_layer.py: the last layer's MLP at label positions gives the loss and gradients of the full
-model, padding-free or padded, with gradient checkpointing, LoRA and the per-sample attention."""
+model, padding-free or padded, with gradient checkpointing, LoRA and the per-sample attention, for every family
+whose decoder layer is Llama's."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from support.kernel_inputs import LENGTHS, completion_rows, tiny_llama
+from support.kernel_inputs import LENGTHS, completion_rows, tiny_family, tiny_llama
 from torch import nn
 
 from training.data.packing import collate
 from training.kernels.attention import PER_SAMPLE_SDPA, kernel_name
-from training.kernels.last_layer import prune_last_layer, prunes_last_layer
+from training.kernels.last_layer import SUPPORTED, prune_last_layer, prunes_last_layer
 from training.methods.causal_lm import CausalLMLoss
 
 
@@ -24,11 +25,18 @@ def loss_and_grads(model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, tor
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("padding_free", [True, False])
-@pytest.mark.parametrize("checkpointing", [False, True])
-@pytest.mark.parametrize("lora", [False, True])
-def test_pruned_last_layer_gives_the_same_loss_and_gradients(padding_free, checkpointing, lora):
-    full = tiny_llama(layers=3).train()
+# (family, padding-free, checkpointing, LoRA): Llama in every combination; the other families whose layer is
+# Llama's (Mistral, Qwen2 with its biases and tied head, Qwen3 with its q/k norms) on the two extremes.
+CASES = [
+    *(("llama", padding_free, checkpointing, lora)
+      for padding_free in (True, False) for checkpointing in (False, True) for lora in (False, True)),
+    *((family, *case) for family in ("mistral", "qwen2", "qwen3") for case in ((True, True, True), (False, False, False))),
+]
+
+
+@pytest.mark.parametrize(("family", "padding_free", "checkpointing", "lora"), CASES)
+def test_pruned_last_layer_gives_the_same_loss_and_gradients(family, padding_free, checkpointing, lora):
+    full = tiny_family(family, layers=3).train()
     full.config._attn_implementation = kernel_name("sdpa")
     if lora:
         full = get_peft_model(full, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
@@ -42,7 +50,7 @@ def test_pruned_last_layer_gives_the_same_loss_and_gradients(padding_free, check
     assert prune_last_layer(pruned) and prunes_last_layer(pruned) and not prunes_last_layer(full)
     batch = collate(completion_rows(LENGTHS), padding_free=padding_free, attention=PER_SAMPLE_SDPA)
     calls = []
-    last = [m for m in pruned.modules() if type(m).__name__ == "LlamaDecoderLayer"][-1]
+    last = [m for m in pruned.modules() if type(m).__name__ in SUPPORTED][-1]
     last.mlp.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[1]))
     loss_a, grads_a = loss_and_grads(full, batch)
     loss_b, grads_b = loss_and_grads(pruned, batch)

@@ -32,19 +32,25 @@ def apply(model: nn.Module, strategy: Strategy, *, compiled: bool) -> list[str]:
     None where the strategy gathers parameters in module hooks (ZeRO-3): each kernel reads a weight
     without calling the module that owns it. Under torch.compile only the fused loss (the compiler
     fuses and picks kernels for the layers itself). Each kernel checks the model it is given and
-    leaves alone what it does not cover (full fine-tuning has no LoRA linears and a trained head)."""
+    leaves alone what it does not cover (full fine-tuning has no LoRA linears and a trained head, a
+    model family's layers may not be the ones a kernel reproduces); each kernel not applied is one line
+    on the rank log saying why (`skipped`)."""
     from training.kernels.cpu_gemm import current_engine, use_onednn_linears
     from training.kernels.fused_loss import fuse_frozen_head_loss
     from training.kernels.last_layer import prune_last_layer
     from training.kernels.lora_fused import fuse_lora_linears
 
     applied: list[str] = []
+    target = model_class(model)
     if strategy.gathers_params_in_module_hooks:
+        why = "the strategy gathers each weight in its module's hooks, and the kernels read weights directly"
+        skipped("fused_loss, lora_fused, last_layer", target, why)
         return applied
     # no full logits for the loss where the output projection is frozen (LoRA, QLoRA: SFT, pretraining)
     if fuse_frozen_head_loss(model):
         applied.append("fused_loss")
     if compiled:
+        skipped("lora_fused, last_layer", target, "model.compile compiles the layers, and fuses them itself")
         return applied
     if fuse_lora_linears(model):  # none for full fine-tuning and QLoRA (no plain LoRA linears)
         applied.append("lora_fused")
@@ -55,6 +61,18 @@ def apply(model: nn.Module, strategy: Strategy, *, compiled: bool) -> list[str]:
         log.info("fp32 CPU matmuls on oneDNN (%d plain linear layers)", changed)
         applied.append("onednn_linears")
     return applied
+
+
+def model_class(model: nn.Module) -> str:
+    """The class name of the transformers model inside `model` (PEFT's and the strategies' wrappers aside)."""
+    from transformers import PreTrainedModel
+
+    return type(next((m for m in model.modules() if isinstance(m, PreTrainedModel)), model)).__name__
+
+
+def skipped(kernel: str, target: str, why: str) -> None:
+    """The rank log's one line for a kernel that leaves `target` (a model class) alone, and why."""
+    log.info("kernel %s not applied to %s: %s", kernel, target, why)
 
 
 def resolve_cpu_matmul(

@@ -5,7 +5,11 @@ sdpa computes every score of the row and throws most away (on the CPU bench job,
 samples alone). Here the row is cut at the sample boundaries the collator already knows
 (`PackedSegments`) and each sample runs causal sdpa on its own; samples of equal length share one
 batched call, so the Python cost grows with the number of distinct lengths, not of samples.
-flash_attention_2 does the same on GPU from position_ids.
+flash_attention_2 does the same on GPU from position_ids. A layer with a sliding window (Mistral's,
+Gemma's sliding layers) gets it per sample: a banded causal mask for a sample longer than the window, plain
+causal for one no longer (it sees all of itself either way). The collator's block mask of the other paths
+(sdpa on CUDA, eager) has no window: launcher/family_rules.py refuses those before launch where a sample
+can be longer than a model's window.
 
 The kernel is registered with transformers' AttentionInterface as `sdpa_per_sample`: `kernel_name` maps
 the job's `sdpa` to it, and `collate_attention` says when the collator hands it segments instead of a
@@ -26,8 +30,8 @@ import torch.nn.functional as F
 PER_SAMPLE_SDPA = "sdpa_per_sample"
 SEGMENTS_KWARG = "packed_segments"
 # Attention features the per-sample path does not implement; with any of them the row takes the dense
-# block mask instead (what every packed row did before, sliding windows included).
-_DENSE_ONLY = ("sliding_window", "softcap", "s_aux", "position_bias")
+# block mask instead (sdpa then refuses softcap itself; launcher/family_rules.py refuses it before launch).
+_DENSE_ONLY = ("softcap", "s_aux", "position_bias")
 # The library code copied here (training/kernels/__init__.py): transformers' sdpa attention function,
 # whose causal path (repeat_kv, is_causal, the [batch, T, heads, dim] output) per_sample_sdpa runs per sample.
 UPSTREAM = {
@@ -35,6 +39,10 @@ UPSTREAM = {
         "12de12619b30c3d2",
         "sdpa_per_sample_forward and per_sample_sdpa in training/kernels/attention.py: the same keys, values, "
         "causality, scale and output layout, and _DENSE_ONLY naming every feature they do not implement",
+    ),
+    "transformers.masking_utils.sliding_window_overlay": (
+        "c46ef286e4d5610f",
+        "window_mask in training/kernels/attention.py: a query sees the keys less than the window behind it",
     ),
 }
 
@@ -52,12 +60,23 @@ class PackedSegments:
     def __repr__(self) -> str:
         return f"PackedSegments({list(self.lengths)})"
 
-    def dense_mask(self, device: torch.device) -> torch.Tensor:
-        """[1, 1, T, T] block-causal bool mask, for attention features the per-sample path lacks."""
+    def dense_mask(self, device: torch.device, window: int | None = None) -> torch.Tensor:
+        """[1, 1, T, T] block-causal bool mask, within a sliding `window` if given, for attention features the
+        per-sample path lacks."""
         from training.data.packing import block_causal_mask
 
         ids = torch.repeat_interleave(torch.arange(len(self.lengths)), torch.tensor(self.lengths))
-        return block_causal_mask(ids[None], "sdpa").to(device)
+        mask = block_causal_mask(ids[None], "sdpa")
+        if window is not None:
+            mask &= window_mask(mask.shape[-1], window)
+        return mask.to(device)
+
+
+def window_mask(length: int, window: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[length, length] bool: query i may see key j where j > i - window (transformers' sliding_window_overlay;
+    causality is the caller's)."""
+    position = torch.arange(length, device=device)
+    return position[None, :] > position[:, None] - window
 
 
 _EAGER: list = []
@@ -73,10 +92,11 @@ def _eager_per_sample_sdpa():
 
 def per_sample_sdpa(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: PackedSegments,
-    dropout: float = 0.0, scale: float | None = None,
+    dropout: float = 0.0, scale: float | None = None, window: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention of each segment on its own. q, k, v: [1, heads, T, head_dim] (k, v already
-    repeated to the query heads); returns [1, T, heads, head_dim] like transformers' attention functions.
+    """Causal attention of each segment on its own, within a sliding `window` if given. q, k, v: [1, heads, T,
+    head_dim] (k, v already repeated to the query heads); returns [1, T, heads, head_dim] like transformers'
+    attention functions.
 
     Built from split / cat only, whose backward passes are one cat / views: slicing each segment instead
     would make autograd zero-fill a full-size gradient per segment (measured: more than the attention
@@ -89,7 +109,12 @@ def per_sample_sdpa(
             q, k, v = qs[i], ks[i], vs[i]
         else:  # samples of one length: one batched call, [count, heads, n, dim]
             q, k, v = (torch.cat([xs[i] for i in samples]) for xs in (qs, ks, vs))
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale, is_causal=True)
+        n = q.shape[2]
+        if window is None or n <= window:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale, is_causal=True)
+        else:  # a band: causal, and no key `window` or more behind its query
+            band = window_mask(n, window, q.device).tril_()
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=band, dropout_p=dropout, scale=scale)
         for j, i in enumerate(samples):
             pieces[i] = out[j : j + 1].transpose(1, 2)  # [1, n, heads, dim]
     return torch.cat(pieces, dim=1)
@@ -118,12 +143,13 @@ def sdpa_per_sample_forward(
             f"but attention got queries {tuple(query.shape)} and keys {tuple(key.shape)}"
         )
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    window = kwargs.get("sliding_window")  # the layer's: None for a full-attention layer
     if not causal or any(kwargs.get(name) is not None for name in _DENSE_ONLY):
-        mask = segments.dense_mask(query.device)
+        mask = segments.dense_mask(query.device, window)
         return sdpa_attention_forward(module, query, key, value, mask, dropout, scaling, is_causal, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    return _eager_per_sample_sdpa()(query, key, value, segments, dropout, scaling), None
+    return _eager_per_sample_sdpa()(query, key, value, segments, dropout, scaling, window), None
 
 
 def _per_sample_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):

@@ -13,7 +13,10 @@ How: the loss passes the positions as the model-forward keyword LABEL_POSITIONS 
 keywords through to every decoder layer) and asks for all logits of what comes out; every decoder
 layer's forward is replaced, the last one by `_pruned_forward`, the others only drop the keyword. Only
 for decoder layers whose forward is exactly Llama's (SUPPORTED); others are left alone and the loss
-keeps logits_to_keep alone. Not under torch.compile (the compiled layers keep their own forward).
+keeps logits_to_keep alone. Not for mixture-of-experts layers even where their forward is Llama's
+(Qwen3-MoE, OLMoE): the router's load-balancing loss is computed from the router logits of every token,
+and routing the label positions alone would change it. Not under torch.compile (the compiled layers
+keep their own forward).
 """
 
 from __future__ import annotations
@@ -30,6 +33,20 @@ log = logging.getLogger(__name__)
 LABEL_POSITIONS = "sharpen_label_positions"
 # transformers 5's decoder layers whose forward is Llama's: norm, attention, residual, norm, MLP, residual.
 SUPPORTED = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+_MOE = (
+    "a mixture-of-experts layer: its router's load-balancing loss is computed from the router logits of every "
+    "token, and routing only the label positions through its experts would change it"
+)
+# Why the decoder layers of these classes keep their forward (the rank log says so); other classes than
+# SUPPORTED: their forward is not Llama's.
+NOT_SUPPORTED = {
+    "Phi3DecoderLayer": "its forward is not Llama's (dropout on both residual branches)",
+    "Gemma3DecoderLayer": "its forward is not Llama's (sandwich norms: after attention and around the MLP)",
+    "Gemma2DecoderLayer": "its forward is not Llama's (sandwich norms: after attention and around the MLP)",
+    "MixtralDecoderLayer": _MOE,
+    "Qwen3MoeDecoderLayer": _MOE,
+    "OlmoeDecoderLayer": _MOE,
+}
 _MARK = "_sharpen_prunes_last_layer"
 # The library code copied here (training/kernels/__init__.py): the SUPPORTED layers' forward, which
 # _pruned_body is, and the gradient checkpointing wrapper of their class forward, which _pruned_forward is.
@@ -85,19 +102,33 @@ def _passing_forward(self, *args, **kwargs):
     return self._full_forward(*args, **kwargs)
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+def _decoder_layers(model: nn.Module) -> tuple[nn.ModuleList | None, str, str]:
+    """The decoder layers to prune, or None, the class they are not pruned in and why."""
+    from strategies.base import decoder_layer_classes
+
+    classes = decoder_layer_classes(model)
     for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) and type(module[0]).__name__ in SUPPORTED:
-            if all(type(layer) is type(module[0]) for layer in module):
-                return module
-    return None
+        if isinstance(module, nn.ModuleList) and len(module) and isinstance(module[0], classes):
+            name = type(module[0]).__name__
+            if name not in SUPPORTED:
+                return None, name, NOT_SUPPORTED.get(name, "its forward is not Llama's")
+            if not all(type(layer) is type(module[0]) for layer in module):
+                return None, name, "its model mixes it with other decoder layer classes"
+            return module, name, ""
+    from training.kernels import model_class
+
+    return None, model_class(model), "no decoder layers found (none of the classes its _no_split_modules names)"
 
 
 def prune_last_layer(model: nn.Module) -> bool:
     """Install the pruned last layer in `model` (any wrapper of a transformers causal LM); returns whether
-    it applies. The loss asks `prunes_last_layer` before passing positions."""
-    layers = _decoder_layers(model)
+    it applies, and where it does not, says why on the rank log. The loss asks `prunes_last_layer` before
+    passing positions."""
+    layers, target, why = _decoder_layers(model)
     if layers is None:
+        from training.kernels import skipped
+
+        skipped("last_layer", target, why)
         return False
     for i, layer in enumerate(layers):
         if not hasattr(layer, "_full_forward"):

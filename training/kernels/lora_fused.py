@@ -141,4 +141,8 @@ def fuse_lora_linears(model: nn.Module) -> int:
             count += 1
     if count:
         log.info("LoRA: %d linear layers run as one fused autograd node each where they can", count)
+    elif not any(hasattr(module, "_peft_forward") for module in model.modules()):
+        from training.kernels import model_class, skipped
+
+        skipped("lora_fused", model_class(model), "it has no plain LoRA linear layers (full fine-tuning, QLoRA)")
     return count
