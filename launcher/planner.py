@@ -23,6 +23,7 @@ from launcher.candidates import (
 )
 from launcher.errors import UserError
 from launcher.family_rules import check_family
+from launcher.moe_rules import layer_problems
 from launcher.plan import DEFAULT_STOP_GRACE_S, Plan, collective_timeout_s
 from launcher.shapes import count_parameters, human_bytes, load_config
 from launcher.spec import CHECKPOINTING, JobSpec, mixing
@@ -286,7 +287,10 @@ def build_plan(
         notices.append(f"offload: {human_bytes(host)} of host memory per rank, {per_node} (not checked)")
     strategy, mbs, accum = chosen.strategy, chosen.micro_batch_size, chosen.grad_accum
     if recount:  # (counts handed in stand for a model whose config need not be at hand)
-        check_family(spec, load_config(spec), device, mbs)  # what its attention needs of the job's rows
+        config = load_config(spec)
+        check_family(spec, config, device, mbs)  # what its attention needs of the job's rows
+        if problems := layer_problems(spec, config):  # LoRA targets, the router settings of an MoE model
+            raise UserError("; ".join(f"{field}: {message}" for field, message in problems))
     cpu_matmul = planned_cpu_matmul(spec, device, compute, nnodes, nproc)
     chosen_setting = setting_for(spec, strategy, chosen.offload, world, device, compute, mbs, accum)
     rollout_plan = rollout(counts, chosen_setting)

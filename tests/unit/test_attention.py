@@ -96,6 +96,20 @@ def test_sliding_windows_per_sample_are_each_sample_alone(family, fields):
         torch.testing.assert_close(full[:WINDOW], alone[4][:WINDOW], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(("family", "fields"), [("gemma3", {}), ("mistral", {"sliding_window": WINDOW})])
+def test_an_unpacked_row_longer_than_the_window_keeps_it(family, fields):
+    """One sample, no padding, no segments (generation's prefill, an eval row, a probe): no mask comes with it,
+    and the kernel still gives each sliding layer its window, as transformers' own sdpa and eager do."""
+    model = tiny_family(family, **fields).eval()
+    ids = torch.tensor([packed_rows([3 * WINDOW])[0]["input_ids"]])
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        want = model(input_ids=ids).logits
+        model.set_attn_implementation(kernel_name("sdpa"))
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
 def test_a_window_is_a_band_per_sample_and_in_the_dense_mask():
     """The kernel's window, per sample and in the dense mask it falls back to (for sinks, here), is sdpa over a
     block-causal mask in which no key is `window` or more behind its query."""

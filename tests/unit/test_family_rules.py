@@ -110,3 +110,35 @@ def test_stablelm_with_one_sample_a_row_plans(tmp_path, capsys):
     model = config_dir(tmp_path, "StableLmConfig", {})
     assert plan(tmp_path, model, capsys, train={"micro_batch_size": 1})[0] == 0
     assert plan(tmp_path, model, capsys, model={"attention": "eager"})[0] == 0
+
+
+MIXTRAL = ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None})
+LORA = {"type": "lora", "r": 4, "alpha": 8}
+
+
+def test_router_settings_of_a_model_without_experts_are_refused(tmp_path, capsys):
+    err = refused(tmp_path, config_dir(tmp_path, "LlamaConfig", {}), capsys, model={"router_aux_loss_coef": 0.01})
+    assert "error: model.router_aux_loss_coef: llama has no router (not a mixture-of-experts model); remove the key" in err
+    moe = config_dir(tmp_path, *MIXTRAL)
+    assert plan(tmp_path, moe, capsys, model={"router_aux_loss_coef": 0.01})[0] == 0
+
+
+def test_lora_target_names_are_checked_against_the_layers(tmp_path, capsys):
+    """A typo in target_modules is named with the layers there are, before PEFT fails on every rank; the
+    experts of an MoE model are a target, and the two things PEFT cannot do to them are refused."""
+    dense = config_dir(tmp_path, "LlamaConfig", {})
+    err = refused(tmp_path, dense, capsys, finetune={**LORA, "target_modules": ["q_proj", "v_prj"]})
+    assert "error: finetune.target_modules: 'v_prj' names no layer of llama LoRA can adapt; its layers are " in err
+    assert "down_proj, embed_tokens, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj, or use all-linear" in err
+    assert "experts" not in err
+    moe = config_dir(tmp_path, *MIXTRAL)
+    err = refused(tmp_path, moe, capsys, finetune={**LORA, "target_modules": ["q_proj", "experts"], "dropout": 0.05})
+    assert (
+        "error: finetune.dropout: 0.05 with LoRA on the experts: PEFT cannot apply dropout to them (target_modules "
+        "names the experts' 3D weights (experts.down_proj, experts.gate_up_proj)); set finetune.dropout: 0, or "
+        "leave the experts out of target_modules" in err
+    )
+    err = refused(tmp_path, moe, capsys, finetune={**LORA, "target_modules": ["experts"], "use_dora": True})
+    assert "error: finetune.use_dora: PEFT has no DoRA for the experts' weights" in err
+    assert plan(tmp_path, moe, capsys, finetune={**LORA, "target_modules": ["q_proj", "experts"]})[0] == 0
+    assert plan(tmp_path, moe, capsys, finetune={**LORA, "target_modules": ["q_proj"], "dropout": 0.05})[0] == 0

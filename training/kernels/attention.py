@@ -135,6 +135,12 @@ def sdpa_per_sample_forward(
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     segments: PackedSegments | None = kwargs.pop(SEGMENTS_KWARG, None)
+    window = kwargs.get("sliding_window")  # the layer's: None for a full-attention layer
+    if segments is None and attention_mask is None and window is not None and query.shape[2] > window:
+        # An unpadded row longer than the window, for which _per_sample_mask made no mask: the band is the
+        # mask transformers' own sdpa path would have built for this sliding layer.
+        length = query.shape[2]
+        attention_mask = window_mask(length, window, query.device).tril_()[None, None]
     if segments is None or attention_mask is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     if query.shape[0] != 1 or query.shape[2] != key.shape[2] or query.shape[2] != sum(segments.lengths):
@@ -143,7 +149,6 @@ def sdpa_per_sample_forward(
             f"but attention got queries {tuple(query.shape)} and keys {tuple(key.shape)}"
         )
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    window = kwargs.get("sliding_window")  # the layer's: None for a full-attention layer
     if not causal or any(kwargs.get(name) is not None for name in _DENSE_ONLY):
         mask = segments.dense_mask(query.device, window)
         return sdpa_attention_forward(module, query, key, value, mask, dropout, scaling, is_causal, **kwargs)
