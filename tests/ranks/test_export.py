@@ -28,7 +28,10 @@ RUNS = {  # name: (strategy, finetune, ranks)
     "zero3": ("zero3", "full", 2),
     "zero3-lora": ("zero3", "lora", 2),
     "qlora": ("single", "qlora", 1),
+    "moe": ("zero3", "lora", 2),  # a tiny Mixtral, LoRA on its experts too (the `moe_model` fixture)
 }
+MOE_FINETUNE = {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "experts"], "dropout": 0.0}
+MOE_AUX = 0.05  # model.router_aux_loss_coef, in place of the config's 0.001
 
 
 @pytest.fixture(scope="module")
@@ -41,19 +44,29 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_model, tmp_path_factory) -> Path:
+def moe_model(tmp_path_factory) -> Path:
+    from training.tiny import build_tiny_model, corpus_from_jsonl
+
+    return build_tiny_model(tmp_path_factory.mktemp("moe") / "model", "mixtral", corpus_from_jsonl(ALPACA))
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, moe_model, tmp_path_factory) -> Path:
     """RUN/<name>/ with checkpoints/step-2, step-4, and RUN/<name>.probe.pt (the trained model's logits)."""
     root = tmp_path_factory.mktemp("runs")
     started = {}
     for name, (strategy, finetune, ranks) in RUNS.items():
+        moe = name == "moe"
         job = base_job(
-            tiny_model,
+            moe_model if moe else tiny_model,
             ALPACA,
-            finetune={"type": finetune, "r": 8, "alpha": 16},
+            finetune={"type": finetune, "r": 8, "alpha": 16, **(MOE_FINETUNE if moe else {})},
             strategy={"name": strategy},
             resources={"gpus_per_node": ranks},
             train={"save_every": 2},
         )
+        if moe:
+            job["model"]["router_aux_loss_coef"] = MOE_AUX
         env = {**os.environ, "OMP_NUM_THREADS": "1", PROBE_LOGITS: str(root / f"{name}.probe.pt")}
         command = [sys.executable, "-m", "launcher.cli", "run", str(write_job(root / f"{name}.yaml", job))]
         started[name] = subprocess.Popen(
@@ -183,6 +196,30 @@ def test_lora_adapter_and_merged_exports(tiny_model, runs, tmp_path):
     assert not (out / "adapter_config.json").exists()  # the earlier export is gone, not mixed in
     merged = logits(load_full(out), trained["input_ids"])
     torch.testing.assert_close(merged, with_adapter, atol=1e-5, rtol=1e-5)
+
+
+def test_moe_run_trains_its_experts_with_the_router_loss(moe_model, runs, tmp_path):
+    """A tiny Mixtral through `sharpen run` (zero3, 2 ranks, LoRA on attention and every expert): the rank
+    log names the coefficient and the leaf MoE blocks, metrics.jsonl the router loss (which the logged
+    loss includes), and the exported adapter and its merge reproduce the trained logits."""
+    from peft import PeftModel
+    from support.e2e import metrics
+
+    log = (runs / "moe" / "logs" / "rank-0.log").read_text()
+    assert "router load-balancing loss: coefficient 0.05 (model.router_aux_loss_coef)" in log
+    assert "LoRA on the experts' weights: experts.down_proj, experts.gate_up_proj" in log
+    assert "zero3: 2 MoE blocks (MixtralSparseMoeBlock) are leaf modules" in log
+    rows = [row for row in metrics(runs / "moe") if "loss" in row]
+    assert len(rows) == 4 and all(1.0 < row["router_aux_loss"] < 4.0 for row in rows)  # ~top-k when balanced
+    trained = probe(runs, "moe")
+    out = tmp_path / "moe"
+    export(runs / "moe", "--to", out)
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(adapter["target_parameters"]) == ["experts.down_proj", "experts.gate_up_proj"]
+    with_adapter = logits(PeftModel.from_pretrained(load_full(moe_model), out), trained["input_ids"])
+    torch.testing.assert_close(with_adapter, trained["logits"], atol=1e-5, rtol=1e-5)
+    export(runs / "moe", "--to", out, "--merge-lora")
+    torch.testing.assert_close(logits(load_full(out), trained["input_ids"]), trained["logits"], atol=1e-5, rtol=1e-5)
 
 
 def test_qlora_export_is_the_trained_adapter(runs, tmp_path):

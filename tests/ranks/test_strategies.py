@@ -161,7 +161,8 @@ def checkpoint_root(tmp_path_factory) -> Path:
 
 def spawn(world_size: int, jobs: dict[str, Job], model_dir: str) -> list[dict]:
     """Each rank's results; rank 0's hold the gathered state dicts."""
-    return dist_harness.unwrap(dist_harness.run(run_jobs, world_size, jobs, model_dir))
+    # ~35 jobs in the two-rank spawn: 75 s on a quiet 2-core machine, several times that on a loaded one
+    return dist_harness.unwrap(dist_harness.run(run_jobs, world_size, jobs, model_dir, timeout=900))
 
 
 @pytest.fixture(scope="session")

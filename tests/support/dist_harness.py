@@ -53,6 +53,11 @@ def _worker(rank: int, world_size: int, out_dir: str, fn: Callable, args: tuple)
     sys.stderr.flush()
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
+    # The result is saved: leave without the interpreter's teardown, where a library's C++ thread still
+    # joinable at exit aborts the process ("terminate called without an active exception") and would fail
+    # a spawn whose every rank finished.
+    log.flush()
+    os._exit(0)
 
 
 class RankError:
