@@ -215,3 +215,6 @@ METHOD_FORMATS = {"dpo": ("preference",), "reward": ("preference",), "pretrain":
 METHOD_FORMATS |= {"orpo": ("preference",), "simpo": ("preference",)}
 # The methods whose rows are (chosen, rejected) pairs: a row is two sequences, the step's count is pairs.
 PAIR_METHODS = frozenset(kind for kind, formats in METHOD_FORMATS.items() if "preference" in formats)
+# The methods whose loss adds a mixture-of-experts model's router load-balancing loss
+# (training/methods/causal_lm.py); the others train an MoE model without it.
+ROUTER_LOSS_METHODS = ("sft", "pretrain")

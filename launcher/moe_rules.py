@@ -4,6 +4,7 @@ experts' 3D weights (dropout, DoRA). Each problem is (job key, message with the 
 
 from __future__ import annotations
 
+from launcher.method_spec import ROUTER_LOSS_METHODS
 from launcher.spec import JobSpec
 
 
@@ -17,6 +18,14 @@ def layer_problems(spec: JobSpec, config) -> list[tuple[str, str]]:
     if spec.model.router_aux_loss_coef is not None and not moe:
         problems.append(
             ("model.router_aux_loss_coef", f"{kind} has no router (not a mixture-of-experts model); remove the key")
+        )
+    elif spec.model.router_aux_loss_coef is not None and spec.method.kind not in ROUTER_LOSS_METHODS:
+        problems.append(
+            (
+                "model.router_aux_loss_coef",
+                f"method {spec.method.kind} trains without the router's load-balancing loss (only "
+                f"{' and '.join(ROUTER_LOSS_METHODS)} add it); remove the key",
+            )
         )
     ft = spec.finetune
     if ft.type == "full" or isinstance(ft.target_modules, str):

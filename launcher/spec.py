@@ -100,7 +100,7 @@ class ModelSpec(Section):
         ge=0,
         description=(
             "Mixture-of-experts models (Mixtral, Qwen3-MoE, OLMoE): the weight of the router's load-balancing "
-            "loss added to the training loss (sft, pretrain) and logged as router_aux_loss; default the model "
+            "loss added to the training loss (sft, pretrain; the other methods train without it) and logged as router_aux_loss; default the model "
             "config's router_aux_loss_coef, 0 logs it without training on it"
         ),
     )

@@ -10,6 +10,7 @@ import logging
 import torch
 from torch import nn
 
+from launcher.method_spec import ROUTER_LOSS_METHODS
 from launcher.spec import JobSpec
 from strategies.base import decoder_layer_classes
 from training.kernels.attention import kernel_name
@@ -91,9 +92,11 @@ def load_model(spec: JobSpec, compute_dtype: str, device: torch.device) -> nn.Mo
     if spec.model.router_aux_loss_coef is not None:  # checked against the config before launch (an MoE model)
         model.config.router_aux_loss_coef = spec.model.router_aux_loss_coef
     coefficient = router_aux_coefficient(model)
-    if coefficient is not None:
+    if coefficient is not None and spec.method.kind in ROUTER_LOSS_METHODS:
         source = "model.router_aux_loss_coef" if spec.model.router_aux_loss_coef is not None else "the model config"
         log.info("router load-balancing loss: coefficient %g (%s)", coefficient, source)
+    elif coefficient is not None:
+        log.info("router load-balancing loss: not added, method %s trains without it (sft and pretrain add it)", spec.method.kind)
     if reward and model.config.pad_token_id is None:
         model.config.pad_token_id = load_tokenizer(spec).pad_token_id
 

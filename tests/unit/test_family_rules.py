@@ -142,3 +142,13 @@ def test_lora_target_names_are_checked_against_the_layers(tmp_path, capsys):
     assert "error: finetune.use_dora: PEFT has no DoRA for the experts' weights" in err
     assert plan(tmp_path, moe, capsys, finetune={**LORA, "target_modules": ["q_proj", "experts"]})[0] == 0
     assert plan(tmp_path, moe, capsys, finetune={**LORA, "target_modules": ["q_proj"], "dropout": 0.05})[0] == 0
+
+
+def test_router_settings_for_a_method_without_the_router_loss_are_refused(tmp_path, capsys):
+    moe = config_dir(tmp_path, *MIXTRAL)
+    prefs = ALPACA.parent / "preference_tiny.jsonl"
+    err = refused(
+        tmp_path, moe, capsys, model={"router_aux_loss_coef": 0.01}, method={"kind": "dpo"},
+        data={"train": [{"path": str(prefs), "format": "preference"}], "max_length": 64},
+    )
+    assert "error: model.router_aux_loss_coef: method dpo trains without the router's load-balancing loss" in err
