@@ -312,7 +312,7 @@ def build_plan(
         micro_batch_size=mbs,
         grad_accum=accum,
         global_batch_size=spec.train.global_batch_size,
-        params={"total": counts.total, "trainable": counts.trainable, "frozen": counts.frozen},
+        params=plan_params(counts),
         state_bytes_per_rank=state_bytes(chosen.memory),
         reference=reference_model(spec, rollout_plan["reference_bytes"] if rollout_plan else 0),
         rollout=rollout_plan,
@@ -326,6 +326,16 @@ def build_plan(
     if notice := disk_notice(spec, Path(plan.run_dir), plan.checkpoint_bytes, free_space or free_bytes):
         notices.append(notice)
     return plan, notices
+
+
+def plan_params(counts: ParamCounts) -> dict[str, int]:
+    """Plan.params: total, trainable and frozen parameters, those a token passes through (`active`: what
+    FLOPs count), and for a mixture of experts its experts per layer and those each token is routed to."""
+    params = {"total": counts.total, "trainable": counts.trainable, "frozen": counts.frozen}
+    params["active"] = counts.active_params
+    if counts.num_experts:
+        params.update(experts=counts.num_experts, experts_per_token=counts.experts_per_token)
+    return params
 
 
 def unchecked_gpu_notice(

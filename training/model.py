@@ -121,10 +121,20 @@ def compile_layers(model: nn.Module) -> int:
 
 def apply_lora(model: nn.Module, spec: JobSpec) -> nn.Module:
     """The PEFT model of finetune's LoRA settings over `model`, its adapters seeded by train.seed."""
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import get_peft_model
+
+    config = lora_config(spec)
+    torch.manual_seed(spec.train.seed)  # identical adapter init on every rank (FSDP2 does not broadcast)
+    return get_peft_model(model, config)
+
+
+def lora_config(spec: JobSpec):
+    """finetune's LoRA settings as PEFT's LoraConfig: what apply_lora adapts, and what the planner counts
+    (launcher/shapes.py builds the same adapters on the meta device)."""
+    from peft import LoraConfig, TaskType
 
     ft = spec.finetune
-    config = LoraConfig(
+    return LoraConfig(
         # SEQ_CLS (reward models) also trains and saves the `score` head in full (PEFT adds it to modules_to_save).
         task_type=TaskType.SEQ_CLS if spec.method.kind == "reward" else TaskType.CAUSAL_LM,
         r=ft.r,
@@ -135,5 +145,3 @@ def apply_lora(model: nn.Module, spec: JobSpec) -> nn.Module:
         use_dora=ft.use_dora,
         use_rslora=ft.use_rslora,
     )
-    torch.manual_seed(spec.train.seed)  # identical adapter init on every rank (FSDP2 does not broadcast)
-    return get_peft_model(model, config)
