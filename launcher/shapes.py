@@ -163,11 +163,11 @@ def _with_adapters(model, spec: JobSpec):
             return get_peft_model(model, lora_config(spec))
     except ValueError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"finetune: PEFT cannot adapt {spec.model.path!r} with these settings ({first})",
-            "check finetune.target_modules against the model's module names; PEFT's adapters on a mixture of "
-            "experts' 3D expert weights (all-linear) take neither finetune.dropout nor use_dora: set dropout: 0",
-        ) from None
+        hint = "check finetune.target_modules against the model's module names"
+        if routed_experts(model.config)[0]:
+            hint += ("; PEFT's adapters on the experts' 3D weights (all-linear reaches them) take no dropout and "
+                     "no DoRA: set finetune.dropout: 0 and use_dora: false, or name only linear layers")
+        raise UserError(f"finetune: PEFT cannot adapt {spec.model.path!r} with these settings ({first})", hint) from None
 
 
 # -- activations ---------------------------------------------------------------------------------------

@@ -193,3 +193,14 @@ def test_sharpen_plan_of_a_config_only_moe_dir_names_the_active_parameters(capsy
     params = json.loads(capsys.readouterr().out)["params"]
     assert params == {"total": 31_528_630_272, "trainable": 996_507_648, "frozen": 30_532_122_624,
                       "active": 3_429_414_912, "experts": 128, "experts_per_token": 8}  # fmt: skip
+
+
+def test_a_lora_setting_peft_refuses_on_experts_is_refused_before_launch(capsys):
+    """PEFT's adapters on 3D expert weights take no dropout: planning builds them, so the job exits 2 with
+    the reason instead of a rank's traceback."""
+    from launcher.cli import main
+
+    assert main(["plan", str(PLANS / "mixtral-8x7b-lora-80gb.yaml"), "--set", "finetune.dropout=0.05"]) == 2
+    err = capsys.readouterr().err
+    assert "error: finetune: PEFT cannot adapt" in err and "lora_dropout != 0" in err
+    assert "set finetune.dropout: 0" in err
