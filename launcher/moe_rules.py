@@ -28,7 +28,12 @@ def layer_problems(spec: JobSpec, config) -> list[tuple[str, str]]:
             )
         )
     ft = spec.finetune
-    if ft.type == "full" or isinstance(ft.target_modules, str):
+    if ft.type == "full":
+        return problems
+    if isinstance(ft.target_modules, str):  # all-linear: PEFT's, which reaches an MoE model's experts and routers
+        parameters, targeted = [], "all-linear reaches the experts' 3D weights and the routers"
+        if moe:
+            problems += _expert_problems(ft, targeted, "or name only linear layers in target_modules, e.g. [q_proj, k_proj, v_proj, o_proj]")
         return problems
     modules, parameters, layer_names = _targets(config, tuple(ft.target_modules), spec.model.trust_remote_code)
     unknown = [n for n in modules if not _names_layer(n, layer_names)]
@@ -43,18 +48,19 @@ def layer_problems(spec: JobSpec, config) -> list[tuple[str, str]]:
         )
     if parameters:
         targeted = f"target_modules names the experts' 3D weights ({', '.join(parameters)})"
-        if ft.dropout:
-            problems.append(
-                (
-                    "finetune.dropout",
-                    f"{ft.dropout} with LoRA on the experts: PEFT cannot apply dropout to them ({targeted}); "
-                    "set finetune.dropout: 0, or leave the experts out of target_modules",
-                )
-            )
-        if ft.use_dora:
-            problems.append(
-                ("finetune.use_dora", f"PEFT has no DoRA for the experts' weights ({targeted}); set use_dora: false")
-            )
+        problems += _expert_problems(ft, targeted, "or leave the experts out of target_modules")
+    return problems
+
+
+def _expert_problems(ft, targeted: str, instead: str) -> list[tuple[str, str]]:
+    """What PEFT's LoRA on parameters (target_parameters: the experts' 3D weights) cannot do: dropout, DoRA."""
+    problems = []
+    if ft.dropout:
+        why = f"{ft.dropout} with LoRA on the experts: PEFT cannot apply dropout to them ({targeted})"
+        problems.append(("finetune.dropout", f"{why}; set finetune.dropout: 0, {instead}"))
+    if ft.use_dora:
+        why = f"PEFT has no DoRA for the experts' weights ({targeted})"
+        problems.append(("finetune.use_dora", f"{why}; set use_dora: false, {instead}"))
     return problems
 
 

@@ -259,6 +259,9 @@ def build_plan(
         raise UserError(problem)
     compute, storage = resolve_dtypes(spec, device)
     recount = counts is None
+    if recount:  # LoRA targets and the router settings against the model's layers, before PEFT builds them
+        if problems := layer_problems(spec, load_config(spec)):
+            raise UserError("; ".join(f"{field}: {message}" for field, message in problems))
     counts = counts or count_parameters(spec)
     capacity, source = gpu_capacity(spec, device)
     usable = usable_bytes(capacity) if capacity else None
@@ -289,8 +292,6 @@ def build_plan(
     if recount:  # (counts handed in stand for a model whose config need not be at hand)
         config = load_config(spec)
         check_family(spec, config, device, mbs)  # what its attention needs of the job's rows
-        if problems := layer_problems(spec, config):  # LoRA targets, the router settings of an MoE model
-            raise UserError("; ".join(f"{field}: {message}" for field, message in problems))
     cpu_matmul = planned_cpu_matmul(spec, device, compute, nnodes, nproc)
     chosen_setting = setting_for(spec, strategy, chosen.offload, world, device, compute, mbs, accum)
     rollout_plan = rollout(counts, chosen_setting)
@@ -319,7 +320,7 @@ def build_plan(
         micro_batch_size=mbs,
         grad_accum=accum,
         global_batch_size=spec.train.global_batch_size,
-        params={"total": counts.total, "trainable": counts.trainable, "frozen": counts.frozen},
+        params=plan_params(counts),
         state_bytes_per_rank=state_bytes(chosen.memory),
         reference=reference_model(spec, rollout_plan["reference_bytes"] if rollout_plan else 0),
         rollout=rollout_plan,
@@ -333,6 +334,16 @@ def build_plan(
     if notice := disk_notice(spec, Path(plan.run_dir), plan.checkpoint_bytes, free_space or free_bytes):
         notices.append(notice)
     return plan, notices
+
+
+def plan_params(counts: ParamCounts) -> dict[str, int]:
+    """Plan.params: total, trainable and frozen parameters, those a token passes through (`active`: what
+    FLOPs count), and for a mixture of experts its experts per layer and those each token is routed to."""
+    params = {"total": counts.total, "trainable": counts.trainable, "frozen": counts.frozen}
+    params["active"] = counts.active_params
+    if counts.num_experts:
+        params.update(experts=counts.num_experts, experts_per_token=counts.experts_per_token)
+    return params
 
 
 def unchecked_gpu_notice(

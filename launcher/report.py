@@ -43,6 +43,8 @@ def print_plan(plan: Plan) -> None:
     p = plan.params
     share = 100 * p["trainable"] / max(1, p["total"])
     table.add_row("parameters", f"{p['total']:,} total, {p['trainable']:,} trainable ({share:.2f}%)")
+    if p.get("experts"):
+        table.add_row("experts", experts_line(p))
     if plan.chosen:
         b = plan.chosen["bytes_per_rank"]
         parts = " + ".join(f"{k} {human_bytes(b[k])}" for k in COLUMNS[:5])
@@ -64,6 +66,15 @@ def print_plan(plan: Plan) -> None:
     if plan.candidates:
         console.print(candidates_table(plan))
     console.print(sources_table(plan))
+
+
+def experts_line(p: dict) -> str:
+    """A mixture of experts in one line: its experts, those a token uses, the parameters that makes active."""
+    active = 100 * p["active"] / max(1, p["total"])
+    return (
+        f"{p['experts']} a layer, {p['experts_per_token']} routed per token: {p['active']:,} parameters active per "
+        f"token ({active:.1f}%), what FLOPs and MFU count; memory holds all {p['total']:,}"
+    )
 
 
 def rollout_line(r: dict) -> str:

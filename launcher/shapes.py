@@ -7,6 +7,7 @@ from these counts. Nothing here imports deepspeed or reads weights, so a 70B pla
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from math import ceil
@@ -15,9 +16,20 @@ from launcher.errors import UserError
 from launcher.method_spec import PAIR_METHODS
 from launcher.spec import JobSpec
 from strategies import footprint
-from strategies.footprint.counts import DTYPE_BYTES, LOW_RANK, ParamCounts, Setting, TensorInfo
+from strategies.footprint.counts import (
+    DTYPE_BYTES,
+    EXPERTS_MODULE,
+    LOW_RANK,
+    ParamCounts,
+    Setting,
+    TensorInfo,
+    active_numel,
+    is_expert_weight,
+    routed_experts,
+)
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MLP_TARGETS = frozenset(LORA_TARGETS[4:])  # a dense MLP's linears; an MoE layer's experts are 3D, no linear
 
 
 def load_config(spec: JobSpec):
@@ -36,18 +48,18 @@ def load_config(spec: JobSpec):
         ) from None
 
 
-def _targeted(name: str, targets) -> bool:
-    if targets == "all-linear":
-        return True
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
 def count_parameters(spec: JobSpec) -> ParamCounts:
     """Every tensor of the trained model, from the config on the meta device (no weights are read).
 
-    full: every weight trainable. lora: the base frozen in the compute dtype, adapters r x (in + out)
-    per targeted linear layer (all but the output head for all-linear, as peft does), DoRA magnitudes,
-    trainable copies of modules_to_save. qlora: as lora, with the base's linear weights in 4 bits."""
+    full: every weight trainable. lora and qlora: the adapters PEFT itself builds from the job's LoraConfig
+    (training/model.py's lora_config: r x (in + out) per targeted linear layer, all but the output head for
+    all-linear; DoRA magnitudes; trainable copies of modules_to_save), over the base frozen in the compute
+    dtype; qlora: the base's linear weights in 4 bits.
+
+    A mixture of experts counts every expert (each rank holds them all: trained under full, frozen under
+    LoRA; they are no linear layer, so QLoRA does not quantise them) and `active` what a token passes
+    through: of the experts' weights experts_per_token / num_experts. PEFT's all-linear also adapts the
+    router and the experts' 3D weights (its ParamWrapper, rank r per expert, 2r for the fused gate-up)."""
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -59,53 +71,41 @@ def count_parameters(spec: JobSpec) -> ParamCounts:
     if reward:
         config.num_labels = 1
     auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    ft = spec.finetune
     with init_empty_weights():
         model = auto.from_config(config, trust_remote_code=spec.model.trust_remote_code)
-    ft = spec.finetune
-    modules_to_save = [*ft.modules_to_save, *(["score"] if reward else [])]  # peft trains the head in full
+        output_layer = getattr(model, "score", None) if reward else model.get_output_embeddings()
+        experts, per_token = routed_experts(config)
+        fp32_routing = bool(experts) and _fp32_routing(model, per_token)
+        if ft.type != "full":
+            model = _with_adapters(model, spec)
     layers = decoder_layer_classes(model)  # the groups FSDP2 shards one by one
     in_layer = {id(p) for m in model.modules() if isinstance(m, layers) for p in m.parameters()}
-    output_layer = getattr(model, "score", None) if reward else model.get_output_embeddings()
-    linear_weights = {id(m.weight): m for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    output_weights = {id(p) for p in output_layer.parameters()} if output_layer is not None else set()
     tensors: list[TensorInfo] = []
-    for param in model.parameters():  # tied parameters once
-        linear = linear_weights.get(id(param))
-        quantize = ft.type == "qlora" and linear is not None and linear is not output_layer
-        if ft.type == "full":
+    active = 0
+    adapted_experts = False
+    for name, param in model.named_parameters():  # tied parameters once
+        active += active_numel(name, param.numel(), experts, per_token)
+        linear = id(param) in linear_weights
+        if ft.type == "full" or param.requires_grad:
             storage = "trainable"
-        elif quantize:
+            adapted_experts |= ft.type != "full" and bool(experts) and is_expert_weight(name)
+        elif ft.type == "qlora" and linear and id(param) not in output_weights:
             storage = "nf4"
         else:
             storage = "fp32" if ft.type == "qlora" else "compute"
-        tensors.append(
-            TensorInfo(param.numel(), param.shape[0], storage, id(param) in in_layer, linear is not None)
-        )
-    if ft.type != "full":
-        for name, module in model.named_modules():
-            if not isinstance(module, torch.nn.Linear) or module is output_layer:
-                continue
-            if not _targeted(name, ft.target_modules):
-                continue
-            layer = id(module.weight) in in_layer
-            tensors.append(TensorInfo(ft.r * module.in_features, ft.r, "trainable", layer, True))
-            tensors.append(
-                TensorInfo(ft.r * module.out_features, module.out_features, "trainable", layer, True)
-            )
-            if ft.use_dora:
-                tensors.append(
-                    TensorInfo(module.out_features, module.out_features, "trainable", layer, False)
-                )
-        for name, module in model.named_modules():
-            if any(name == m or name.endswith("." + m) for m in modules_to_save):
-                for param in module.parameters():
-                    layer = id(param) in in_layer
-                    tensors.append(
-                        TensorInfo(param.numel(), param.shape[0], "trainable", layer, param.dim() > 1)
-                    )
+        # adapters and modules_to_save copies (an embedding's too) are multiplied as the layer they adapt
+        matmul = linear or (ft.type != "full" and storage == "trainable" and param.dim() > 1)
+        tensors.append(TensorInfo(param.numel(), param.shape[0], storage, id(param) in in_layer, matmul))
     trainable = sum(t.numel for t in tensors if t.trainable)
     total = sum(t.numel for t in tensors)
     heads = int(getattr(config, "num_attention_heads", 0) or 0)
     hidden = int(getattr(config, "hidden_size", 0) or 0)
+    intermediate = int(getattr(config, "intermediate_size", 0) or 0)
+    # the layers that route to experts (Qwen3-MoE's decoder_sparse_step and mlp_only_layers keep others dense)
+    moe_layers = len({n.split(f".{EXPERTS_MODULE}.")[0] for n, _ in model.named_parameters() if is_expert_weight(n)})
     return ParamCounts(
         total=total,
         trainable=trainable,
@@ -114,12 +114,60 @@ def count_parameters(spec: JobSpec) -> ParamCounts:
         num_layers=int(getattr(config, "num_hidden_layers", 0) or 0),
         hidden_size=hidden,
         vocab_size=int(getattr(config, "vocab_size", 0) or 0),
-        intermediate_size=int(getattr(config, "intermediate_size", 0) or 0),
+        intermediate_size=intermediate,
         num_attention_heads=heads,
         num_key_value_heads=int(getattr(config, "num_key_value_heads", 0) or heads),
         head_dim=int(getattr(config, "head_dim", 0) or (hidden // heads if heads else 0)),
+        qk_norm=any(n.endswith((".q_norm.weight", ".k_norm.weight")) for n, _ in model.named_parameters()),
+        num_experts=experts,
+        experts_per_token=per_token,
+        expert_intermediate_size=int(getattr(config, "moe_intermediate_size", 0) or intermediate) if experts else 0,
+        moe_layers=moe_layers if experts else 0,
+        adapted_experts=adapted_experts,
+        fp32_routing=fp32_routing,
+        active=active,
         tensors=tuple(tensors),
     )
+
+
+def _fp32_routing(model, per_token: int) -> bool:
+    """Whether the first MoE layer's router (the `gate` beside its `experts`) gives fp32 top-k weights to a
+    bf16 model, as Mixtral's does (Qwen3-MoE's and OLMoE's cast them to the compute dtype): a copy of it
+    run on the meta device. True where that cannot be told (the larger temporaries)."""
+    import copy
+
+    import torch
+
+    name = next((n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] == EXPERTS_MODULE), None)
+    try:
+        router = copy.deepcopy(model.get_submodule(name.rsplit(".", 1)[0] + ".gate")).to(torch.bfloat16)
+        hidden = next(p.shape[-1] for p in router.parameters())
+        with torch.no_grad():
+            out = router(torch.empty(4, hidden, device="meta", dtype=torch.bfloat16))
+        weights = [t for t in out if torch.is_tensor(t) and t.is_floating_point() and tuple(t.shape) == (4, per_token)]
+        return weights[0].dtype == torch.float32
+    except Exception:  # another router's signature: assume the larger
+        return True
+
+
+def _with_adapters(model, spec: JobSpec):
+    """`model` (on the meta device) with the job's LoRA adapters, as PEFT builds them for training; a
+    setting PEFT refuses for this model is the job's mistake, said before any rank starts."""
+    from peft import get_peft_model
+
+    from training.model import lora_config
+
+    try:
+        with warnings.catch_warnings():  # PEFT's notes on converting MoE targets are not the user's to act on
+            warnings.simplefilter("ignore")
+            return get_peft_model(model, lora_config(spec, model))
+    except ValueError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = "check finetune.target_modules against the model's module names"
+        if routed_experts(model.config)[0]:
+            hint += ("; PEFT's adapters on the experts' 3D weights (all-linear reaches them) take no dropout and "
+                     "no DoRA: set finetune.dropout: 0 and use_dora: false, or name only linear layers")
+        raise UserError(f"finetune: PEFT cannot adapt {spec.model.path!r} with these settings ({first})", hint) from None
 
 
 # -- activations ---------------------------------------------------------------------------------------
@@ -132,6 +180,13 @@ class ModelShape:
     head_dim: int
     intermediate: int
     vocab: int
+    qk_norm: bool = False
+    # a mixture of experts (0: dense): experts a layer holds, those a token is routed to, one expert's
+    # MLP width, the layers that route
+    experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
+    moe_layers: int = 0
 
     @classmethod
     def of(cls, counts: ParamCounts) -> tuple[ModelShape, list[str]]:
@@ -142,9 +197,13 @@ class ModelShape:
         if not (counts.num_attention_heads and counts.intermediate_size):
             notes.append("activations estimated from hidden size alone (no heads or intermediate size known)")
         kv = counts.num_key_value_heads or heads
+        moe = counts.num_experts and counts.experts_per_token
         return cls(
-            h, counts.num_layers, heads, kv, counts.head_dim or h // heads, inter, counts.vocab_size
-        ), notes
+            h, counts.num_layers, heads, kv, counts.head_dim or h // heads, inter, counts.vocab_size,
+            counts.qk_norm, counts.num_experts if moe else 0, counts.experts_per_token if moe else 0,
+            (counts.expert_intermediate_size or inter) if moe else 0,
+            min(counts.num_layers, counts.moe_layers or counts.num_layers) if moe else 0,
+        ), notes  # fmt: skip
 
 
 def activation_phases(counts: ParamCounts, s: Setting) -> tuple[tuple[int, int], list[str]]:
@@ -164,7 +223,8 @@ def activation_phases(counts: ParamCounts, s: Setting) -> tuple[tuple[int, int],
     layer keeps for its backward. Dtypes follow the strategy: those whose footprint says `autocast`
     (single, ddp) autocast over fp32 trainable weights (fp32 residual stream, a bf16 copy of each linear's
     input per linear), the others (fsdp, zero) run the model in the compute dtype (one shared copy);
-    QLoRA's unquantised weights are fp32 (peft's kbit preparation)."""
+    QLoRA's unquantised weights are fp32 (peft's kbit preparation). A mixture of experts' layers save
+    what its router and its routed experts do (moe_saved) in place of a dense MLP's."""
     shape, notes = ModelShape.of(counts)
     h, layers, a, d, i, vocab = (
         shape.hidden,
@@ -183,6 +243,9 @@ def activation_phases(counts: ParamCounts, s: Setting) -> tuple[tuple[int, int],
     if lora and s.lora_targets != "all-linear" and not targets:
         notes.append("no target module has a Llama-style name: adapters' activations are not counted")
     dropout = lora and s.lora_dropout > 0
+    if counts.num_experts and s.finetune == "qlora":
+        notes.append("qlora: bitsandbytes quantises linear layers only; the experts' 3D weights stay unquantised "
+                     "(fp32 after peft's k-bit preparation)")
 
     def saved_input(in_bytes: int, consumers: int) -> int:
         """Bytes per element its consumers (trainable linears or adapters) save of one input tensor."""
@@ -211,23 +274,34 @@ def activation_phases(counts: ParamCounts, s: Setting) -> tuple[tuple[int, int],
     kv_width = a * d if repeat_kv else shape.kv_heads * d
 
     norm = 4 * h + 4 + (residual * h if full else 0)  # fp32 input for the variance, rsqrt, normed pre-weight
-    per_token = 2 * norm
+    per_token = 2 * norm  # what every layer saves, of its norms and attention; then its MLP's (dense or MoE)
     per_token += h * saved_input(residual, consumers("q_proj", "k_proj", "v_proj"))
-    per_token += h * saved_input(residual, consumers("gate_proj", "up_proj"))
     per_token += c * (a * d + 2 * kv_width + a * d)  # q, k, v and the output saved by attention
+    if shape.qk_norm:  # as `norm`, over each head of q and k: fp32 input, rsqrt, normed pre-weight
+        qk = (a + shape.kv_heads) * d
+        per_token += 4 * qk + 4 * (a + shape.kv_heads) + (linear_out * qk if full else 0)
     o_copy = consumers("o_proj") and (dropout or autocast and lora)
     # eager's output is a new tensor; so is the per-sample kernel's (the samples' outputs concatenated)
     per_token += c * a * d * (bool(o_copy) + (s.attention == "eager" or per_sample))
     per_token += 4 * a if s.attention != "eager" else 0  # log-sum-exp of flash / memory-efficient kernels
-    per_token += 3 * linear_out * i  # gate, silu(gate), up
-    per_token += i * saved_input(linear_out, consumers("down_proj"))
-    per_token += lora * c * s.lora_r * len(targets)  # each lora_B keeps lora_A's output
+    per_token += lora * c * s.lora_r * len(targets - MLP_TARGETS)  # each lora_B keeps lora_A's output
+    dense_mlp = h * saved_input(residual, consumers("gate_proj", "up_proj"))
+    dense_mlp += 3 * linear_out * i  # gate, silu(gate), up
+    dense_mlp += i * saved_input(linear_out, consumers("down_proj"))
+    dense_mlp += lora * c * s.lora_r * len(targets & MLP_TARGETS)
     per_layer_square = 0
     if s.attention == "eager":  # fp32 softmax output, and its compute-dtype copy for probs @ v
         per_layer_square = rows * a * seq * seq * (4 + (c if c != 4 else 0))
     elif masked:
         per_layer_square = rows * seq * seq * c
-    layer = per_token * tokens + per_layer_square
+    dense = (per_token + dense_mlp) * tokens + per_layer_square
+    moe_layers = shape.moe_layers
+    trained_experts = full or counts.adapted_experts
+    router_input = saved_input(residual, int(trained_experts))
+    moe_mlp, moe_weights, moe_transient = moe_saved(
+        shape, s, residual, router_input, trained_experts, counts.fp32_routing
+    )
+    moe = (per_token + moe_mlp) * tokens + per_layer_square + moe_weights
 
     mask_once = 0
     if s.attention == "eager":
@@ -247,38 +321,81 @@ def activation_phases(counts: ParamCounts, s: Setting) -> tuple[tuple[int, int],
     transient = (linear_out * i + c * h) * tokens
     if autocast and lora:  # peft casts an adapter's input up to fp32, then autocast casts it back down
         transient += 4 * i * tokens
+    moe_transient = (moe_transient + c * h) * tokens + moe_weights // 3
     if s.attention == "eager":
         after_attention = (
             norm + h * saved_input(residual, consumers("gate_proj", "up_proj")) + 3 * linear_out * i
         )
         square_grads = rows * a * seq * seq * (8 if c == 4 else 6)
         transient = max(transient, square_grads - after_attention * tokens)
+        moe_transient = max(moe_transient, square_grads - (norm + moe_mlp) * tokens)
+    # (layers of the kind, what one saves, its backward's temporaries): dense layers, then MoE layers
+    kinds = [(layers - moe_layers, dense, transient, False), (moe_layers, moe, moe_transient, True)]
+    kinds = [k for k in kinds if k[0]] or kinds[:1]
     if s.gradient_checkpointing != "none":  # each layer keeps its input, the rest is recomputed layer by layer
         kept = layers * residual * h * tokens
-        selective = 0
+        kept += moe_layers * c * shape.experts * tokens  # the router's logits, kept for the auxiliary loss
+        selective = {False: 0, True: 0}
         if s.gradient_checkpointing == "selective":  # and the outputs of its matmuls and attention
-            selective = selective_kept(shape, s, tokens, rows, seq, linear_out, targets)
-        # in its backward, a layer's own kept outputs are among what its recompute saves (`layer`)
-        at_loss = kept + layers * selective + misc + loss
-        return (at_loss, kept + (layers - 1) * selective + misc + layer + transient), notes
+            for routed in (False, True):
+                selective[routed] = selective_kept(shape, s, tokens, rows, seq, linear_out, targets, routed)
+        every = sum(n * selective[routed] for n, _, _, routed in kinds)
+        # in its backward, a layer's own kept outputs are among what its recompute saves (its `saved`)
+        at_loss = kept + every + misc + loss
+        in_layers = max(every - selective[routed] + saved + temporary for _, saved, temporary, routed in kinds)
+        return (at_loss, kept + misc + in_layers), notes
     if lora:  # the first layer's input (frozen embeddings) needs no grad: its first norm saves nothing
         misc -= (4 * h + 4) * tokens
-    return (layers * layer + misc + loss, layers * layer + misc + transient), notes
+    every = sum(n * saved for n, saved, _, _ in kinds)
+    return (every + misc + loss, every + misc + max(temporary for _, _, temporary, _ in kinds)), notes
+
+
+def moe_saved(
+    shape: ModelShape, s: Setting, residual: int, router_input: int, trained: bool, fp32_routing: bool
+) -> tuple[int, int, int]:
+    """(saved per token, saved per layer, backward temporaries per token) in bytes of one mixture-of-experts
+    MLP as transformers runs it (its grouped_mm experts, integrations/moe.py). The router saves its input where
+    its weight trains (`router_input` per element), its logits (the auxiliary loss keeps them), their fp32
+    softmax, the top-k indices and weights. Each of the experts_per_token copies of a token saves the
+    gate-up output, SiLU(gate), the down output (for the routing weight's gradient) and the sort's indices,
+    and where the experts train (full, or LoRA's adapters on them) its gathered input and the down
+    projection's input. The experts run in their weights' dtype (grouped_mm is no autocast op: fp32 under
+    single/ddp full fine-tuning). LoRA's adapted experts build weight + B·A (PEFT's ParamWrapper) in every
+    forward, which their matmuls keep for the backward: a copy of the layer's expert weights."""
+    if not shape.moe_layers:
+        return 0, 0, 0
+    h, k, i, e = shape.hidden, shape.experts_per_token, shape.expert_intermediate, residual
+    c = DTYPE_BYTES[s.compute_dtype]
+    router = h * router_input + c * shape.experts + 4 * shape.experts + k * (8 + 4)
+    routed = e * (3 * i + h) + trained * e * (h + i) + 3 * 8 + 4
+    adapted = trained and s.finetune != "full"
+    weights = e * shape.experts * (3 * i * h + h) if adapted else 0  # gate-up, down and the router's
+    # Its backward's temporaries peak at the gate-up's: the grads of its output (2 x intermediate) and input
+    # a copy, with the down projection's saved input and output freed (and, adapted, the down's weight + B·A,
+    # for the gate-up's weight gradient: a third more). Routing weights in fp32 (Mixtral's) make the routed
+    # outputs' product and its grads fp32.
+    wider = 3 * h * (4 - e) if fp32_routing else 0
+    return router + k * routed, weights, k * (e * (2 * i + h - (h + i * trained)) + wider)
 
 
 def selective_kept(
-    shape: ModelShape, s: Setting, tokens: int, rows: int, seq: int, linear_out: int, targets: set[str]
+    shape: ModelShape, s: Setting, tokens: int, rows: int, seq: int, linear_out: int, targets: set[str],
+    routed: bool = False,
 ) -> int:
     """Bytes a decoder layer keeps beyond its input under selective checkpointing: the outputs of the ops
     strategies/activation_checkpointing.py keeps. The seven projections; attention's output and log-sum-exp
     (eager: its probabilities @ values, and the T^2 scores unless they are a low-rank product, T >= 8 x
     head_dim); each adapter's A (rank r), and its B where that is no low-rank product (PEFT's linear; the
-    fused CPU one adds B into the base output, which keeps nothing more)."""
+    fused CPU one adds B into the base output, which keeps nothing more). A `routed` (MoE) layer keeps its
+    router's logits in place of the MLP's three: its experts' grouped matmuls are recomputed."""
     h, a, d, kv, i = shape.hidden, shape.heads, shape.head_dim, shape.kv_heads, shape.intermediate
     c = DTYPE_BYTES[s.compute_dtype]
     width = {"q_proj": a * d, "k_proj": kv * d, "v_proj": kv * d, "o_proj": h, "gate_proj": i, "up_proj": i,
              "down_proj": h}  # fmt: skip
-    per_token = linear_out * sum(width.values()) + c * a * d
+    if routed:
+        width = {name: w for name, w in width.items() if name not in MLP_TARGETS}
+        targets = targets - MLP_TARGETS
+    per_token = linear_out * sum(width.values()) + c * a * d + (c * shape.experts if routed else 0)
     per_token += 4 * a if s.attention != "eager" else 0
     if s.finetune != "full":
         per_token += c * sum(s.lora_r + (width[t] if s.lora_r * LOW_RANK > width[t] else 0) for t in targets)

@@ -151,7 +151,11 @@ class FinetuneSpec(Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the input of each LoRA adapter")
     target_modules: Literal["all-linear"] | list[str] = Field(
         "all-linear",
-        description="Modules that get adapters: all-linear (every linear layer but the output head) or names, e.g. [q_proj, v_proj]",
+        description=(
+            "Modules that get adapters: all-linear (every linear layer but the output head; on a mixture-of-experts "
+            "model also its routers and experts) or names, e.g. [q_proj, v_proj], where `experts` names the experts' "
+            "3D weights"
+        ),
     )
     modules_to_save: list[str] = Field(
         default_factory=list,

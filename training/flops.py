@@ -15,26 +15,33 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from strategies.footprint.counts import active_numel, routed_experts
 from training.env_hooks import PEAK_CACHE as PEAK_CACHE_VAR
 from training.kernels.cpu_gemm import onednn_available, onednn_linear
 
 
 def matmul_params(model: nn.Module) -> tuple[int, int]:
-    """(trainable, frozen) parameters that take part in matmuls: everything but the input embeddings,
-    whose lookup costs no FLOPs. Tied output embeddings still count once (the lm_head matmul)."""
+    """(trainable, frozen) parameters that take part in a token's matmuls: everything but the input
+    embeddings, whose lookup costs no FLOPs. Tied output embeddings still count once (the lm_head matmul).
+    A mixture of experts counts the experts a token is routed to: of each expert weight, experts_per_token
+    of every num_experts (the same rule as the planner's active parameters). A frozen weight that LoRA
+    adapts in place (PEFT's ParamWrapper on 3D expert weights: weight + B·A) gets a weight gradient in
+    every backward, so it counts as trainable."""
     embedding_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     output_ids = {id(p) for p in output.parameters()} if output is not None else set()
+    wrappers = [m for m in model.modules() if hasattr(m, "parameter_name") and hasattr(m, "get_param")]
+    adapted_ids = {id(m.get_param()) for m in wrappers}
+    experts, per_token = routed_experts(getattr(model, "config", None))
     trainable = frozen = 0
-    seen: set[int] = set()
-    for p in model.parameters():
-        if id(p) in seen or (id(p) in embedding_ids and id(p) not in output_ids):
+    for name, p in model.named_parameters():  # tied parameters once
+        if id(p) in embedding_ids and id(p) not in output_ids:
             continue
-        seen.add(id(p))
         quant_state = getattr(p, "quant_state", None)  # 4-bit weights are packed: count the logical shape
         # ZeRO-3 leaves an empty placeholder in the module and records the real size in ds_numel.
         numel = math.prod(quant_state.shape) if quant_state is not None else getattr(p, "ds_numel", p.numel())
-        if p.requires_grad:
+        numel = active_numel(name, numel, experts, per_token)
+        if p.requires_grad or id(p) in adapted_ids:
             trainable += numel
         else:
             frozen += numel

@@ -131,14 +131,27 @@ def compile_layers(model: nn.Module) -> int:
 
 def apply_lora(model: nn.Module, spec: JobSpec) -> nn.Module:
     """The PEFT model of finetune's LoRA settings over `model`, its adapters seeded by train.seed."""
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import get_peft_model
+
+    config = lora_config(spec, model)
+    torch.manual_seed(spec.train.seed)  # identical adapter init on every rank (FSDP2 does not broadcast)
+    peft_model = get_peft_model(model, config)
+    # PEFT's all-linear reaches an MoE model's routers and experts too, as parameters (not modules)
+    parameters = peft_model.peft_config[peft_model.active_adapter].target_parameters
+    if parameters:
+        log.info("LoRA on parameters (PEFT target_parameters): %s", ", ".join(sorted(parameters)))
+    return peft_model
+
+
+def lora_config(spec: JobSpec, model: nn.Module):
+    """finetune's LoRA settings as PEFT's LoraConfig for `model`: what apply_lora adapts, and what the planner
+    counts (launcher/shapes.py builds the same adapters on the meta device). target_modules names of the
+    experts or their 3D weights become PEFT's target_parameters (training/moe.py)."""
+    from peft import LoraConfig, TaskType
 
     ft = spec.finetune
-    # Names of experts modules or their 3D weights become PEFT's target_parameters (training/moe.py).
     target_modules, target_parameters = lora_targets(model, ft.target_modules)
-    if target_parameters:
-        log.info("LoRA on the experts' weights: %s", ", ".join(target_parameters))
-    config = LoraConfig(
+    return LoraConfig(
         # SEQ_CLS (reward models) also trains and saves the `score` head in full (PEFT adds it to modules_to_save).
         task_type=TaskType.SEQ_CLS if spec.method.kind == "reward" else TaskType.CAUSAL_LM,
         r=ft.r,
@@ -150,5 +163,3 @@ def apply_lora(model: nn.Module, spec: JobSpec) -> nn.Module:
         use_dora=ft.use_dora,
         use_rslora=ft.use_rslora,
     )
-    torch.manual_seed(spec.train.seed)  # identical adapter init on every rank (FSDP2 does not broadcast)
-    return get_peft_model(model, config)

@@ -15,6 +15,30 @@ NESTED_BLOCK = 256  # double quantisation: one fp32 absmax per 256 uint8 absmaxe
 # Selective checkpointing recomputes a matmul whose output is this many times wider than its contraction
 # (strategies/activation_checkpointing.py applies the rule; launcher/shapes.py counts what it keeps).
 LOW_RANK = 8
+# A mixture of experts: the config fields naming the experts of a layer (Mixtral's; Qwen2/3-MoE's and
+# OLMoE's; DeepSeek's routed ones), and the module that holds them in each MoE layer.
+EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
+EXPERTS_MODULE = "experts"
+
+
+def routed_experts(config) -> tuple[int, int]:
+    """(experts of a mixture-of-experts layer, experts each token is routed to) from a transformers
+    config; (0, 0) for a dense model."""
+    experts = next((int(n) for f in EXPERT_COUNT_FIELDS if (n := getattr(config, f, None))), 0)
+    per_token = int(getattr(config, "num_experts_per_tok", 0) or 0)
+    return (experts, per_token) if experts and per_token else (0, 0)
+
+
+def is_expert_weight(name: str) -> bool:
+    """Whether parameter `name` is the experts' (under a module named `experts`: transformers' 3D
+    [experts, out, in] tensors, a list of expert MLPs, or LoRA's adapters on them)."""
+    return EXPERTS_MODULE in name.split(".")[:-1]
+
+
+def active_numel(name: str, numel: int, experts: int, per_token: int) -> int:
+    """Elements of parameter `name` that a token passes through: of an expert weight per_token of every
+    `experts`, of any other all."""
+    return numel * per_token // experts if experts and is_expert_weight(name) else numel
 
 
 @dataclass(frozen=True)
@@ -52,7 +76,23 @@ class ParamCounts:
     num_attention_heads: int = 0
     num_key_value_heads: int = 0
     head_dim: int = 0
+    qk_norm: bool = False  # an RMSNorm on q and k in attention (Qwen3, OLMoE)
+    # A mixture of experts (0: dense): experts in each MoE layer, those a token is routed to, the width of
+    # one expert's MLP, the decoder layers that route (the others have a dense MLP of intermediate_size).
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
+    moe_layers: int = 0
+    adapted_experts: bool = False  # LoRA adapts the experts' 3D weights (PEFT's ParamWrapper: weight + B·A)
+    fp32_routing: bool = False  # the router's top-k weights stay fp32 in a compute-dtype model (Mixtral's)
+    # Parameters a token passes through (what FLOPs are counted over): the experts' at experts_per_token /
+    # num_experts, every other whole. 0: not counted (shape-only counts), read as total (active_params)
+    active: int = 0
     tensors: tuple[TensorInfo, ...] = field(default=(), repr=False)  # empty: aggregate counts only
+
+    @property
+    def active_params(self) -> int:
+        return self.active or self.total
 
     def to_dict(self) -> dict:
         out = asdict(self)

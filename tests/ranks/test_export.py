@@ -207,7 +207,7 @@ def test_moe_run_trains_its_experts_with_the_router_loss(moe_model, runs, tmp_pa
 
     log = (runs / "moe" / "logs" / "rank-0.log").read_text()
     assert "router load-balancing loss: coefficient 0.05 (model.router_aux_loss_coef)" in log
-    assert "LoRA on the experts' weights: experts.down_proj, experts.gate_up_proj" in log
+    assert "LoRA on parameters (PEFT target_parameters): experts.down_proj, experts.gate_up_proj" in log
     assert "zero3: 2 MoE blocks (MixtralSparseMoeBlock) are leaf modules" in log
     rows = [row for row in metrics(runs / "moe") if "loss" in row]
     assert len(rows) == 4 and all(1.0 < row["router_aux_loss"] < 4.0 for row in rows)  # ~top-k when balanced

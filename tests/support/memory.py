@@ -52,3 +52,24 @@ def saved_for_backward_bytes(model, x, seed: int = 0) -> int:
 
     torch.manual_seed(seed)
     return saved_storage_bytes(lambda: model(x.clone().requires_grad_(True)).sum(), model.parameters())
+
+
+def measured_peak(model, ids, mask, grads_allocated: bool = True, autocast: bool = False) -> int:
+    """Peak bytes the CPU allocator hands out during forward, loss and backward (by default with the grads
+    already allocated; else set to None, as the strategies' step leaves them)."""
+    import contextlib
+
+    import torch
+
+    def step():
+        context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with context:
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            loss = torch.nn.functional.cross_entropy(logits[0].float(), ids[0], reduction="sum")
+        del logits
+        loss.backward()
+
+    step()
+    # grads_allocated: gradients stay allocated, the profiled peak is activations only
+    model.zero_grad(set_to_none=not grads_allocated)
+    return max(allocated_during(step)[1])

@@ -140,6 +140,12 @@ def test_lora_target_names_are_checked_against_the_layers(tmp_path, capsys):
     )
     err = refused(tmp_path, moe, capsys, finetune={**LORA, "target_modules": ["experts"], "use_dora": True})
     assert "error: finetune.use_dora: PEFT has no DoRA for the experts' weights" in err
+    err = refused(tmp_path, moe, capsys, finetune={**LORA, "dropout": 0.1})  # all-linear reaches the experts
+    assert (
+        "error: finetune.dropout: 0.1 with LoRA on the experts: PEFT cannot apply dropout to them (all-linear "
+        "reaches the experts' 3D weights and the routers); set finetune.dropout: 0, or name only linear layers "
+        "in target_modules, e.g. [q_proj, k_proj, v_proj, o_proj]" in err
+    )
     assert plan(tmp_path, moe, capsys, finetune={**LORA, "target_modules": ["q_proj", "experts"]})[0] == 0
     assert plan(tmp_path, moe, capsys, finetune={**LORA, "target_modules": ["q_proj"], "dropout": 0.05})[0] == 0
 

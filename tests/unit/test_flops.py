@@ -38,6 +38,39 @@ def test_lora_frozen_weights_get_no_weight_gradient(model):
     assert train_flops_per_token(trainable, frozen, 2, 32, 0) == 6 * adapters + 4 * base_trainable
 
 
+def tiny_mixtral():
+    """2 layers, 32 wide: attention 3072 weights a layer, norms 64, a router of 4 x 32, 4 experts of
+    3 x 64 x 32 (gate-up and down), 2 of which a token is routed to; vocabulary 100."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           tie_word_embeddings=False)  # fmt: skip
+    return MixtralForCausalLM(config)
+
+
+def test_a_mixture_of_experts_counts_the_experts_a_token_is_routed_to():
+    """MFU on active FLOPs: of the experts' 2 x 24576 weights, 2 of 4 experts' (12288 a layer) count."""
+    model = tiny_mixtral()
+    total = sum(p.numel() for p in model.parameters())
+    assert total == 2 * 100 * 32 + 32 + 2 * (3072 + 64 + 128 + 24576)
+    assert matmul_params(model) == (total - 100 * 32 - 2 * 12288, 0)
+
+
+def test_lora_on_experts_gives_their_weights_a_gradient():
+    """PEFT's all-linear adapts the router and the 3D expert weights in place (weight + B·A): those get a
+    weight gradient every backward, so they count as trainable; attention's base weights, norms and the
+    head stay frozen (3072 + 64 a layer, 3200 + 32)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_mixtral(), LoraConfig(r=4, target_modules="all-linear"))
+    # adapters a layer: attention r(in + out) = 896; the router's 4 x (32 + 4) = 144; the experts' gate-up
+    # (rank 2r per expert: 32 x 32 + 128 x 32) and down (16 x 64 + 32 x 16), half of them routed: 3328
+    per_layer = 896 + 144 + 3328 + 128 + 12288
+    assert matmul_params(model) == (2 * per_layer, 3200 + 32 + 2 * (3072 + 64))
+
+
 def test_measured_peak_is_a_plausible_cpu_rate():
     peak = measured_peak_flops(torch.device("cpu"), torch.float32, seconds=0.05)
     assert 1e8 < peak < 1e13

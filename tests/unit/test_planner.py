@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.memory import measured_peak
 from support.planner_job import REPO, job
 
 from launcher.candidates import GIB, estimate
@@ -51,29 +52,6 @@ def test_zero_paper_numbers_for_llama3_8b_on_8_gpus(llama8b, strategy, gb):
 def activations(counts: ParamCounts, setting: Setting) -> int:
     """The activation model's peak: the larger of its two moments (at the loss, in the layers' backward)."""
     return max(activation_phases(counts, setting)[0])
-
-
-def measured_peak(
-    model, ids, mask, grads_allocated: bool = True, autocast: bool = False
-) -> int:
-    """Peak bytes the CPU allocator hands out during forward, loss and backward (by default with the grads
-    already allocated; else set to None, as the strategies' step leaves them)."""
-    import contextlib
-
-    from support.memory import allocated_during
-
-    def step():
-        context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-        with context:
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            loss = torch.nn.functional.cross_entropy(logits[0].float(), ids[0], reduction="sum")
-        del logits
-        loss.backward()
-
-    step()
-    # grads_allocated: gradients stay allocated, the profiled peak is activations only
-    model.zero_grad(set_to_none=not grads_allocated)
-    return max(allocated_during(step)[1])
 
 
 @pytest.mark.parametrize(

@@ -63,13 +63,15 @@ def load_tokenizer(tokenizer_path: str, trust_remote_code: bool):
     """The tokenizer at `tokenizer_path` (a directory or a hub id); a UserError when it does not load."""
     from transformers import AutoTokenizer
 
+    hint = "model.tokenizer: a directory (tokenizer.json or tokenizer_config.json in it) or hub id that holds one"
     try:
-        return AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise UserError(
-            f"cannot load the tokenizer {tokenizer_path!r}: {e}",
-            "model.tokenizer: a directory (tokenizer.json or tokenizer_config.json in it) or hub id that holds one",
-        ) from e
+        raise UserError(f"cannot load the tokenizer {tokenizer_path!r}: {e}", hint) from e
+    # transformers builds some tokenizers (Qwen2's) from a config.json alone, with no vocabulary
+    if not tokenizer("a b", add_special_tokens=False)["input_ids"]:
+        raise UserError(f"the tokenizer {tokenizer_path!r} has no vocabulary: it encodes text to no tokens", hint)
+    return tokenizer
 
 
 def cache_key(
