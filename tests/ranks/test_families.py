@@ -228,11 +228,7 @@ def two_ranks(model_dirs, saved, one_rank) -> list[dict]:
     return spawn(2, jobs_for(("fsdp", "zero3"), saved), model_dirs)
 
 
-def result(results: list[dict], name: str, rank: int = 0) -> dict:
-    value = results[rank][name]
-    if isinstance(value, dist_harness.RankError):
-        pytest.fail(repr(value), pytrace=False)
-    return value
+result = dist_harness.job_result
 
 
 # -- the tests ----------------------------------------------------------------------------------------

@@ -200,11 +200,7 @@ def one_rank_after(tiny_model_dir, checkpoint_root, two_ranks) -> list[dict]:
     return spawn(1, jobs, tiny_model_dir)
 
 
-def result(results: list[dict], name: str, rank: int = 0) -> dict:
-    value = results[rank][name]
-    if isinstance(value, dist_harness.RankError):
-        pytest.fail(repr(value), pytrace=False)
-    return value
+result = dist_harness.job_result
 
 
 # -- the tests (multi-process: they read the spawned runs' results) ----------------------------------

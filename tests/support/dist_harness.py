@@ -130,3 +130,14 @@ def unwrap(results: list[Any]) -> list[Any]:
     if errors:
         raise AssertionError("\n".join(map(repr, errors)))
     return results
+
+
+def job_result(results: list[dict], name: str, rank: int = 0) -> Any:
+    """Job `name`'s result on `rank` from a run_each spawn; the test fails with that rank's traceback if the
+    job raised there."""
+    import pytest
+
+    value = results[rank][name]
+    if isinstance(value, RankError):
+        pytest.fail(repr(value), pytrace=False)
+    return value
