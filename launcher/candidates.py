@@ -50,6 +50,7 @@ def setting_for(
         strategy=strategy,
         offload=offload,
         world_size=world,
+        sequence_parallel=spec.strategy.sequence_parallel,
         compute_dtype=compute,
         finetune=ft.type,
         micro_batch_size=mbs,

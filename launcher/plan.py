@@ -54,6 +54,9 @@ class Plan(BaseModel):
     nnodes: int
     nproc_per_node: int
     world_size: int
+    # strategy.sequence_parallel: each row split over groups of this many consecutive ranks (rank // degree
+    # is a rank's data-parallel group, rank % degree its chunk of the row)
+    sequence_parallel: int = 1
     strategy: str
     strategy_reason: str
     compute_dtype: Literal["bf16", "fp16", "fp32"]

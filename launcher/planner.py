@@ -85,14 +85,16 @@ def evaluate_candidate(spec: JobSpec, counts: ParamCounts, strategy: str, offloa
     `where`: world, device, compute (dtype) and usable (GPU bytes, None: unlimited)."""
     world, usable = where["world"], where["usable"]
 
+    data_ranks = world // spec.strategy.sequence_parallel
+
     def at(mbs: int):
-        accum = spec.train.global_batch_size // (mbs * world)
+        accum = spec.train.global_batch_size // (mbs * data_ranks)
         return estimate(
             counts, setting_for(spec, strategy, offload, world, where["device"], where["compute"], mbs, accum)
         )
 
     mbs, accum = resolve_micro_batch(
-        spec, world, None if usable is None else lambda m: at(m)[0].total <= usable
+        spec, data_ranks, None if usable is None else lambda m: at(m)[0].total <= usable
     )
     memory, notes = at(mbs)
     fits = usable is None or memory.total <= usable
@@ -129,7 +131,8 @@ def choose_strategy(
 def resolve_micro_batch(
     spec: JobSpec, world: int, fits: Callable[[int], bool] | None = None
 ) -> tuple[int, int]:
-    """(micro batch size, gradient accumulation steps) keeping the global batch.
+    """(micro batch size, gradient accumulation steps) keeping the global batch over `world` data-parallel
+    groups (ranks / strategy.sequence_parallel).
 
     auto: the largest power of two dividing global / ranks for which `fits(micro batch)`; with no memory
     limit to check (fits None), at most 8."""
@@ -138,7 +141,7 @@ def resolve_micro_batch(
         mbs = spec.train.micro_batch_size
         return mbs, gbs // (mbs * world)
     if gbs % world:
-        raise UserError(f"train.global_batch_size ({gbs}) must be divisible by the number of ranks ({world})")
+        raise UserError(f"train.global_batch_size ({gbs}) must be divisible by the number of data-parallel groups ({world})")
     per_rank = gbs // world
     options = [1 << k for k in range(per_rank.bit_length()) if per_rank % (1 << k) == 0]
     if fits is None:
@@ -313,6 +316,7 @@ def build_plan(
         nnodes=nnodes,
         nproc_per_node=nproc,
         world_size=world,
+        sequence_parallel=spec.strategy.sequence_parallel,
         strategy=strategy,
         strategy_reason=why,
         compute_dtype=compute,

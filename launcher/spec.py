@@ -28,7 +28,7 @@ from launcher.method_spec import (  # noqa: F401  (the method sections are part 
     SimPOMethod,
 )
 
-Checkpointing = Literal["none", "selective", "full"]
+Checkpointing = Literal["none", "selective", "full", "offload"]
 CHECKPOINTING: tuple[str, ...] = get_args(Checkpointing)  # from the least recompute to the most
 # Rules this module cannot state because they depend on what a strategy can run (strategies/job_rules.py,
 # which imports this contract module, not the other way round): `JobSpec.model_validate(raw,
@@ -75,7 +75,8 @@ class ModelSpec(Section):
             "Recompute activations in the backward pass. full: each decoder layer keeps only its input (least "
             "memory, about a third more compute); selective: it also keeps its matmul and attention outputs and "
             "recomputes only the cheap ops (norms, rotary, SiLU): about half the activations of none, no large "
-            "matmul run twice (on a CPU, torch's per-op bookkeeping makes it slower than full). "
+            "matmul run twice (on a CPU, torch's per-op bookkeeping makes it slower than full); offload: full, with "
+            "each layer's kept input moved to host memory until the backward needs it (GPU memory of long rows). "
             "true and false mean full and none"
         ),
     )
@@ -334,6 +335,16 @@ class StrategySpec(Section):
         True,
         description="fsdp: free gathered parameters after forward (less memory, one more all-gather in backward)",
     )
+    sequence_parallel: int = Field(
+        1,
+        ge=1,
+        description=(
+            "Split each row's tokens into this many contiguous chunks over a group of as many ranks (Ulysses: "
+            "an all-to-all from sequence shards to head shards around attention, and back), so a row too long "
+            "for one GPU's activations trains; data parallelism runs over ranks / sequence_parallel groups. "
+            "sft and pretrain, padding-free rows, attention sdpa"
+        ),
+    )
 
 
 class ResourcesSpec(Section):
@@ -497,10 +508,18 @@ class JobSpec(Section):
         add = problems.append
         train, world = self.train, self.world_size
         mbs, gbs = train.micro_batch_size, train.global_batch_size
-        if isinstance(mbs, int) and gbs % (mbs * world):
-            step = mbs * world
+        degree = self.strategy.sequence_parallel
+        if world % degree:
+            fits = [n for n in range(1, world + 1) if world % n == 0]
+            add(("strategy.sequence_parallel", f"{degree} does not divide the {world} ranks (resources.nodes x "
+                 f"gpus_per_node): a sequence is split over a group of that many ranks; try {one_of(fits)}"))
+            degree = 1
+        data_ranks = world // degree
+        if isinstance(mbs, int) and gbs % (mbs * data_ranks):
+            step = mbs * data_ranks
             options = " or ".join(str(n) for n in (gbs // step * step, (gbs // step + 1) * step) if n > 0)
-            why = f"train.micro_batch_size x ranks ({mbs} x {world} = {step})"
+            ranks = f"ranks ({mbs} x {world}" if degree == 1 else f"data-parallel groups, ranks / sequence_parallel ({mbs} x {data_ranks}"
+            why = f"train.micro_batch_size x {ranks} = {step})"
             add(("train.global_batch_size", f"{gbs} is not divisible by {why}; try {options}"))
         kind = self.method.kind
         reads = METHOD_FORMATS.get(kind, SUPERVISED_FORMATS)
@@ -545,6 +564,12 @@ class JobSpec(Section):
     @property
     def world_size(self) -> int:
         return self.resources.nodes * self.resources.gpus_per_node
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Ranks / strategy.sequence_parallel: the groups that each take their own rows of a step."""
+        degree = self.strategy.sequence_parallel
+        return self.world_size // degree if self.world_size % degree == 0 else self.world_size
 
 
 def one_of(names) -> str:

@@ -52,7 +52,7 @@ class StrategyOptions:
     offload_optimizer: bool = False
     offload_params: bool = False
     reshard_after_forward: bool = True  # FSDP2: free gathered params after forward (ZeRO-3 like)
-    gradient_checkpointing: str = "none"  # none | selective | full (strategies/activation_checkpointing.py)
+    gradient_checkpointing: str = "none"  # none | selective | full | offload (strategies/activation_checkpointing.py)
 
 
 class Strategy(ABC):

@@ -107,6 +107,7 @@ class Setting:
     strategy: str  # a registered strategy (strategies.registered_names())
     offload: str = "none"  # none | optimizer | params
     world_size: int = 1
+    sequence_parallel: int = 1  # ranks that split each row's tokens (strategy.sequence_parallel)
     rank: int = 0
     compute_dtype: str = "bf16"
     finetune: str = "full"  # full | lora | qlora
@@ -114,7 +115,7 @@ class Setting:
     grad_accum: int = 1
     max_length: int = 2048
     attention: str = "sdpa"
-    gradient_checkpointing: str = "none"  # none | selective | full
+    gradient_checkpointing: str = "none"  # none | selective | full | offload
     padding_free: bool = True
     packing: bool = False
     reshard_after_forward: bool = True

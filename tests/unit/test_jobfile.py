@@ -234,7 +234,7 @@ def test_the_cli_prints_one_message_and_exits_2(capsys: pytest.CaptureFixture[st
 def test_gradient_checkpointing_takes_a_mode_or_the_old_booleans(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     from launcher.cli import main
 
-    modes = {True: "full", False: "none", "selective": "selective", "none": "none", "full": "full"}
+    modes = {True: "full", False: "none", "selective": "selective", "none": "none", "full": "full", "offload": "offload"}
     for given, mode in modes.items():
         spec = load_job(GOOD / "minimal.yaml", [f"model.gradient_checkpointing={str(given).lower()}"])
         assert spec.model.gradient_checkpointing == mode
@@ -243,9 +243,9 @@ def test_gradient_checkpointing_takes_a_mode_or_the_old_booleans(tmp_path: Path,
     out, err = capsys.readouterr()
     assert out == "" and "Traceback" not in err
     assert err.splitlines()[1] == (
-        "  model.gradient_checkpointing: 'partial' is not one of: none, selective, full (line 3)"
+        "  model.gradient_checkpointing: 'partial' is not one of: none, selective, full, offload (line 3)"
     )
-    assert "'sellective' is not one of: none, selective, full; did you mean 'selective'?" in _error(
+    assert "'sellective' is not one of: none, selective, full, offload; did you mean 'selective'?" in _error(
         GOOD / "minimal.yaml", ["model.gradient_checkpointing=sellective"]
     )
 
