@@ -28,7 +28,8 @@ def check_family(spec: JobSpec, config, device: str, micro_batch_size: int) -> N
     model_class = _model_class(config, reward=spec.method.kind == "reward")
     name = model_class.__name__ if model_class else type(config).__name__.removesuffix("Config")
     several = spec.data.packing or spec.method.kind in PAIR_METHODS or (spec.data.padding_free and micro_batch_size > 1)
-    per_sample = attention == "sdpa" and device == "cpu" and spec.data.padding_free
+    # sequence parallelism runs every row through the per-sample kernel, on any device
+    per_sample = attention == "sdpa" and spec.data.padding_free and (device == "cpu" or spec.strategy.sequence_parallel > 1)
 
     softcap = getattr(text, "attn_logit_softcapping", None)
     if softcap is not None and attention == "sdpa":

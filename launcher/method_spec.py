@@ -218,3 +218,6 @@ PAIR_METHODS = frozenset(kind for kind, formats in METHOD_FORMATS.items() if "pr
 # The methods whose loss adds a mixture-of-experts model's router load-balancing loss
 # (training/methods/causal_lm.py); the others train an MoE model without it.
 ROUTER_LOSS_METHODS = ("sft", "pretrain")
+# The methods whose rows can be split over ranks (strategy.sequence_parallel): one causal sequence per row and a
+# loss summed over its label tokens, which each chunk adds its share of.
+SEQUENCE_PARALLEL_METHODS = ("sft", "pretrain")

@@ -25,6 +25,7 @@ from launcher.errors import UserError
 from launcher.family_rules import check_family
 from launcher.moe_rules import layer_problems
 from launcher.plan import DEFAULT_STOP_GRACE_S, Plan, collective_timeout_s
+from launcher.sequence_rules import kv_heads_note, sequence_problems
 from launcher.shapes import count_parameters, human_bytes, load_config
 from launcher.spec import CHECKPOINTING, JobSpec, mixing
 from strategies import candidate_order, capabilities
@@ -263,8 +264,11 @@ def build_plan(
     compute, storage = resolve_dtypes(spec, device)
     recount = counts is None
     if recount:  # LoRA targets and the router settings against the model's layers, before PEFT builds them
-        if problems := layer_problems(spec, load_config(spec)):
+        config = load_config(spec)
+        if problems := layer_problems(spec, config) + sequence_problems(spec, config):
             raise UserError("; ".join(f"{field}: {message}" for field, message in problems))
+        if note := kv_heads_note(spec, config):
+            notices.append(note)
     counts = counts or count_parameters(spec)
     capacity, source = gpu_capacity(spec, device)
     usable = usable_bytes(capacity) if capacity else None

@@ -13,6 +13,7 @@ from pydantic_core import PydanticCustomError
 
 from launcher.method_spec import (  # noqa: F401  (the method sections are part of this module's schema)
     METHOD_FORMATS,
+    SEQUENCE_PARALLEL_METHODS,
     SUPERVISED_FORMATS,
     DPOMethod,
     GenerationSpec,
@@ -515,6 +516,8 @@ class JobSpec(Section):
                  f"gpus_per_node): a sequence is split over a group of that many ranks; try {one_of(fits)}"))
             degree = 1
         data_ranks = world // degree
+        if degree > 1:
+            problems += sequence_parallel_rules(self)
         if isinstance(mbs, int) and gbs % (mbs * data_ranks):
             step = mbs * data_ranks
             options = " or ".join(str(n) for n in (gbs // step * step, (gbs // step + 1) * step) if n > 0)
@@ -570,6 +573,26 @@ class JobSpec(Section):
         """Ranks / strategy.sequence_parallel: the groups that each take their own rows of a step."""
         degree = self.strategy.sequence_parallel
         return self.world_size // degree if self.world_size % degree == 0 else self.world_size
+
+
+def sequence_parallel_rules(spec: JobSpec) -> list[tuple[str, str]]:
+    """What strategy.sequence_parallel > 1 needs of the rest of the job file (the model's heads are checked
+    against its config by launcher/sequence_rules.py)."""
+    problems, degree = [], spec.strategy.sequence_parallel
+    why = f"strategy.sequence_parallel {degree} splits each row's tokens over {degree} ranks"
+    if spec.method.kind not in SEQUENCE_PARALLEL_METHODS:
+        problems.append(("strategy.sequence_parallel", f"{degree}: method.kind {spec.method.kind} cannot split its rows "
+                         f"yet (sequence parallelism trains {one_of(SEQUENCE_PARALLEL_METHODS)}); set it to 1"))
+    if not spec.data.padding_free:
+        problems.append(("data.padding_free", f"false, but {why}, laid end to end as one padding-free row; "
+                         "set data.padding_free: true"))
+    if spec.model.attention != "sdpa":
+        problems.append(("model.attention", f"{spec.model.attention}, but {why}, and runs attention through sdpa on "
+                         "each rank's heads; set model.attention: sdpa"))
+    if spec.model.compile:
+        problems.append(("model.compile", f"true, but {why}, whose all-to-alls around attention are not compiled "
+                         "yet; set model.compile: false"))
+    return problems
 
 
 def one_of(names) -> str:
