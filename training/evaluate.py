@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ def shard_micro_batches(
     attention: str = "sdpa",
     pad_token_id: int = 0,
     row_offset: int = 0,
+    split_row: Callable[[MicroBatch], MicroBatch] | None = None,
 ) -> Iterator[tuple[MicroBatch, bool]]:
     """(micro-batch, real) for this rank over `rows`; every rank gets the same number of micro-batches.
 
@@ -52,7 +53,7 @@ def shard_micro_batches(
         records = [dict(zip(fetched, values, strict=True)) for values in zip(*fetched.values(), strict=True)]
         micro = collate(records, padding_free=padding_free, attention=attention, pad_token_id=pad_token_id)
         micro.row_ids = [r + row_offset for r in mine]
-        yield micro, real
+        yield (micro if split_row is None else split_row(micro)), real
 
 
 def dataset_counts(dataset) -> dict[str, int]:
@@ -84,9 +85,9 @@ def evaluate(strategy: Strategy, method, dataset, **batching) -> dict[str, float
             prepare = getattr(method, "prepare_evaluation", None)  # a method that needs the whole set first (KTO)
             if prepare is not None:
                 prepare(strategy, dataset, **batching)
-            for micro, real in shard_micro_batches(
-                dataset, range(len(dataset)), rank=env.rank, world_size=env.world_size, **batching
-            ):
+            # data-parallel rank and size: with sequence parallelism, the group's (training/worker.py)
+            ranks = {"rank": env.rank, "world_size": env.world_size, **batching}
+            for micro, real in shard_micro_batches(dataset, range(len(dataset)), **ranks):
                 heartbeat.beat()
                 out = run_forward(strategy, method, micro)
                 for name, value in {"loss": out.loss_sum, **out.metric_sums}.items():

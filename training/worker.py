@@ -34,7 +34,7 @@ from strategies import create_strategy
 from strategies.base import DistEnv, StrategyOptions
 from training import checkpoint, heartbeat, kernels
 from training.env_hooks import PROBE_LOGITS
-from training.kernels.attention import collate_attention
+from training.kernels.attention import PER_SAMPLE_SDPA, collate_attention
 from training.kernels.cpu_gemm import current_engine
 from training.loop import LoopConfig, lr_lambda, run_steps
 from training.methods import create_method
@@ -171,6 +171,23 @@ def rollout_steps(plan: Plan, strategy, loss, dataset, tokenizer, run_dir: Path,
     )
 
 
+def row_split(plan: Plan, env: DistEnv, pad_token_id: int) -> dict:
+    """Which rows this rank takes (its data-parallel rank and the number of such groups) and, with sequence
+    parallelism (training/kernels/sequence_parallel.py), how its group's micro-batches are cut to its chunk.
+    Every rank calls it: the groups are made by a collective."""
+    from functools import partial
+
+    from training.data.sequence_chunks import chunk_micro_batch
+    from training.kernels.sequence_parallel import sequence_group
+
+    group = sequence_group(plan.sequence_parallel, env.rank, env.world_size)
+    return {
+        "rank": group.data_rank(env.rank),
+        "world_size": env.world_size // group.degree,
+        "split_row": partial(chunk_micro_batch, group=group, pad_token_id=pad_token_id) if group.splits else None,
+    }
+
+
 def flops_figures(strategy, dataset, compute_dtype: torch.dtype) -> dict:
     """FLOPs per token of this model on this data, this rank's measured matmul peak (for MFU), and how
     to drop that peak from the cache where MFU shows it wrong."""
@@ -233,13 +250,17 @@ def main(run_dir: str) -> int:
     dataset = load_prepared(Path(plan.data_cache))
     eval_dataset = load_prepared_eval(Path(plan.data_cache))
     attention = collate_attention(spec.model.attention, env.device)
+    rows = row_split(plan, env, tokenizer.pad_token_id or 0)
+    if rows["split_row"] is not None:
+        attention = PER_SAMPLE_SDPA  # segments, not a mask: the whole row's samples travel with each chunk
+        notice(console, f"sequence parallelism: each row split over {plan.sequence_parallel} ranks "
+               f"(all-to-all around attention), {rows['world_size']} data-parallel group(s)")
     batches = None if spec.method.kind == "grpo" else step_batches(
         dataset,
         global_batch_size=plan.global_batch_size,
         micro_batch_size=plan.micro_batch_size,
         grad_accum=plan.grad_accum,
-        rank=env.rank,
-        world_size=env.world_size,
+        **rows,
         seed=spec.train.seed,
         shuffle=spec.data.shuffle,
         padding_free=spec.data.padding_free,
@@ -290,7 +311,7 @@ def main(run_dir: str) -> int:
             cfg.evaluate = Evaluator(
                 strategy, method, eval_dataset, spec.train.eval_every, spec.train.max_steps,
                 micro_batch_size=plan.micro_batch_size, padding_free=spec.data.padding_free,
-                attention=attention, pad_token_id=tokenizer.pad_token_id or 0, row_offset=len(dataset),
+                attention=attention, pad_token_id=tokenizer.pad_token_id or 0, row_offset=len(dataset), **rows,
             )
         heartbeat.beat()
         last = run_steps(cfg, strategy, method, batches, start_step, run_dir, console, trackers, state)

@@ -9,7 +9,7 @@ repeats. Either way a step's rows depend on the step number alone: resuming at s
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import cached_property
@@ -190,8 +190,12 @@ def step_batches(
     start_step: int = 0,
     pad_token_id: int = 0,
     mix: Mix | None = None,
+    split_row: Callable[[MicroBatch], MicroBatch] | None = None,
 ) -> Iterator[StepBatch]:
     """This rank's StepBatch for steps start_step, start_step + 1, ... over endless epochs.
+
+    rank and world_size are data-parallel: with sequence parallelism, the group's, and `split_row` cuts each of
+    its micro-batches to this rank's share of the row (training/data/sequence_chunks.py).
 
     Global batch k is rows order[e][j*G:(j+1)*G] (e, j = divmod(k, rows // G)) whatever the world size
     and accumulation, or with a `mix` its draws k*G..(k+1)*G (`Mix.step_rows`); the global counts come
@@ -236,6 +240,8 @@ def step_batches(
         ]
         for micro, slot in zip(micro_batches, mine, strict=True):
             micro.row_ids = slot
+        if split_row is not None:
+            micro_batches = [split_row(micro) for micro in micro_batches]
         yield StepBatch(
             micro_batches=micro_batches,
             global_label_tokens=int(label_counts[members].sum()),

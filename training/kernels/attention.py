@@ -136,6 +136,8 @@ def sdpa_per_sample_forward(
 
     segments: PackedSegments | None = kwargs.pop(SEGMENTS_KWARG, None)
     window = kwargs.get("sliding_window")  # the layer's: None for a full-attention layer
+    if getattr(segments, "group", None) is not None:  # a chunk of a row split over ranks (sequence_parallel.py)
+        return _sharded_forward(module, query, key, value, segments, dropout, scaling, is_causal, window, kwargs)
     if segments is None and attention_mask is None and window is not None and query.shape[2] > window:
         # An unpadded row longer than the window, for which _per_sample_mask made no mask: the band is the
         # mask transformers' own sdpa path would have built for this sliding layer.
@@ -155,6 +157,27 @@ def sdpa_per_sample_forward(
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     return _eager_per_sample_sdpa()(query, key, value, segments, dropout, scaling, window), None
+
+
+def _sharded_forward(module, query, key, value, segments, dropout, scaling, is_causal, window, kwargs):
+    """Sequence parallelism's attention: this rank's chunk of the queries over the whole row, per sample."""
+    from training.kernels.sequence_parallel import sharded_attention
+
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    dense = [name for name in _DENSE_ONLY if kwargs.get(name) is not None]
+    if not causal or dense:
+        what = "non-causal attention" if not causal else f"attention with {', '.join(dense)}"
+        raise ValueError(f"sequence parallelism runs causal attention per sample, not {what}")
+
+    def attend(q, k, v, whole):
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1:
+            from transformers.integrations.sdpa_attention import repeat_kv
+
+            k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+        return _eager_per_sample_sdpa()(q, k, v, whole, dropout, scaling, window)
+
+    return sharded_attention(query, key, value, segments, attend), None
 
 
 def _per_sample_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
