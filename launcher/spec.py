@@ -513,7 +513,7 @@ class JobSpec(Section):
         if world % degree:
             fits = [n for n in range(1, world + 1) if world % n == 0]
             add(("strategy.sequence_parallel", f"{degree} does not divide the {world} ranks (resources.nodes x "
-                 f"gpus_per_node): a sequence is split over a group of that many ranks; try {one_of(fits)}"))
+                 f"gpus_per_node): a sequence is split over a group of that many ranks; try {one_of(map(str, fits))}"))
             degree = 1
         data_ranks = world // degree
         if degree > 1:

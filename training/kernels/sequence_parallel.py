@@ -18,6 +18,15 @@ already averages gradients over all ranks, which sums each rank's share of the r
 
 Key and value heads that do not divide among the ranks are repeated to the query heads first (the job's plan
 says so: launcher/sequence_rules.py); the query heads must divide.
+
+Why not DeepSpeed's own (deepspeed.runtime.sequence_parallel.ulysses_sp, UlyssesSPAttentionHF, 0.18): one code
+path for every strategy, and rows of several samples. DeepSpeed's hands the gathered row to the core attention
+with the row's position ids and no segments; its sdpa core then runs causal over the whole row, so packed
+samples attend to each other (only flash-attn's varlen kernel splits on position ids, and its flex path
+hard-codes a causal mask without windows). It also wants its own process groups (mpu) in
+deepspeed.initialize, which moves the gradient reduction off the strategies' world, and its data loader
+adapter, which would replace the world-size invariant sampler. Here the exchange is two all_to_all_single
+calls, the same under ddp, fsdp and zero1-3.
 """
 
 from __future__ import annotations
