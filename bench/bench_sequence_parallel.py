@@ -96,7 +96,7 @@ def rank_main(rank: int, args, out_dir: str) -> None:
             continue
         step(micro)  # gradients allocated, as after the first micro-step of a run
         model.zero_grad(set_to_none=False)
-        loss, allocated = allocated_during(lambda: step(micro))
+        loss, allocated = allocated_during(lambda micro=micro: step(micro))
         model.zero_grad(set_to_none=False)
         if arm == "split":
             total = torch.tensor([loss], dtype=torch.float64)
