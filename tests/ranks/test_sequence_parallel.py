@@ -33,6 +33,7 @@ class Job:
     strategy: str
     finetune: str  # full | lora
     sequence_parallel: int
+    checkpointing: str = "none"  # model.gradient_checkpointing: the recompute runs the all-to-alls again
 
 
 def rows_of(vocab: int, seed: int, count: int) -> list[dict]:
@@ -83,7 +84,7 @@ def run_job(env, job: Job, model_dirs: dict[str, str]) -> dict:
     data_ranks = split["world_size"]
     accum = GLOBAL_BATCH // data_ranks
     options = StrategyOptions(compute_dtype=torch.float32, micro_batch_size=1, gradient_accumulation_steps=accum,
-                              max_grad_norm=1.0)
+                              max_grad_norm=1.0, gradient_checkpointing=job.checkpointing)
     strategy = create_strategy(job.strategy, options, env)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dirs[job.family], dtype=torch.float32,
@@ -160,6 +161,7 @@ def run_jobs(env, jobs: dict[str, Job], model_dirs: dict[str, str]) -> dict:
 CASES = [
     ("llama", "fsdp", "full"), ("llama", "fsdp", "lora"), ("llama", "zero3", "full"), ("llama", "zero3", "lora"),
     ("llama", "ddp", "full"), ("llama-kv1", "fsdp", "full"), ("gemma3", "fsdp", "lora"),
+    ("llama", "zero3", "full", "full"),  # checkpointed layers: the recompute exchanges again in the backward
 ]
 
 
@@ -173,7 +175,7 @@ def results(tmp_path_factory) -> list[dict]:
         "llama-kv1": str(build_tiny_model(root / "llama-kv1", "llama", vocab_size=320, num_kv_heads=1)),
         "gemma3": str(build_tiny_model(root / "gemma3", "gemma3", vocab_size=320)),
     }
-    jobs = {f"{f}-{s}-{t}-sp{n}": Job(f, s, t, n) for f, s, t in CASES for n in (1, 2)}
+    jobs = {f"{'-'.join(case)}-sp{n}": Job(*case[:3], n, *case[3:]) for case in CASES for n in (1, 2)}
     return dist_harness.unwrap(dist_harness.run(run_jobs, 2, jobs, dirs, timeout=900))
 
 
