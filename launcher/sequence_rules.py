@@ -9,7 +9,7 @@ function of the whole row's routing, which a chunk does not see (not built yet).
 
 from __future__ import annotations
 
-from launcher.spec import JobSpec
+from launcher.spec import JobSpec, one_of
 
 
 def sequence_problems(spec: JobSpec, config, degree: int | None = None) -> list[tuple[str, str]]:
@@ -25,7 +25,7 @@ def sequence_problems(spec: JobSpec, config, degree: int | None = None) -> list[
     problems = []
     if heads % degree:
         fits = [n for n in range(2, heads + 1) if heads % n == 0 and spec.world_size % n == 0]
-        fix = f"use {' or '.join(map(str, fits[:4]))}" if fits else "set it to 1"
+        fix = f"use {one_of(map(str, fits[:4]))}" if fits else "set it to 1"
         problems.append(("strategy.sequence_parallel", f"{degree}, but the model's {heads} attention heads do not "
                          f"divide among {degree} ranks (each rank attends with a share of the heads); {fix}"))
     if config_is_moe(config):

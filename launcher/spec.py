@@ -568,12 +568,6 @@ class JobSpec(Section):
     def world_size(self) -> int:
         return self.resources.nodes * self.resources.gpus_per_node
 
-    @property
-    def data_parallel_size(self) -> int:
-        """Ranks / strategy.sequence_parallel: the groups that each take their own rows of a step."""
-        degree = self.strategy.sequence_parallel
-        return self.world_size // degree if self.world_size % degree == 0 else self.world_size
-
 
 def sequence_parallel_rules(spec: JobSpec) -> list[tuple[str, str]]:
     """What strategy.sequence_parallel > 1 needs of the rest of the job file (the model's heads are checked

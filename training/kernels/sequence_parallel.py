@@ -147,5 +147,4 @@ def sharded_attention(query, key, value, segments: ShardedSegments, attend):
 
         key, value = repeat_kv(key, heads // kv_heads), repeat_kv(value, heads // kv_heads)
     q, k, v = (heads_to_ranks(x, group) for x in (query, key, value))
-    whole = PackedSegments(segments.lengths)
-    return tokens_to_ranks(attend(q, k, v, whole), group)
+    return tokens_to_ranks(attend(q, k, v, segments), group)  # segments: the whole row's samples, grouped once
