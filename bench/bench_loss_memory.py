@@ -26,7 +26,7 @@ def build(vocab: int, hidden: int, layers: int):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from training.kernels.fused_loss import fuse_frozen_head_loss
+    from training.kernels.fused_loss import fuse_head_loss
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
@@ -35,7 +35,7 @@ def build(vocab: int, hidden: int, layers: int):
     base.config._attn_implementation = "sdpa"
     plain = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")).train()
     fused = copy.deepcopy(plain)
-    assert fuse_frozen_head_loss(fused)
+    assert fuse_head_loss(fused)
     return plain, fused
 
 
