@@ -128,8 +128,14 @@ class _HeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
-        scaled = [None if g is None else g * grad_total.to(g.dtype) for g in ctx.saved_tensors]
-        return *scaled, None, None, None, None
+        # Scaled in place: a copy would hold a second weight-sized gradient (2 GiB for a 128k x 4096 head in
+        # fp32) while autograd hands this one on. A second backward through the same graph (retain_graph)
+        # then fails torch's check on a modified saved tensor, instead of scaling twice.
+        grads = ctx.saved_tensors
+        for g in grads:
+            if g is not None:
+                g.mul_(grad_total.to(g.dtype))
+        return *grads, None, None, None, None
 
 
 def head_loss_sum(
