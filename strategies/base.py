@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from strategies.activation_checkpointing import checkpoint_kwargs
+from strategies.activation_checkpointing import checkpoint_kwargs, offload_checkpointed_inputs
 
 OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
 """Builds the optimizer from parameters (or param groups) *after* the strategy has wrapped the model."""
@@ -245,8 +245,8 @@ def upcast_trainable_to_fp32(model: nn.Module) -> None:
 
 
 def enable_gradient_checkpointing(model: nn.Module, mode: str) -> None:
-    """Activation checkpointing of every decoder layer of a transformers (or PEFT) model, `full` or
-    `selective` (strategies/activation_checkpointing.py); idempotent.
+    """Activation checkpointing of every decoder layer of a transformers (or PEFT) model, `full`,
+    `selective` or `offload` (strategies/activation_checkpointing.py); idempotent.
 
     Checkpointing is non-reentrant, so a layer whose input needs no gradient (LoRA over frozen embeddings,
     QLoRA) still gives its adapters theirs; transformers also hooks the embeddings to make their output
@@ -255,6 +255,8 @@ def enable_gradient_checkpointing(model: nn.Module, mode: str) -> None:
     if enable is None:
         raise TypeError(f"{type(model).__name__} has no gradient_checkpointing_enable()")
     enable(gradient_checkpointing_kwargs=checkpoint_kwargs(mode))
+    if mode == "offload" and not offload_checkpointed_inputs(model):
+        raise TypeError(f"{type(model).__name__} has no checkpointed layers whose inputs could be offloaded")
 
 
 def decoder_layer_classes(model: nn.Module) -> tuple[type, ...]:

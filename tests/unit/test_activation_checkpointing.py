@@ -1,5 +1,7 @@
 """Selective activation checkpointing (strategies/activation_checkpointing.py): the loss and gradients of no
-checkpointing, and less kept for the backward than without, more than with full checkpointing.
+checkpointing, and less kept for the backward than without, more than with full checkpointing. Offload: full's
+loss and gradients exactly, with each decoder layer's kept input, and nothing else, handed to the hooks that
+move it to host memory.
 
 The models are built as a rank builds them (training/model.py), with what the worker adds on a CPU: the
 fused LoRA linear (oneDNN's matmuls too, where available) and the pruned last layer, which calls the
@@ -19,6 +21,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from launcher import shapes as memory
 from launcher.spec import JobSpec
+from strategies import activation_checkpointing
 from strategies.activation_checkpointing import LOW_RANK, MODES, SelectivePolicy, checkpoint_kwargs
 from strategies.base import DistEnv, StrategyOptions
 from strategies.single import SingleStrategy
@@ -108,6 +111,52 @@ def held_for_backward(model: torch.nn.Module) -> int:
 def test_selective_keeps_less_than_none_and_more_than_full(tiny_model, variant):
     held = {mode: held_for_backward(build(tiny_model, variant, mode)) for mode in MODES}
     assert held["none"] > held["selective"] > held["full"] > 0, held
+    assert held["offload"] == held["full"], held  # on a CPU the inputs already are in host memory: kept as they are
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_offload_gives_exactly_the_loss_and_gradients_of_full(tiny_model, variant):
+    want_loss, want = loss_and_grads(build(tiny_model, variant, "full"))
+    loss, grads = loss_and_grads(build(tiny_model, variant, "offload"))
+    assert torch.equal(loss, want_loss) and grads.keys() == want.keys()
+    for name, grad in grads.items():
+        assert torch.equal(grad, want[name]), name
+
+
+@pytest.mark.parametrize("variant", ["full", "lora"])
+def test_offload_hands_each_layer_input_and_nothing_else_to_the_host(tiny_model, variant, monkeypatch):
+    """The hooks around each checkpoint see one tensor in the forward, the layer's input [1, tokens, hidden]
+    (the pruned last layer's too), and give it back once for the recompute; the layer's own saved tensors
+    stay under the checkpoint's hooks. On this CPU-only machine nothing moves (the tensor stays where it is):
+    what device memory this frees is a GPU's figure."""
+    packed, unpacked = [], []
+
+    real_to_host, real_from_host = activation_checkpointing.to_host, activation_checkpointing.from_host
+    monkeypatch.setattr(activation_checkpointing, "to_host", lambda t: (packed.append(t), real_to_host(t))[1])
+    monkeypatch.setattr(activation_checkpointing, "from_host", lambda p: (unpacked.append(p), real_from_host(p))[1])
+    model = build(tiny_model, variant, "offload")
+    config = model.config
+    micro = batch()
+    tokens = micro.model_inputs()["input_ids"].shape[1]
+    loss = CausalLMLoss()(model, micro).loss_sum
+    assert [tuple(t.shape) for t in packed] == [(1, tokens, config.hidden_size)] * config.num_hidden_layers
+    assert all(t.requires_grad for t in packed)  # hidden states, not a mask or position ids
+    assert unpacked == []
+    loss.backward()
+    assert len(unpacked) == config.num_hidden_layers
+    assert [t is p[1] for t, p in zip(packed, reversed(unpacked), strict=True)] == [True] * len(packed)
+
+
+def test_offload_is_installed_once_and_keeps_a_cpu_tensor_where_it_is(tiny_model):
+    model = build(tiny_model, "full", "offload")
+    SingleStrategy(StrategyOptions(gradient_checkpointing="offload"), DistEnv()).prepare_model(model)  # again
+    functions = {id(m._gradient_checkpointing_func) for m in model.modules() if hasattr(m, "_gradient_checkpointing_func")}
+    assert len(functions) == 1
+    function = next(m._gradient_checkpointing_func for m in model.modules() if hasattr(m, "_gradient_checkpointing_func"))
+    assert function.offloads_inputs and not getattr(function.__wrapped__, "offloads_inputs", False)
+    x = torch.ones(2, 3)
+    device, kept = activation_checkpointing.to_host(x)
+    assert device is None and kept is x and activation_checkpointing.from_host((device, kept)) is x
 
 
 def test_the_policy_keeps_full_rank_matmuls_and_in_place_writes_into_them():

@@ -32,7 +32,7 @@ from strategies.single import SingleStrategy
 from training.data.cache import load_prepared
 from training.data.prepare import prepare_dataset
 from training.data.sampler import step_batches
-from training.kernels.fused_loss import fuse_frozen_head_loss
+from training.kernels.fused_loss import fuse_head_loss
 from training.kernels.last_layer import prune_last_layer
 from training.loop import LoopConfig, run_steps
 from training.methods import create_method
@@ -170,7 +170,7 @@ def test_no_host_device_sync_in_a_step_that_does_not_log(case, tiny_model, tmp_p
     strategy.setup(model, lambda params: torch.optim.AdamW(params, lr=1e-3),
                    lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
     prune_last_layer(strategy.model)  # as the worker does (SFT only; a no-op otherwise)
-    fuse_frozen_head_loss(strategy.model)  # as the worker does (LoRA)
+    fuse_head_loss(strategy.model)  # as the worker does (SFT, pretraining)
     reference = None
     if spec.method.kind == "dpo":
         reference = (AdapterDisabledReference(strategy.model) if spec.finetune.type == "lora"

@@ -85,7 +85,8 @@ def test_every_kernel_at_once_keeps_the_plain_loss_and_gradients(family, onednn,
 
 def test_the_strategy_and_compile_decide_which_kernels_apply(caplog):
     """ZeRO-3 gathers weights in module hooks: no kernel. Compiled layers: the fused loss only. A full
-    fine-tune trains its head and has no LoRA linears: the pruned last layer only (on aten). Each says why."""
+    fine-tune has no LoRA linears: the fused loss (its head trained) and the pruned last layer (on aten). Each
+    says why."""
 
     def skipped() -> list[str]:
         lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kernel ")]
@@ -107,10 +108,8 @@ def test_the_strategy_and_compile_decide_which_kernels_apply(caplog):
         ]
         full = tiny_llama(layers=2)
         with engine_scope("aten"):
-            assert apply(full, strategy("ddp"), compiled=False) == ["last_layer"]
+            assert apply(full, strategy("ddp"), compiled=False) == ["fused_loss", "last_layer"]
         assert skipped() == [
-            "kernel fused_loss not applied to LlamaForCausalLM: its output projection is trained (full "
-            "fine-tuning), which needs the logits",
             "kernel lora_fused not applied to LlamaForCausalLM: it has no plain LoRA linear layers (full "
             "fine-tuning, QLoRA)",
         ]

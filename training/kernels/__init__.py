@@ -32,11 +32,11 @@ def apply(model: nn.Module, strategy: Strategy, *, compiled: bool) -> list[str]:
     None where the strategy gathers parameters in module hooks (ZeRO-3): each kernel reads a weight
     without calling the module that owns it. Under torch.compile only the fused loss (the compiler
     fuses and picks kernels for the layers itself). Each kernel checks the model it is given and
-    leaves alone what it does not cover (full fine-tuning has no LoRA linears and a trained head, a
-    model family's layers may not be the ones a kernel reproduces); each kernel not applied is one line
+    leaves alone what it does not cover (full fine-tuning has no LoRA linears, a model family's layers
+    may not be the ones a kernel reproduces); each kernel not applied is one line
     on the rank log saying why (`skipped`)."""
     from training.kernels.cpu_gemm import current_engine, use_onednn_linears
-    from training.kernels.fused_loss import fuse_frozen_head_loss
+    from training.kernels.fused_loss import fuse_head_loss
     from training.kernels.last_layer import prune_last_layer
     from training.kernels.lora_fused import fuse_lora_linears
 
@@ -46,8 +46,8 @@ def apply(model: nn.Module, strategy: Strategy, *, compiled: bool) -> list[str]:
         why = "the strategy gathers each weight in its module's hooks, and the kernels read weights directly"
         skipped("fused_loss, lora_fused, last_layer", target, why)
         return applied
-    # no full logits for the loss where the output projection is frozen (LoRA, QLoRA: SFT, pretraining)
-    if fuse_frozen_head_loss(model):
+    # no full logits for the loss, the output projection frozen (LoRA, QLoRA) or trained (full): SFT, pretraining
+    if fuse_head_loss(model):
         applied.append("fused_loss")
     if compiled:
         skipped("lora_fused, last_layer", target, "model.compile compiles the layers, and fuses them itself")

@@ -6,7 +6,7 @@ from torch import nn
 
 from training.data.packing import IGNORE_INDEX
 from training.kernels.fused_loss import LABELS as FUSED_LABELS
-from training.kernels.fused_loss import fuses_frozen_head_loss
+from training.kernels.fused_loss import fuses_head_loss
 from training.kernels.last_layer import label_positions_kwargs, prunes_last_layer
 from training.methods.base import LossOutput, PerModel, label_columns, takes_logits_to_keep, token_loss_sum
 from training.moe import RouterLoss, router_aux_coefficient, router_loss
@@ -19,8 +19,9 @@ class CausalLMLoss:
     completions only, most positions are prompt, and the vocab projection and its backward there are
     pure waste (measured on the CPU bench job: 80% of positions, 10% of the step). The loss is the same
     sum over the same tokens. The positions come from the collator, found on the host (label_columns).
-    Where the output projection is frozen (LoRA, QLoRA) the model computes the loss itself, in chunks that
-    never hold the logits of every position at once (training/kernels/fused_loss.py).
+    Where the fused loss applies (a supported family's plain lm_head, frozen or trained) the model computes
+    the loss itself, in chunks that never hold the logits of every position at once
+    (training/kernels/fused_loss.py).
     A mixture-of-experts model adds its router's load-balancing loss times its coefficient (the model
     config's router_aux_loss_coef, or model.router_aux_loss_coef), logged as `router_aux_loss`.
     """
@@ -60,5 +61,5 @@ class CausalLMLoss:
 def features(model: nn.Module) -> tuple[bool, bool, bool, RouterLoss | None]:
     """(its forward takes logits_to_keep, its last layer is pruned, it computes the fused loss, its routers'
     load-balancing loss: None for a model without routed experts)."""
-    fused = fuses_frozen_head_loss(model)
+    fused = fuses_head_loss(model)
     return takes_logits_to_keep(model), prunes_last_layer(model), fused, None if fused else router_loss(model)
