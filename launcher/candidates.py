@@ -6,7 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launcher.shapes import activation_phases, decode_logits_bytes, kv_cache_bytes, reward_model_parameters
+from launcher.shapes import (
+    activation_phases,
+    decode_logits_bytes,
+    kv_cache_bytes,
+    offloaded_activations,
+    reward_model_parameters,
+)
 from launcher.spec import JobSpec
 from strategies import footprint
 from strategies.footprint.counts import DTYPE_BYTES, MemoryEstimate, ParamCounts, Setting, tensors_of
@@ -72,6 +78,7 @@ def setting_for(
         generation_rows=mbs * accum if grpo else 0,  # global_batch_size / world: one generation batch
         frozen_copy=grpo and method.beta > 0 and ft.type == "full",  # LoRA's reference: the adapter off
         held_model_bytes=DTYPE_BYTES[compute] * sum(reward_model_parameters(spec)) if grpo else 0,
+        kernels=True,
     )
 
 
@@ -96,7 +103,7 @@ def estimate(counts: ParamCounts, s: Setting) -> tuple[MemoryEstimate, list[str]
         optimizer=state["optimizer"],
         buffers=buffers,
         activations=max(act_loss, act_layers),
-        offloaded=state["offloaded"],
+        offloaded=state["offloaded"] + offloaded_activations(counts, s),
         step=held + step_extra,
         backward=backward,
         frozen_models=frozen,
@@ -170,13 +177,15 @@ class Candidate:
     memory: MemoryEstimate
     fits: bool
     notes: tuple[str, ...] = ()
+    sequence_parallel: int = 1  # ranks each row is split over
+    all_to_all_bytes: int = 0  # sent by one rank per optimizer step in sequence parallelism's all-to-alls
 
     @property
     def label(self) -> str:
         return candidate_label(self.strategy, self.offload)
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "strategy": self.strategy,
             "offload": self.offload,
             "micro_batch_size": self.micro_batch_size,
@@ -184,6 +193,9 @@ class Candidate:
             "bytes_per_rank": self.memory.to_dict(),
             "fits": self.fits,
         }
+        if self.sequence_parallel > 1:
+            out.update(sequence_parallel=self.sequence_parallel, all_to_all_bytes_per_step=self.all_to_all_bytes)
+        return out
 
 
 def candidate_label(strategy: str, offload: str) -> str:

@@ -26,8 +26,14 @@ from launcher.family_rules import check_family
 from launcher.moe_rules import layer_problems
 from launcher.plan import DEFAULT_STOP_GRACE_S, Plan, collective_timeout_s
 from launcher.sequence_rules import kv_heads_note, sequence_problems
-from launcher.shapes import count_parameters, human_bytes, load_config
-from launcher.spec import CHECKPOINTING, JobSpec, mixing
+from launcher.shapes import (
+    all_to_all_bytes,
+    count_parameters,
+    human_bytes,
+    load_config,
+    offloaded_activations,
+)
+from launcher.spec import CHECKPOINTING, JobSpec, mixing, sequence_parallel_rules
 from strategies import candidate_order, capabilities
 from strategies.footprint.counts import MemoryEstimate, ParamCounts
 from strategies.job_rules import job_problems, ranks_problem
@@ -99,7 +105,26 @@ def evaluate_candidate(spec: JobSpec, counts: ParamCounts, strategy: str, offloa
     )
     memory, notes = at(mbs)
     fits = usable is None or memory.total <= usable
-    return Candidate(strategy, offload, mbs, accum, memory, fits, tuple(notes))
+    setting = setting_for(spec, strategy, offload, world, where["device"], where["compute"], mbs, accum)
+    degree = spec.strategy.sequence_parallel
+    return Candidate(strategy, offload, mbs, accum, memory, fits, tuple(notes), degree, all_to_all_bytes(counts, setting))
+
+
+def sequence_parallel_degrees(spec: JobSpec, config) -> list[int]:
+    """The strategy.sequence_parallel degrees above the job's that it may run with, smallest first: divisors of the
+    world size that the model (sequence_problems), the rest of the job file (sequence_parallel_rules) and the global
+    batch (micro batch x data-parallel groups) allow. None without the model's config."""
+    if config is None:
+        return []
+    world, gbs, mbs = spec.world_size, spec.train.global_batch_size, spec.train.micro_batch_size
+    degrees = []
+    for degree in range(spec.strategy.sequence_parallel + 1, world + 1):
+        if world % degree or gbs % ((mbs if isinstance(mbs, int) else 1) * (world // degree)):
+            continue
+        variant = spec_with(spec, strategy={"sequence_parallel": degree})
+        if not sequence_parallel_rules(variant) and not sequence_problems(variant, config, degree):
+            degrees.append(degree)
+    return degrees
 
 
 def choose_strategy(
@@ -158,10 +183,12 @@ def spec_with(spec: JobSpec, **sections: dict) -> JobSpec:
 
 
 def no_fit_error(
-    spec: JobSpec, counts: ParamCounts, candidates: list[Candidate], capacity: int, recount: bool, **where
+    spec: JobSpec, counts: ParamCounts, candidates: list[Candidate], capacity: int, recount: bool, config=None,
+    **where,
 ) -> UserError:
-    """The smallest shortfall, and which change (more GPUs, a smaller micro batch, checkpointing, a shorter
-    max_length, LoRA/QLoRA) would make the job fit, each checked with the memory model."""
+    """The smallest shortfall, and which change (more GPUs, a smaller micro batch, checkpointing, sequence
+    parallelism, a shorter max_length, LoRA/QLoRA) would make the job fit, each checked with the memory model.
+    `config`: the model's, for the sequence-parallel degrees it allows (None: none are offered)."""
     closest = min(candidates, key=lambda c: c.memory.total)
     need, usable = closest.memory.total, where["usable"]
     message = (
@@ -196,6 +223,11 @@ def no_fit_error(
     for mode in CHECKPOINTING[CHECKPOINTING.index(spec.model.gradient_checkpointing) + 1 :]:
         checkpointing = spec_with(spec, train=one, model={"gradient_checkpointing": mode})
         variants.append((f"model.gradient_checkpointing: {mode}", checkpointing))
+    for degree in sequence_parallel_degrees(spec, config):  # the smallest degree that fits, if one does
+        split = spec_with(spec, strategy={"sequence_parallel": degree})
+        if found := best(split, counts, world):
+            hints.append(f"strategy.sequence_parallel: {degree} (each row split over {degree} ranks): {found}")
+            break
     if spec.data.max_length > 512:
         half = spec.data.max_length // 2
         variants.append((f"data.max_length {half}", spec_with(spec, train=one, data={"max_length": half})))
@@ -207,8 +239,8 @@ def no_fit_error(
             hints.append(f"finetune.type: {lighter}: {found}")
     if not hints:
         hints.append(
-            "no single change (up to 16x the GPUs, micro batch 1, gradient checkpointing, a shorter max_length, "
-            "LoRA/QLoRA) is enough; combine them or use larger GPUs"
+            "no single change (up to 16x the GPUs, micro batch 1, gradient checkpointing, sequence parallelism, a "
+            "shorter max_length, LoRA/QLoRA) is enough; combine them or use larger GPUs"
         )
     return UserError(message, "what would fit: " + "; ".join(hints))
 
@@ -263,20 +295,40 @@ def build_plan(
         raise UserError(problem)
     compute, storage = resolve_dtypes(spec, device)
     recount = counts is None
+    config = None
     if recount:  # LoRA targets and the router settings against the model's layers, before PEFT builds them
         config = load_config(spec)
         if problems := layer_problems(spec, config) + sequence_problems(spec, config):
             raise UserError("; ".join(f"{field}: {message}" for field, message in problems))
-        if note := kv_heads_note(spec, config):
-            notices.append(note)
+    else:  # counts handed in: the config serves the sequence-parallel degrees where it is at hand
+        try:
+            config = load_config(spec)
+        except UserError:
+            pass
     counts = counts or count_parameters(spec)
     capacity, source = gpu_capacity(spec, device)
     usable = usable_bytes(capacity) if capacity else None
     where = {"world": world, "device": device, "compute": compute, "usable": usable}
     candidates = [evaluate_candidate(spec, counts, s, o, **where) for s, o in candidate_pairs(spec, world)]
     chosen, why = choose_strategy(spec, candidates, usable)
+    if chosen is None and spec.strategy.name == "auto" and spec.strategy.sequence_parallel == 1:
+        # whole rows fit no strategy: the smallest sequence-parallel degree with which one does
+        for degree in sequence_parallel_degrees(spec, config):
+            split = spec_with(spec, strategy={"sequence_parallel": degree})
+            split_candidates = [evaluate_candidate(split, counts, s, o, **where) for s, o in candidate_pairs(split, world)]
+            split_chosen, split_why = choose_strategy(split, split_candidates, usable)
+            if split_chosen is not None:
+                notices.append(
+                    f"sequence parallelism: whole rows of {spec.data.max_length} tokens fit no strategy; each row is "
+                    f"split over {degree} ranks (strategy.sequence_parallel: {degree}, chosen by strategy.name: auto; "
+                    "set it in the job file to keep it)"
+                )
+                spec, candidates, chosen, why = split, split_candidates, split_chosen, split_why
+                break
+    if config is not None and (note := kv_heads_note(spec, config)):
+        notices.append(note)
     if chosen is None or not any(c.fits for c in candidates):
-        raise no_fit_error(spec, counts, candidates, capacity, recount, **where)
+        raise no_fit_error(spec, counts, candidates, capacity, recount, config, **where)
     if not chosen.fits:
         fitting = next(c for c in candidates if c.fits)
         notices.append(
@@ -294,7 +346,11 @@ def build_plan(
     notices += [f"memory: {n}" for n in chosen.notes]
     if host := chosen.memory.offloaded:
         per_node = f"{human_bytes(host * nproc)} per node of {nproc} rank(s)"
-        notices.append(f"offload: {human_bytes(host)} of host memory per rank, {per_node} (not checked)")
+        at = (chosen.strategy, chosen.offload, world, device, compute, chosen.micro_batch_size, chosen.grad_accum)
+        inputs = offloaded_activations(counts, setting_for(spec, *at))
+        of_them = "" if not inputs else (" (the decoder layers' checkpointed inputs)" if inputs == host else
+                                          f", {human_bytes(inputs)} of it the decoder layers' checkpointed inputs")
+        notices.append(f"offload: {human_bytes(host)} of host memory per rank{of_them}, {per_node} (not checked)")
     strategy, mbs, accum = chosen.strategy, chosen.micro_batch_size, chosen.grad_accum
     if recount:  # (counts handed in stand for a model whose config need not be at hand)
         config = load_config(spec)
@@ -307,6 +363,7 @@ def build_plan(
         rollout_plan.update(generation_gather(counts, chosen_setting, usable, peak, spec.method.generation_gather))
     job = spec.model_dump(mode="json")
     job["strategy"]["offload"] = chosen.offload  # what the ranks run with, when auto chose an offload
+    job["strategy"]["sequence_parallel"] = spec.strategy.sequence_parallel  # and a sequence-parallel degree
     plan = Plan(
         sharpen_version=__version__,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),

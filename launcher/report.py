@@ -34,9 +34,11 @@ def print_plan(plan: Plan) -> None:
     table.add_row("ranks", f"{plan.nnodes} node(s) × {plan.nproc_per_node} = {plan.world_size}")
     offload = "" if plan.offload == "none" else f" + offload {plan.offload}"
     table.add_row("strategy", f"{plan.strategy}{offload} ({plan.strategy_reason})")
+    degree = plan.sequence_parallel
+    groups = f"ranks {plan.world_size}" if degree == 1 else f"data-parallel groups {plan.world_size // degree}"
     table.add_row(
         "batch",
-        f"micro {plan.micro_batch_size} × accumulation {plan.grad_accum} × ranks {plan.world_size}"
+        f"micro {plan.micro_batch_size} × accumulation {plan.grad_accum} × {groups}"
         f" = global {plan.global_batch_size} samples"
         f" of up to {plan.rollout['row_length'] if plan.rollout else spec.data.max_length} tokens",
     )
@@ -45,6 +47,8 @@ def print_plan(plan: Plan) -> None:
     table.add_row("parameters", f"{p['total']:,} total, {p['trainable']:,} trainable ({share:.2f}%)")
     if p.get("experts"):
         table.add_row("experts", experts_line(p))
+    if degree > 1:
+        table.add_row("sequence parallel", sequence_parallel_line(plan))
     if plan.chosen:
         b = plan.chosen["bytes_per_rank"]
         parts = " + ".join(f"{k} {human_bytes(b[k])}" for k in COLUMNS[:5])
@@ -66,6 +70,14 @@ def print_plan(plan: Plan) -> None:
     if plan.candidates:
         console.print(candidates_table(plan))
     console.print(sources_table(plan))
+
+
+def sequence_parallel_line(plan: Plan) -> str:
+    """Sequence parallelism in one line: the ranks a row is split over, and the all-to-all bytes each sends."""
+    degree, spec = plan.sequence_parallel, plan.spec
+    sent = (plan.chosen or {}).get("all_to_all_bytes_per_step")
+    volume = f"; all-to-all {human_bytes(sent)} per rank per step" if sent is not None else ""
+    return f"{degree} ranks per row ({spec.data.max_length // degree:,} of its {spec.data.max_length:,} tokens each){volume}"
 
 
 def experts_line(p: dict) -> str:

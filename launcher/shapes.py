@@ -65,6 +65,7 @@ def count_parameters(spec: JobSpec) -> ParamCounts:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from strategies.base import decoder_layer_classes
+    from training.kernels.fused_loss import SUPPORTED as FUSED_LOSS_FAMILIES
 
     config = load_config(spec)
     reward = spec.method.kind == "reward"  # a one-unit `score` head instead of the vocabulary projection
@@ -75,6 +76,7 @@ def count_parameters(spec: JobSpec) -> ParamCounts:
     with init_empty_weights():
         model = auto.from_config(config, trust_remote_code=spec.model.trust_remote_code)
         output_layer = getattr(model, "score", None) if reward else model.get_output_embeddings()
+        fusable_loss = type(model).__name__ in FUSED_LOSS_FAMILIES and type(output_layer) is torch.nn.Linear
         experts, per_token = routed_experts(config)
         fp32_routing = bool(experts) and _fp32_routing(model, per_token)
         if ft.type != "full":
@@ -125,6 +127,7 @@ def count_parameters(spec: JobSpec) -> ParamCounts:
         moe_layers=moe_layers if experts else 0,
         adapted_experts=adapted_experts,
         fp32_routing=fp32_routing,
+        fusable_loss=fusable_loss,
         active=active,
         tensors=tuple(tensors),
     )
@@ -224,7 +227,13 @@ def activation_phases(counts: ParamCounts, s: Setting) -> tuple[tuple[int, int],
     (single, ddp) autocast over fp32 trainable weights (fp32 residual stream, a bf16 copy of each linear's
     input per linear), the others (fsdp, zero) run the model in the compute dtype (one shared copy);
     QLoRA's unquantised weights are fp32 (peft's kbit preparation). A mixture of experts' layers save
-    what its router and its routed experts do (moe_saved) in place of a dense MLP's."""
+    what its router and its routed experts do (moe_saved) in place of a dense MLP's.
+
+    Sequence parallelism (strategy.sequence_parallel N): a rank holds its T/N tokens of every activation (q, k,
+    v and attention's output too: [T, heads/N] after the all-to-all is the same bytes), runs attention per
+    sample (no T^2 mask), and in a layer's backward holds that layer's exchange buffers (exchange_bytes). Where
+    the loss runs in chunks (chunked_loss) it holds one chunk of logits, not all. Offload checkpointing keeps
+    one layer's input on the device, the others on the host (offloaded_activations)."""
     shape, notes = ModelShape.of(counts)
     h, layers, a, d, i, vocab = (
         shape.hidden,
@@ -237,7 +246,7 @@ def activation_phases(counts: ParamCounts, s: Setting) -> tuple[tuple[int, int],
     c = DTYPE_BYTES[s.compute_dtype]
     autocast = footprint(s.strategy).autocast and c != 4
     full, lora = s.finetune == "full", s.finetune != "full"
-    residual = 4 if (c == 4 or (autocast and s.finetune != "lora")) else c
+    residual = residual_bytes(s)
     linear_out = 4 if (c == 4 or (autocast and s.finetune == "qlora")) else c
     targets = set(LORA_TARGETS) if s.lora_targets == "all-linear" else set(s.lora_targets) & set(LORA_TARGETS)
     if lora and s.lora_targets != "all-linear" and not targets:
@@ -260,14 +269,15 @@ def activation_phases(counts: ParamCounts, s: Setting) -> tuple[tuple[int, int],
         return len(names) if full else sum(n in targets for n in names)
 
     pairs = s.method in PAIR_METHODS
-    row_length = s.max_length + s.completion_length  # grpo: prompt + completion, else completion_length 0
-    tokens = s.micro_batch_size * row_length * (2 if pairs else 1)
+    tokens = rank_tokens(s)
     rows, seq = (1, tokens) if s.padding_free else (s.micro_batch_size, s.max_length)
     several = s.micro_batch_size > 1 or s.packing or pairs
     flash = s.attention == "flash_attention_2"
     # On the CPU, sdpa runs padding-free rows per sample, without a mask (training/kernels/attention.py's
-    # collate_attention)
-    per_sample = s.attention == "sdpa" and s.device == "cpu" and s.padding_free and several
+    # collate_attention); so does sequence parallelism everywhere (its all-to-all hands sdpa whole samples of a
+    # share of the heads), whose exchanged-back output is one more tensor, as the per-sample kernel's is
+    sequence_parallel = s.sequence_parallel > 1
+    per_sample = s.attention == "sdpa" and (sequence_parallel or s.device == "cpu" and s.padding_free and several)
     masked = not flash and not per_sample and (several if s.padding_free else True)
     # transformers expands k and v to every head when a mask is given (the per-sample kernel does too)
     repeat_kv = s.attention == "eager" or masked or per_sample
@@ -316,12 +326,17 @@ def activation_phases(counts: ParamCounts, s: Setting) -> tuple[tuple[int, int],
     # grpo takes logits at its label (completion) positions only, at most max_completion_length a row.
     labelled = s.micro_batch_size * s.completion_length if s.completion_length else tokens
     loss = 12 * labelled * (1 if s.method == "reward" else vocab)
+    if chunked_loss(counts, s):
+        loss = chunked_loss_bytes(counts, s, labelled, residual)
     # Backward through one layer: an intermediate's and a hidden state's grads in the MLP; in eager
     # attention the grads of the T^2 scores, by when the layer's MLP has freed what it saved.
     transient = (linear_out * i + c * h) * tokens
     if autocast and lora:  # peft casts an adapter's input up to fp32, then autocast casts it back down
         transient += 4 * i * tokens
     moe_transient = (moe_transient + c * h) * tokens + moe_weights // 3
+    if sequence_parallel:  # one layer's exchange buffers at a time: about a copy of its q, k, v and output
+        transient += exchange_bytes(shape, s)
+        moe_transient += exchange_bytes(shape, s)
     if s.attention == "eager":
         after_attention = (
             norm + h * saved_input(residual, consumers("gate_proj", "up_proj")) + 3 * linear_out * i
@@ -333,7 +348,9 @@ def activation_phases(counts: ParamCounts, s: Setting) -> tuple[tuple[int, int],
     kinds = [(layers - moe_layers, dense, transient, False), (moe_layers, moe, moe_transient, True)]
     kinds = [k for k in kinds if k[0]] or kinds[:1]
     if s.gradient_checkpointing != "none":  # each layer keeps its input, the rest is recomputed layer by layer
-        kept = layers * residual * h * tokens
+        # offload: the kept inputs wait in host memory (offloaded_activations), one layer's on the device: the
+        # layer running forward, or recomputing
+        kept = (1 if s.gradient_checkpointing == "offload" else layers) * residual * h * tokens
         kept += moe_layers * c * shape.experts * tokens  # the router's logits, kept for the auxiliary loss
         selective = {False: 0, True: 0}
         if s.gradient_checkpointing == "selective":  # and the outputs of its matmuls and attention
@@ -348,6 +365,80 @@ def activation_phases(counts: ParamCounts, s: Setting) -> tuple[tuple[int, int],
         misc -= (4 * h + 4) * tokens
     every = sum(n * saved for n, saved, _, _ in kinds)
     return (every + misc + loss, every + misc + max(temporary for _, _, temporary, _ in kinds)), notes
+
+
+def rank_tokens(s: Setting) -> int:
+    """Tokens of one micro-batch on one rank, every sample at its longest: micro_batch x row length (pairs:
+    two sequences a sample), of which a sequence-parallel rank holds its 1/sequence_parallel chunk."""
+    row_length = s.max_length + s.completion_length  # grpo: prompt + completion, else completion_length 0
+    tokens = s.micro_batch_size * row_length * (2 if s.method in PAIR_METHODS else 1)
+    return ceil(tokens / max(1, s.sequence_parallel))
+
+
+def residual_bytes(s: Setting) -> int:
+    """Element bytes of the residual stream: fp32 under autocast over fp32 weights (but LoRA's frozen base in the
+    compute dtype) and in fp32 runs, else the compute dtype."""
+    c = DTYPE_BYTES[s.compute_dtype]
+    autocast = footprint(s.strategy).autocast and c != 4
+    return 4 if (c == 4 or (autocast and s.finetune != "lora")) else c
+
+
+def offloaded_activations(counts: ParamCounts, s: Setting) -> int:
+    """Host bytes of model.gradient_checkpointing: offload: every decoder layer's kept input (its residual
+    stream over the rank's tokens), moved to the host in the forward until its recompute; 0 otherwise."""
+    if s.gradient_checkpointing != "offload":
+        return 0
+    return counts.num_layers * residual_bytes(s) * counts.hidden_size * rank_tokens(s)
+
+
+def chunked_loss(counts: ParamCounts, s: Setting) -> bool:
+    """Whether the ranks compute the loss in chunks through the output projection, never holding the logits
+    (training/kernels/fused_loss.py): installed by the kernels (Setting.kernels), not under a strategy that
+    gathers weights in module hooks, for SFT and pretraining (the causal LM loss), on the families whose
+    forward it reproduces; a frozen head (LoRA, QLoRA) and a trained one (full fine-tuning) alike."""
+    return (s.kernels and counts.fusable_loss and s.method in CHUNKED_LOSS_METHODS
+            and footprint(s.strategy).kernels_apply)
+
+
+CHUNKED_LOSS_METHODS = frozenset({"sft", "pretrain"})  # training/methods/causal_lm.py's
+
+
+def chunked_loss_bytes(counts: ParamCounts, s: Setting, labelled: int, residual: int) -> int:
+    """The chunked loss at its peak over `labelled` positions: the hidden states' gradient it keeps for the
+    backward ([labelled, hidden], the hidden states' dtype), and a chunk's logits (at most CHUNK_ELEMENTS): while
+    the next chunk's are projected (compute dtype) and upcast (fp32), the last chunk's fp32 logits and softmax
+    are still held (the loop's names free them when reassigned); measured on the CPU within 3%
+    (tests/unit/test_planner_long_context.py). A trained head (full fine-tuning) also its weight's gradient,
+    summed over the chunks in fp32."""
+    from training.kernels.fused_loss import CHUNK_ELEMENTS
+
+    c, vocab, h = DTYPE_BYTES[s.compute_dtype], counts.vocab_size, counts.hidden_size
+    chunk = min(labelled, max(1, CHUNK_ELEMENTS // max(1, vocab))) * vocab
+    per_element = 8 + c + (4 if c != 4 else 0)  # last chunk's logits and softmax, this one's projection, upcast
+    head_grad = 4 * vocab * h if s.finetune == "full" else 0
+    return residual * labelled * h + per_element * chunk + head_grad
+
+
+def exchange_bytes(shape: ModelShape, s: Setting) -> int:
+    """One layer's q, k, v and attention output on one rank, as the sequence-parallel all-to-all sends them
+    (compute dtype): [rank's tokens, every head] before, [every token, heads / degree] after, the same bytes. Key
+    and value heads that do not divide among the ranks are repeated to the query heads first."""
+    n = s.sequence_parallel
+    kv = shape.kv_heads if shape.kv_heads % n == 0 else shape.heads
+    return DTYPE_BYTES[s.compute_dtype] * rank_tokens(s) * shape.head_dim * (2 * shape.heads + 2 * kv)
+
+
+def all_to_all_bytes(counts: ParamCounts, s: Setting) -> int:
+    """Bytes one rank sends in the sequence-parallel all-to-alls of an optimizer step: in every layer q, k, v out
+    and the attention output back in the forward, their gradients in the backward, and with checkpointing the
+    forward's four again in the recompute; (degree - 1) / degree of each leaves the rank. 0 without sequence
+    parallelism."""
+    n = s.sequence_parallel
+    if n <= 1:
+        return 0
+    shape, _ = ModelShape.of(counts)
+    passes = 2 + (s.gradient_checkpointing != "none")
+    return shape.layers * passes * exchange_bytes(shape, s) * (n - 1) // n * s.grad_accum
 
 
 def moe_saved(

@@ -32,6 +32,9 @@ class Footprint(ABC):
 
     # bf16 compute runs as autocast over fp32 weights: an fp32 residual stream, a cast copy per matmul
     autocast: bool = False
+    # training/kernels/ run under it (they read weights directly): not where a strategy gathers each weight in
+    # its module's hooks (Strategy.gathers_params_in_module_hooks)
+    kernels_apply: bool = True
 
     @abstractmethod
     def state(self, counts: ParamCounts, s: Setting) -> dict[str, int]:

@@ -85,6 +85,8 @@ class ParamCounts:
     moe_layers: int = 0
     adapted_experts: bool = False  # LoRA adapts the experts' 3D weights (PEFT's ParamWrapper: weight + B·A)
     fp32_routing: bool = False  # the router's top-k weights stay fp32 in a compute-dtype model (Mixtral's)
+    # a causal LM of a family whose loss training/kernels/fused_loss.py computes in chunks through its head
+    fusable_loss: bool = False
     # Parameters a token passes through (what FLOPs are counted over): the experts' at experts_per_token /
     # num_experts, every other whole. 0: not counted (shape-only counts), read as total (active_params)
     active: int = 0
@@ -115,7 +117,7 @@ class Setting:
     grad_accum: int = 1
     max_length: int = 2048
     attention: str = "sdpa"
-    gradient_checkpointing: str = "none"  # none | selective | full | offload
+    gradient_checkpointing: str = "none"  # none | selective | full | offload (full, kept inputs on the host)
     padding_free: bool = True
     packing: bool = False
     reshard_after_forward: bool = True
@@ -131,6 +133,10 @@ class Setting:
     generation_rows: int = 0  # grpo: completions a rank generates as one batch with a KV cache (0: none)
     frozen_copy: bool = False  # grpo with beta > 0, full fine-tuning: a frozen reference, sharded as params
     held_model_bytes: int = 0  # grpo: reward models, each whole on every rank in the compute dtype
+    # The ranks install training/kernels/ (launcher/candidates.py's setting_for): the loss runs in chunks where
+    # the model, method and strategy allow (launcher/shapes.py's chunked_loss). A Setting built by hand models
+    # the library's plain loss, as the measured peaks of tests/unit/test_planner.py ran it.
+    kernels: bool = False
 
 
 @dataclass(frozen=True)

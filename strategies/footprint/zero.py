@@ -54,6 +54,8 @@ class Zero3Footprint(Footprint):
     """ZeRO-3: each tensor partitioned, ceil(n / ranks) elements a rank; tensors under the persistence
     threshold also kept whole on every rank. Offloading params leaves only those on the device."""
 
+    kernels_apply = False  # ZeRO-3 gathers each weight in its module's hooks
+
     def state(self, counts: ParamCounts, s: Setting) -> dict[str, int]:
         c = DTYPE_BYTES[s.compute_dtype]
         world = max(1, s.world_size)

@@ -23,7 +23,7 @@ def test_a_cuda_job_is_planned_here_against_gpu_memory_gb(tmp_path, capsys):
     assert (
         "note: no CUDA GPU is visible here: planned for CUDA GPUs elsewhere (`sharpen run` needs a machine with one); "
         "nothing is checked against a real GPU, memory against resources.gpu_memory_gb: 24 (24.00 GiB a GPU, "
-        "21.80 GiB usable): single fits with 19.13 GiB per GPU"
+        "21.80 GiB usable): single fits with 20.71 GiB per GPU"
     ) in err
     assert "cuda (nccl), compute bf16" in out
     assert "memory per rank, GiB (GPU 24.0 GiB, 21.8 usable)" in out
