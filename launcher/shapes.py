@@ -406,15 +406,16 @@ CHUNKED_LOSS_METHODS = frozenset({"sft", "pretrain"})  # training/methods/causal
 def chunked_loss_bytes(counts: ParamCounts, s: Setting, labelled: int, residual: int) -> int:
     """The chunked loss at its peak over `labelled` positions: the hidden states' gradient it keeps for the
     backward ([labelled, hidden], the hidden states' dtype), and a chunk's logits (at most CHUNK_ELEMENTS): while
-    the next chunk's are projected (compute dtype) and upcast (fp32), the last chunk's fp32 logits and softmax
-    are still held (the loop's names free them when reassigned); measured on the CPU within 3%
+    the next chunk's are projected (compute dtype) and upcast (fp32), the last chunk's fp32 logits and their
+    gradient (compute dtype) are still held (the loop's names free them when reassigned); measured on the CPU within 5%
     (tests/unit/test_planner_long_context.py). A trained head (full fine-tuning) also its weight's gradient,
     summed over the chunks in fp32."""
     from training.kernels.fused_loss import CHUNK_ELEMENTS
 
     c, vocab, h = DTYPE_BYTES[s.compute_dtype], counts.vocab_size, counts.hidden_size
     chunk = min(labelled, max(1, CHUNK_ELEMENTS // max(1, vocab))) * vocab
-    per_element = 8 + c + (4 if c != 4 else 0)  # last chunk's logits and softmax, this one's projection, upcast
+    # the last chunk's fp32 logits and its logits' gradient (compute dtype), this one's projection and upcast
+    per_element = 4 + 2 * c + (4 if c != 4 else 0)
     head_grad = 4 * vocab * h if s.finetune == "full" else 0
     return residual * labelled * h + per_element * chunk + head_grad
 

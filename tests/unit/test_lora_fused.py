@@ -131,6 +131,16 @@ def test_zero3_keeps_peft_forward_other_strategies_fuse():
         assert not create_strategy(name, options, env).gathers_params_in_module_hooks, name
 
 
+def test_the_planner_models_the_kernels_where_the_runtime_runs_them():
+    """The planner's footprint (kernels_apply) and the runtime's strategy (gathers_params_in_module_hooks)
+    are two views of one fact; a strategy that changes one without the other plans the wrong memory."""
+    from strategies import footprint
+    options, env = StrategyOptions(), DistEnv()
+    for name in ("single", "ddp", "fsdp", "zero1", "zero2", "zero3"):
+        runtime = not create_strategy(name, options, env).gathers_params_in_module_hooks
+        assert footprint(name).kernels_apply == runtime, name
+
+
 def test_fused_keeps_no_more_for_backward_than_peft(onednn):
     """The fused linear keeps its input (a view its consumers share), a 1-byte dropout mask and A's
     output: no flattened, padded or dropped copies, which it makes again in backward. PEFT keeps a dropped

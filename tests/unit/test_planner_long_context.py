@@ -96,35 +96,43 @@ def test_the_chunked_loss_holds_one_chunk_of_logits_where_the_kernels_apply(llam
     assert not chunked_loss(llama8b, replace(chunked, method="dpo"))
     tokens, vocab = 16384, 128256
     chunk_tokens = (1 << 25) // vocab  # 261 tokens of logits a chunk
-    expected = 2 * tokens * 4096 + (8 + 2 + 4) * chunk_tokens * vocab + 4 * vocab * 4096
+    expected = 2 * tokens * 4096 + (4 + 2 * 2 + 4) * chunk_tokens * vocab + 4 * vocab * 4096
     assert chunked_loss_bytes(llama8b, chunked, tokens, 2) == expected
     at_loss_plain, at_loss_chunked = (activation_phases(llama8b, s)[0][0] for s in (plain, chunked))
     assert at_loss_plain - at_loss_chunked == 12 * tokens * vocab - expected  # 23.5 GiB - 2.5 GiB
     assert activation_phases(llama8b, plain)[0][1] == activation_phases(llama8b, chunked)[0][1]
 
 
-def test_the_frozen_head_loss_measured_on_the_cpu():
-    """LoRA's fused loss (training/kernels/fused_loss.py) on a Llama stack in bf16 with 4,096 tokens of a 16k
-    vocabulary (two chunks): the planned activations at the loss against the CPU allocator's peak."""
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_the_head_loss_measured_on_the_cpu(finetune, monkeypatch):
+    """The fused loss (training/kernels/fused_loss.py) on a Llama stack in bf16 with 2,048 tokens of a 4k
+    vocabulary in two chunks (of 2^22 logits, the planner's and the kernel's chunk made 8x smaller): the planned activations at the loss against the CPU allocator's peak, a frozen
+    head (LoRA) and a trained one (full fine-tuning, its fp32 weight-gradient sum) alike."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from training.kernels.fused_loss import LABELS, fuse_frozen_head_loss
+    from training.kernels import fused_loss
+    from training.kernels.fused_loss import LABELS, fuse_head_loss
 
+    monkeypatch.setattr(fused_loss, "CHUNK_ELEMENTS", 1 << 22)
     torch.manual_seed(0)
-    shape = dict(vocab_size=16000, hidden_size=128, intermediate_size=344, num_hidden_layers=2)
-    config = LlamaConfig(**shape, num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
-    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=8, target_modules="all-linear")).to(torch.bfloat16)
-    assert fuse_frozen_head_loss(model)
-    ids = torch.randint(0, 16000, (1, 4096))
+    shape = dict(vocab_size=4000, hidden_size=128, intermediate_size=344, num_hidden_layers=2)
+    config = LlamaConfig(**shape, num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa",
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    if finetune == "lora":
+        model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
+    model = model.to(torch.bfloat16)
+    assert fuse_head_loss(model)
+    ids = torch.randint(0, 4000, (1, 2048))
 
     def step():
         model(input_ids=ids, **{LABELS: ids}).loss.backward()
 
     step()
     got = max(allocated_during(step)[1])
-    counts = ParamCounts(0, 0, 0, 0, 2, 128, 16000, 344, 4, 2, 32, fusable_loss=True)
-    setting = Setting(strategy="zero2", finetune="lora", lora_r=8, max_length=4096, kernels=True)
+    counts = ParamCounts(0, 0, 0, 0, 2, 128, 4000, 344, 4, 2, 32, fusable_loss=True)
+    setting = Setting(strategy="zero2", finetune=finetune, lora_r=8, max_length=2048, kernels=True)
     planned = max(activation_phases(counts, setting)[0])
     plain = max(activation_phases(counts, replace(setting, kernels=False))[0])
     assert planned == pytest.approx(got, rel=0.05) and plain > 1.5 * got
