@@ -1,7 +1,7 @@
 """Activation memory per rank of one long row: whole on one rank beside split over two (sequence parallelism).
 
 Two real ranks on gloo (CPU). A Llama of small layers and one padding-free row of `--tokens` tokens laid out
-as samples of `--sample` tokens, LoRA (the fused loss: no full logits) or full fine-tuning, the causal_lm loss
+as samples of `--sample` tokens, LoRA or full fine-tuning (the fused loss either way: no full logits), the causal_lm loss
 and its backward as the worker runs them. Arm `whole`: rank 0 runs the whole row (sequence_parallel 1, one
 data-parallel rank's share). Arm `split`: each rank runs its half (sequence_parallel 2, the all-to-alls around
 attention). Each rank measures the peak of CPU memory the allocator hands out during the step, above what was
@@ -74,12 +74,11 @@ def rank_main(rank: int, args, out_dir: str) -> None:
                             timeout=timedelta(seconds=600))
     group = sequence_group(2, rank, 2)
     model = build(args)
-    if args.finetune == "lora":  # the fused loss, as the worker installs it (full fine-tuning: see the README)
-        from strategies import create_strategy
-        from strategies.base import StrategyOptions
+    from strategies import create_strategy
+    from strategies.base import StrategyOptions
 
-        strategy = create_strategy("single", StrategyOptions(), DistEnv())
-        kernels.apply(model, strategy, compiled=False)
+    # the kernels as the worker installs them: the fused loss for a frozen (LoRA) or a trained (full) head
+    kernels.apply(model, create_strategy("single", StrategyOptions(), DistEnv()), compiled=False)
     whole = row(args)
     loss_fn = CausalLMLoss()
 
