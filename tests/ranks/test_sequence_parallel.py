@@ -66,7 +66,7 @@ def dataset_of(rows: list[dict]):
 
 
 def run_job(env, job: Job, model_dirs: dict[str, str]) -> dict:
-    from transformers import AutoModelForCausalLM
+    from support.strategy_model import build_model
 
     from launcher.plan import Plan
     from strategies import create_strategy
@@ -86,14 +86,7 @@ def run_job(env, job: Job, model_dirs: dict[str, str]) -> dict:
     options = StrategyOptions(compute_dtype=torch.float32, micro_batch_size=1, gradient_accumulation_steps=accum,
                               max_grad_norm=1.0, gradient_checkpointing=job.checkpointing)
     strategy = create_strategy(job.strategy, options, env)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dirs[job.family], dtype=torch.float32,
-                                                 attn_implementation=kernel_name("sdpa"))
-    model.config.use_cache = False
-    if job.finetune == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    model = build_model(model_dirs[job.family], job.finetune, kernel_name("sdpa"))
     model.train()
     levers = kernels.apply(model, strategy, compiled=False)
     strategy.setup(model, lambda p: torch.optim.AdamW(p, lr=LR, weight_decay=0.0),
